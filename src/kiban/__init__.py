@@ -1,0 +1,27 @@
+"""kiban: the production foundation for Python microservices."""
+
+from kiban.app import Service
+from kiban.config import ConfigError, HeaderNames, Settings, load
+from kiban.errors import Problem
+from kiban.health import HTTPPinger, Pinger, RedisPinger, SQLPinger
+from kiban.log import log
+from kiban.propagation import RequestContext, current
+from kiban.server import run
+
+__all__ = [
+    "ConfigError",
+    "HTTPPinger",
+    "HeaderNames",
+    "Pinger",
+    "Problem",
+    "RedisPinger",
+    "RequestContext",
+    "SQLPinger",
+    "Service",
+    "Settings",
+    "current",
+    "load",
+    "log",
+    "run",
+]
+__version__ = "0.1.0"

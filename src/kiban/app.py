@@ -1,0 +1,126 @@
+"""``kiban.Service``: one call that puts the whole convention around a FastAPI app.
+
+The request path, outermost first::
+
+    context      inbound headers -> RequestContext      propagation.py
+    access log   one fixed-schema line per request      accesslog.py
+    drain        Connection: close while shutting down  server.py
+    errors       any exception -> problem+json          errors.py
+    body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
+    FastAPI      routing, validation, handlers
+
+The chain is installed once, in ``Service.__init__``; a second Service on the same app
+is refused, so no request is ever logged or traced twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from kiban import errors, log
+from kiban.accesslog import AccessLogMiddleware
+from kiban.config import Settings, load
+from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoint
+from kiban.limits import BodyLimitMiddleware
+from kiban.propagation import ContextMiddleware
+from kiban.server import DrainMiddleware
+
+__all__ = ["Service"]
+
+Cleanup = Callable[[], Awaitable[Any]]
+
+
+class Service:
+    """A FastAPI app wearing kiban: context, logs, errors, health, limits, shutdown."""
+
+    def __init__(self, app: FastAPI, settings: Settings | None = None) -> None:
+        if getattr(app.state, "kiban", None) is not None:
+            raise RuntimeError("kiban.Service is already installed on this app")
+        self.app = app
+        self.settings = settings if settings is not None else load(Settings)
+        self.health = Checker(
+            timeout=self.settings.health_timeout, cache_seconds=self.settings.health_cache_seconds
+        )
+        self._cleanups: list[Cleanup] = []
+        log.configure(
+            self.settings.log_level, self.settings.log_format, service=self.settings.service_name
+        )
+        app.state.kiban = self
+        errors.install(app)
+        # add_middleware puts the last one added outermost.
+        app.add_middleware(BodyLimitMiddleware, max_body_bytes=self.settings.http_max_body_bytes)
+        app.add_middleware(errors.ErrorMiddleware)
+        app.add_middleware(DrainMiddleware, checker=self.health)
+        app.add_middleware(
+            AccessLogMiddleware,
+            service=self.settings.service_name,
+            redact=self.settings.log_redact_params,
+        )
+        app.add_middleware(ContextMiddleware, names=self.settings.headers)
+        app.add_route("/health/liveness", liveness, include_in_schema=False)
+        app.add_route("/health/readiness", readiness_endpoint(self.health), include_in_schema=False)
+        app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
+
+    @classmethod
+    def of(cls, target: Any) -> Service:
+        """The Service for ``target``: a Service itself, or an app a Service was installed on."""
+        if isinstance(target, Service):
+            return target
+        service = getattr(getattr(target, "state", None), "kiban", None)
+        if isinstance(service, Service):
+            return service
+        raise TypeError(f"{target!r} is not a kiban.Service nor an app wrapped by one")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    def add_pinger(self, pinger: Pinger) -> None:
+        """Make readiness depend on ``pinger``."""
+        self.health.add(pinger)
+
+    def on_shutdown(self, cleanup: Cleanup) -> None:
+        """Run ``cleanup`` after the server has drained, newest first."""
+        self._cleanups.append(cleanup)
+
+    def database(
+        self, url: str | None = None, name: str = "database", **options: Any
+    ) -> AsyncEngine:
+        """A SQLAlchemy async engine that readiness pings and shutdown disposes."""
+        engine = create_async_engine(
+            url or self.settings.database_url, pool_pre_ping=True, **options
+        )
+        self.add_pinger(SQLPinger(engine, name))
+        self.on_shutdown(engine.dispose)
+        return engine
+
+    async def aclose(self) -> None:
+        """Release what the service holds (pools, clients), newest first, each at most once."""
+        while self._cleanups:
+            cleanup = self._cleanups.pop()
+            try:
+                await cleanup()
+            except Exception:
+                log.log.exception("cleanup failed", cleanup=getattr(cleanup, "__qualname__", None))
+
+    def _lifespan(
+        self, inner: Callable[[Any], AbstractAsyncContextManager[Any]]
+    ) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[Any]:
+            try:
+                async with inner(app) as state:
+                    log.log.info(
+                        "started",
+                        service=self.settings.service_name,
+                        version=self.settings.service_version,
+                    )
+                    yield state
+            finally:
+                await self.aclose()
+
+        return lifespan

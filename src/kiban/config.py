@@ -1,0 +1,96 @@
+"""Typed environment configuration.
+
+Every service reads its settings from the environment through one pydantic-settings
+class, so a misconfigured deployment stops at start-up with one message naming every
+bad variable instead of starting half-configured.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ConfigError", "HeaderNames", "Settings", "load"]
+
+
+class HeaderNames(BaseModel):
+    """Names of the headers kiban reads into the request context and forwards.
+
+    Override one with e.g. ``HEADERS__UID=x-user-id``.
+    """
+
+    trace_id: str = "x-trace-id"
+    request_id: str = "x-request-id"
+    uid: str = "x-uid"
+    user_agent: str = "x-forwarded-user-agent"
+    user_ip: str = "x-user-ip"
+    forwarded_for: str = "x-forwarded-for"
+    api_client: str = "x-api-client"
+    id_token: str = "x-internal-id-token"  # noqa: S105 (a header name)
+
+
+class Settings(BaseSettings):
+    """Settings every kiban service has. Subclass it to add a service's own."""
+
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__", extra="ignore", case_sensitive=False, frozen=True
+    )
+
+    service_name: str = "kiban-service"
+    service_version: str = "0.0.0"
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    #: A client must send its whole request head within this many seconds (slowloris).
+    http_read_header_timeout: float = Field(10.0, gt=0)
+    #: Idle keep-alive connections are closed after this; keep it above the load balancer's.
+    http_keep_alive_timeout: float = Field(75.0, gt=0)
+    #: After SIGTERM readiness is 503 and requests are still served for this long.
+    http_drain_seconds: float = Field(5.0, ge=0)
+    #: In-flight requests get this long to finish once the listener is closed.
+    http_shutdown_timeout: float = Field(20.0, gt=0)
+    http_max_header_bytes: int = Field(16 * 1024, ge=1024)
+    http_max_body_bytes: int = Field(1024 * 1024, ge=0)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    #: Query parameters whose values are replaced by ``[REDACTED]`` in the access log,
+    #: besides any name containing token, password, secret or key.
+    log_redact_params: frozenset[str] = frozenset({"code", "sig", "signature", "auth"})
+
+    database_url: str = "sqlite+aiosqlite:///./kiban.db"
+    redis_url: str | None = None
+
+    health_timeout: float = Field(0.8, gt=0)
+    health_cache_seconds: float = Field(1.0, ge=0)
+
+    headers: HeaderNames = HeaderNames()
+
+
+class ConfigError(Exception):
+    """The environment does not make a valid configuration; the message names every bad variable."""
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load(settings_class: type[S]) -> S:
+    """Read ``settings_class`` from the environment; one ConfigError names every problem."""
+    try:
+        return settings_class()
+    except ValidationError as exc:
+        raise ConfigError(_describe(settings_class, exc)) from None
+
+
+def _describe(settings_class: type[BaseSettings], exc: ValidationError) -> str:
+    prefix = str(settings_class.model_config.get("env_prefix", ""))
+    delimiter = str(settings_class.model_config.get("env_nested_delimiter") or "__")
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = prefix + delimiter.join(str(part) for part in error["loc"])
+        problems.append(f"  {name.upper()}: {error['msg']}")
+    count = len(problems)
+    noun = "variable" if count == 1 else "variables"
+    return f"invalid configuration, {count} bad {noun}:\n" + "\n".join(problems)

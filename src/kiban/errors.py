@@ -1,0 +1,184 @@
+"""Errors as RFC 9457 problem details.
+
+Every error response a kiban service sends, whether raised by a handler, produced by
+validation or routing, or caused by a bug, is ``application/problem+json`` carrying the
+request's trace id, so a user's report leads straight to the logs. Bugs are logged with
+their traceback and answered with a bare 500: no traceback ever reaches the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiban import propagation
+from kiban.log import log
+
+__all__ = ["PROBLEM_JSON", "ErrorMiddleware", "Problem", "install", "problem_response"]
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(Exception):
+    """Raise to answer with a problem+json response: ``raise Problem(409, "email taken")``."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str | None = None,
+        *,
+        title: str | None = None,
+        type: str = "about:blank",
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail or title or HTTPStatus(status).phrase)
+        self.status = status
+        self.detail = detail
+        self.title = title
+        self.type = type
+        self.headers = dict(headers or {})
+        self.extensions = extensions
+
+
+def problem_body(
+    status: int,
+    detail: str | None = None,
+    *,
+    title: str | None = None,
+    type: str = "about:blank",
+    **extensions: Any,
+) -> bytes:
+    """The problem+json document; ``status`` always equals the HTTP status."""
+    body: dict[str, Any] = {
+        "type": type,
+        "title": title or _phrase(status),
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    context = propagation.current()
+    if context is not None:
+        body["trace_id"] = context.trace_id
+    body.update(extensions)
+    return orjson.dumps(body)
+
+
+def problem_response(
+    status: int,
+    detail: str | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **fields: Any,
+) -> Response:
+    return Response(
+        problem_body(status, detail, **fields), status, headers=headers, media_type=PROBLEM_JSON
+    )
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _pointer(loc: Sequence[int | str]) -> str:
+    """A JSON pointer (RFC 6901) into the request part that failed validation."""
+    parts = [str(part).replace("~", "~0").replace("/", "~1") for part in loc]
+    return "#/" + "/".join(parts)
+
+
+async def _on_problem(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return problem_response(
+        exc.status,
+        exc.detail,
+        headers=exc.headers,
+        title=exc.title,
+        type=exc.type,
+        **exc.extensions,
+    )
+
+
+async def _on_http_exception(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail if exc.detail != _phrase(exc.status_code) else None
+    return problem_response(exc.status_code, detail, headers=exc.headers)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"detail": error.get("msg", "invalid"), "pointer": _pointer(error.get("loc", ()))}
+        for error in exc.errors()
+    ]
+    return problem_response(
+        422, "The request is not valid.", title="Unprocessable Content", errors=errors
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Make every error the app answers with a problem+json response."""
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(HTTPException, _on_http_exception)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+
+
+class ErrorMiddleware:
+    """Turns an exception that escaped the app into a logged 500 problem."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except (HTTPException, Problem) as exc:
+            # Raised by middleware outside the app's own exception handlers.
+            if started:
+                raise
+            response = await (_on_problem if isinstance(exc, Problem) else _on_http_exception)(
+                Request(scope), exc
+            )
+            await response(scope, receive, send)
+        except Exception:
+            log.exception(
+                "unhandled exception",
+                method=scope["method"],
+                path=scope["path"],
+                response_started=started,
+            )
+            if not started:
+                body = problem_body(500)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", PROBLEM_JSON.encode()),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,197 @@
+"""Liveness and readiness.
+
+Liveness answers whether the process can serve at all and never touches a dependency:
+a database blink must not make Kubernetes restart every pod at once. Readiness pings
+every dependency concurrently, each under its own timeout, caches the result briefly so
+a burst of probes does not hammer the database, and turns 503 as soon as shutdown
+starts so the load balancer drains the pod first. Bodies name each dependency and its
+status, never a DSN or an error message that could leak hosts or passwords.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kiban.log import log
+
+__all__ = [
+    "Checker",
+    "HTTPPinger",
+    "Pinger",
+    "Redis",
+    "RedisPinger",
+    "Report",
+    "SQLPinger",
+    "liveness",
+    "readiness_endpoint",
+]
+
+import orjson
+
+
+@runtime_checkable
+class Pinger(Protocol):
+    """A dependency readiness depends on. ``ping`` returns when it is usable, raises if not."""
+
+    name: str
+
+    async def ping(self) -> None: ...
+
+
+class SQLPinger:
+    """Pings a database with ``SELECT 1`` through a SQLAlchemy async engine."""
+
+    def __init__(self, engine: AsyncEngine, name: str = "database") -> None:
+        self.engine = engine
+        self.name = name
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+
+class Redis(Protocol):
+    async def ping(self) -> Any: ...
+
+
+class RedisPinger:
+    """Pings Redis with PING through an async client (redis.asyncio)."""
+
+    def __init__(self, client: Redis, name: str = "redis") -> None:
+        self.client = client
+        self.name = name
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+
+class HTTPPinger:
+    """Checks another service's readiness endpoint: ready means a 2xx answer."""
+
+    def __init__(self, url: str, name: str, client: httpx.AsyncClient | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.client = client
+
+    async def ping(self) -> None:
+        if self.client is None:
+            async with httpx.AsyncClient() as client:
+                response = await client.get(self.url)
+        else:
+            response = await self.client.get(self.url)
+        response.raise_for_status()
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    ok: bool
+    checks: tuple[Check, ...]
+    draining: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        status = "draining" if self.draining else ("ok" if self.ok else "fail")
+        checks: dict[str, Any] = {}
+        for check in self.checks:
+            entry: dict[str, Any] = {
+                "status": "ok" if check.ok else "fail",
+                "latency_ms": round(check.latency_ms, 3),
+            }
+            if check.error:
+                entry["error"] = check.error
+            checks[check.name] = entry
+        return {"status": status, "checks": checks}
+
+
+class Checker:
+    """Runs the pingers for readiness, and knows whether the process is draining."""
+
+    def __init__(
+        self, pingers: Sequence[Pinger] = (), timeout: float = 0.8, cache_seconds: float = 1.0
+    ) -> None:
+        self.pingers = list(pingers)
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self.draining = False
+        self._cached: tuple[float, Report] | None = None
+        self._lock = asyncio.Lock()
+
+    def add(self, pinger: Pinger) -> None:
+        if any(existing.name == pinger.name for existing in self.pingers):
+            raise ValueError(f"a pinger named {pinger.name!r} is already registered")
+        self.pingers.append(pinger)
+        self._cached = None
+
+    def start_draining(self) -> None:
+        """Readiness answers 503 from now on: shutdown has begun."""
+        self.draining = True
+
+    async def check(self) -> Report:
+        if self.draining:
+            return Report(ok=False, checks=(), draining=True)
+        async with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+                return self._cached[1]
+            checks = await asyncio.gather(*(self._run(pinger) for pinger in self.pingers))
+            report = Report(ok=all(check.ok for check in checks), checks=tuple(checks))
+            self._cached = (time.monotonic(), report)
+            return report
+
+    async def _run(self, pinger: Pinger) -> Check:
+        start = time.perf_counter()
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await pinger.ping()
+        except TimeoutError:
+            error = "timeout"
+        except Exception as exc:
+            error = "unavailable"
+            log.warning(
+                "dependency check failed", dependency=pinger.name, error_type=type(exc).__name__
+            )
+        if error == "timeout":
+            log.warning(
+                "dependency check timed out", dependency=pinger.name, timeout_s=self.timeout
+            )
+        return Check(pinger.name, error is None, (time.perf_counter() - start) * 1000, error)
+
+
+def _json(body: dict[str, Any], status: int) -> Response:
+    return Response(
+        orjson.dumps(body),
+        status,
+        media_type="application/json",
+        headers={"cache-control": "no-store"},
+    )
+
+
+async def liveness(_: Request) -> Response:
+    """The process is up and its event loop answers. Touches no dependency."""
+    return _json({"status": "ok"}, 200)
+
+
+def readiness_endpoint(checker: Checker) -> Callable[[Request], Awaitable[Response]]:
+    async def readiness(_: Request) -> Response:
+        report = await checker.check()
+        return _json(report.as_dict(), 200 if report.ok else 503)
+
+    return readiness

@@ -1,0 +1,178 @@
+"""Context logging: ``log.info("order placed", order_id=...)``.
+
+One line per event, JSON when the output is not a terminal and readable colour lines
+when it is. Every line written while a request is served carries that request's trace
+id, request id and uid, so logs join across services without handlers passing them.
+The level can be changed while the process runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import IO, Any
+
+import orjson
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+from kiban import propagation
+
+__all__ = ["configure", "get_level", "log", "set_level", "sink"]
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_METHOD_LEVELS = {
+    "debug": 10,
+    "info": 20,
+    "warning": 30,
+    "warn": 30,
+    "error": 40,
+    "exception": 40,
+    "critical": 50,
+    "fatal": 50,
+    "msg": 20,
+}
+
+
+class Sink:
+    """Where log lines go: one binary stream, written whole-line under a lock."""
+
+    def __init__(self, stream: IO[bytes] | None = None) -> None:
+        self.stream: IO[bytes] = stream if stream is not None else sys.stdout.buffer
+        self.json = True
+        self._lock = threading.Lock()
+
+    def write(self, line: bytes) -> None:
+        with self._lock:
+            self.stream.write(line + b"\n")
+            self.stream.flush()
+
+
+sink = Sink()
+
+
+class _State:
+    """Process-wide log settings, read by the processors on every line."""
+
+    level = _LEVELS["info"]
+    service: str | None = None
+
+
+_state = _State()
+
+
+def set_level(level: str) -> None:
+    """Change the minimum level of application log lines at runtime."""
+    _state.level = _LEVELS[level.lower()]
+    logging.getLogger().setLevel(_state.level)
+
+
+def get_level() -> str:
+    return next(name for name, value in _LEVELS.items() if value == _state.level)
+
+
+def _filter_level(_: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    if _METHOD_LEVELS.get(method, 20) < _state.level:
+        raise structlog.DropEvent
+    return event
+
+
+def _add_request_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    context = propagation.current()
+    if context is not None:
+        event.setdefault("trace_id", context.trace_id)
+        event.setdefault("request_id", context.request_id)
+        if context.uid is not None:
+            event.setdefault("uid", context.uid)
+    return event
+
+
+def _dumps(event: EventDict, **_: Any) -> bytes:
+    return orjson.dumps(event, default=repr)
+
+
+class _SinkLogger:
+    """structlog's final logger: hands the rendered line to the shared sink."""
+
+    def msg(self, message: str | bytes) -> None:
+        sink.write(message if isinstance(message, bytes) else message.encode("utf-8"))
+
+    debug = info = warning = warn = error = exception = critical = fatal = log = msg
+
+
+class _StdlibBridge(logging.Handler):
+    """Sends records of stdlib loggers (uvicorn, SQLAlchemy, ...) through the same pipeline."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        method = record.levelname.lower()
+        if method not in _METHOD_LEVELS:
+            method = "info"
+        kwargs: dict[str, Any] = {"logger": record.name}
+        if record.exc_info:
+            kwargs["exc_info"] = record.exc_info
+        try:
+            getattr(structlog.get_logger(), method)(record.getMessage(), **kwargs)
+        except Exception:  # a broken record must not break the caller
+            self.handleError(record)
+
+
+_json_render = structlog.processors.JSONRenderer(serializer=_dumps)
+_rename = structlog.processors.EventRenamer("msg")
+_tracebacks = structlog.processors.format_exc_info  # a string; never frame locals
+_console_render = structlog.dev.ConsoleRenderer(colors=True)
+
+
+def _add_service(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    if _state.service:
+        event.setdefault("service", _state.service)
+    return event
+
+
+def _render(logger: WrappedLogger, method: str, event: EventDict) -> str | bytes:
+    """JSON or console, decided per line, so reconfiguring affects loggers already made."""
+    if sink.json:
+        rendered = _json_render(
+            logger, method, _rename(logger, method, _tracebacks(logger, method, event))
+        )
+        return rendered
+    return _console_render(logger, method, event)
+
+
+structlog.configure(
+    processors=[
+        _filter_level,
+        structlog.contextvars.merge_contextvars,
+        _add_request_context,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+        _add_service,
+        _render,
+    ],
+    logger_factory=lambda *_: _SinkLogger(),
+    cache_logger_on_first_use=True,
+)
+
+
+def configure(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: IO[bytes] | None = None,
+    service: str | None = None,
+) -> None:
+    """Set up logging for the process: level, JSON or console lines, the stream, the service."""
+    sink.stream = stream if stream is not None else sys.stdout.buffer
+    sink.json = fmt == "json" or (fmt == "auto" and not sink.stream.isatty())
+    _state.service = service
+    root = logging.getLogger()
+    if not any(isinstance(handler, _StdlibBridge) for handler in root.handlers):
+        root.addHandler(_StdlibBridge())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+    set_level(level)
+
+
+#: The application logger: ``log.info("message", key=value)``.
+log: FilteringBoundLogger = structlog.get_logger()

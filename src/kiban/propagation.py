@@ -1,0 +1,180 @@
+"""The request context: who and what a request is about, read once from its headers.
+
+Inbound headers (trace id, uid, forwarded user-agent, user IP, X-Forwarded-For, API
+client, internal identity token) and the peer address become one immutable
+RequestContext in a contextvar. Logs, the access log and the outgoing client read it
+from there, so handlers never pass these values by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiban.config import HeaderNames
+
+__all__ = ["ContextMiddleware", "RequestContext", "current", "new_id", "outbound_headers"]
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_TOKEN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_MAX_VALUE = 512
+_MAX_FORWARDED_FOR = 2048
+_MAX_ID_TOKEN = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What kiban knows about the request being served. Immutable: one per request."""
+
+    trace_id: str
+    request_id: str
+    uid: str | None = None
+    #: The end user's user agent: the forwarded one if an upstream sent it, else our peer's.
+    user_agent: str | None = None
+    #: The end user's IP: the forwarded one if an upstream sent it, else our peer's address.
+    user_ip: str | None = None
+    #: X-Forwarded-For as received (the chain of hops before ours).
+    forwarded_for: str | None = None
+    #: The address of the peer that connected to us.
+    remote_addr: str | None = None
+    api_client: str | None = None
+    #: The gateway-issued internal identity token, forwarded to internal services only.
+    id_token: str | None = field(default=None, repr=False)
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("kiban_request_context", default=None)
+
+
+def current() -> RequestContext | None:
+    """The context of the request being served, or None outside a request."""
+    return _current.get()
+
+
+def new_id() -> str:
+    """A fresh 128-bit id in W3C trace-id form (32 lowercase hex digits)."""
+    return os.urandom(16).hex()
+
+
+def _clean(value: str | None, limit: int = _MAX_VALUE) -> str | None:
+    """Keep a header value only if it is short and free of control characters."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > limit or not value.isprintable():
+        return None
+    return value
+
+
+def _trace_id(raw: str | None, traceparent: str | None) -> str:
+    if raw:
+        candidate = raw.strip().lower().replace("-", "")
+        if _HEX32.fullmatch(candidate) and candidate != "0" * 32:
+            return candidate
+    if traceparent:
+        match = _TRACEPARENT.fullmatch(traceparent.strip().lower())
+        if match and match.group(1) != "0" * 32:
+            return match.group(1)
+    return new_id()
+
+
+def _forwarded_for(value: str | None) -> str | None:
+    """Keep X-Forwarded-For only if every hop in it is a plain address token."""
+    value = _clean(value, _MAX_FORWARDED_FOR)
+    if value is None:
+        return None
+    hops = [hop.strip() for hop in value.split(",")]
+    if not all(_TOKEN.fullmatch(hop) for hop in hops):
+        return None
+    return ", ".join(hops)
+
+
+def from_headers(
+    headers: dict[str, str], names: HeaderNames, remote_addr: str | None
+) -> RequestContext:
+    """Build the context from lower-cased request headers, dropping unsafe values."""
+    request_id = _clean(headers.get(names.request_id))
+    forwarded_ua = _clean(headers.get(names.user_agent))
+    user_ip = _clean(headers.get(names.user_ip))
+    return RequestContext(
+        trace_id=_trace_id(headers.get(names.trace_id), headers.get("traceparent")),
+        request_id=request_id if request_id and _TOKEN.fullmatch(request_id) else new_id(),
+        uid=_clean(headers.get(names.uid)),
+        user_agent=forwarded_ua or _clean(headers.get("user-agent")),
+        user_ip=user_ip if user_ip and _TOKEN.fullmatch(user_ip) else remote_addr,
+        forwarded_for=_forwarded_for(headers.get(names.forwarded_for)),
+        remote_addr=remote_addr,
+        api_client=_clean(headers.get(names.api_client)),
+        id_token=_clean(headers.get(names.id_token), _MAX_ID_TOKEN),
+    )
+
+
+def outbound_headers(
+    context: RequestContext, names: HeaderNames, internal: bool = True
+) -> dict[str, str]:
+    """Headers that carry ``context`` to the next service, with this hop added to XFF.
+
+    The identity token only goes to internal services.
+    """
+    headers = {names.trace_id: context.trace_id}
+    hop = context.remote_addr
+    if context.forwarded_for and hop:
+        headers[names.forwarded_for] = f"{context.forwarded_for}, {hop}"
+    elif context.forwarded_for or hop:
+        headers[names.forwarded_for] = context.forwarded_for or hop or ""
+    for name, value in (
+        (names.uid, context.uid),
+        (names.user_agent, context.user_agent),
+        (names.user_ip, context.user_ip),
+        (names.api_client, context.api_client),
+    ):
+        if value is not None:
+            headers[name] = value
+    if internal and context.id_token is not None:
+        headers[names.id_token] = context.id_token
+    return headers
+
+
+class ContextMiddleware:
+    """Reads the request context from the headers and echoes trace and request ids back."""
+
+    def __init__(self, app: ASGIApp, names: HeaderNames | None = None) -> None:
+        self.app = app
+        self.names = names or HeaderNames()
+        self._wanted = frozenset([*self.names.model_dump().values(), "traceparent", "user-agent"])
+        self._trace_header = self.names.trace_id.encode("latin-1")
+        self._request_header = self.names.request_id.encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name = raw_name.decode("latin-1").lower()
+            if name in self._wanted:
+                value = raw_value.decode("latin-1")
+                if name in headers:  # repeated header: one comma-separated list (RFC 9110)
+                    value = f"{headers[name]}, {value}"
+                headers[name] = value
+        client = scope.get("client")
+        context = from_headers(headers, self.names, client[0] if client else None)
+        echoed = [
+            (self._trace_header, context.trace_id.encode("latin-1")),
+            (self._request_header, context.request_id.encode("latin-1")),
+        ]
+
+        async def send_with_ids(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *echoed]
+            await send(message)
+
+        token = _current.set(context)
+        try:
+            await self.app(scope, receive, send_with_ids)
+        finally:
+            _current.reset(token)
