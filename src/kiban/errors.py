@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -127,8 +128,18 @@ async def _on_validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
+async def _on_database_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable", path=request.url.path, error_type=type(exc).__name__)
+    return problem_response(
+        503, "A dependency is unavailable; try again later.", headers={"retry-after": "1"}
+    )
+
+
 def install(app: FastAPI) -> None:
     """Make every error the app answers with a problem+json response."""
+    # A database that is down or unreachable is an outage to report, not a bug: 503.
+    for unavailable in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+        app.add_exception_handler(unavailable, _on_database_unavailable)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

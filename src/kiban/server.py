@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import time
 from types import FrameType
 from typing import Any
@@ -206,6 +207,8 @@ def run(target: Any, settings: Settings | None = None) -> None:
 
     if isinstance(target, str):
         target = load_target(target)
+    if inspect.isfunction(target):  # an app factory: ``create_app``
+        target = target()
     service = Service.of(target)
     settings = settings or service.settings
     config = Config(

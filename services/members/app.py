@@ -1,0 +1,41 @@
+"""The members service: a kiban service with a real database.
+
+Run it with ``kiban run services.members.app:create_app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+import kiban
+from services.members.migrations import migrate
+from services.members.routes import router
+
+
+class MembersSettings(kiban.Settings):
+    service_name: str = "members"
+    http_port: int = 8001
+    database_url: str = "sqlite+aiosqlite:///./.run/members.db"
+    #: Apply the alembic migrations at start-up (handy in development; run them as a job in prod).
+    migrate_on_start: bool = True
+
+
+def create_app(settings: MembersSettings | None = None) -> FastAPI:
+    settings = settings or kiban.load(MembersSettings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            await migrate(engine)
+        yield
+
+    app = FastAPI(title="members", version=settings.service_version, lifespan=lifespan)
+    service = kiban.Service(app, settings)
+    engine = service.database()
+    app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+    app.include_router(router)
+    return app

@@ -1,0 +1,79 @@
+"""The members HTTP API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+import kiban
+from services.members.repository import EmailTaken, MemberRepository
+from services.members.schemas import MemberIn, MemberOut, MemberPage, MemberPatch
+
+router = APIRouter(prefix="/members", tags=["members"])
+
+
+async def repository(request: Request) -> AsyncIterator[MemberRepository]:
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
+    async with sessions.begin() as session:
+        yield MemberRepository(session)
+
+
+Repo = Annotated[MemberRepository, Depends(repository)]
+
+
+def _not_found(member_id: int) -> kiban.Problem:
+    return kiban.Problem(404, f"No member has id {member_id}.")
+
+
+def _email_taken() -> kiban.Problem:
+    return kiban.Problem(409, "A member with this email is already registered.")
+
+
+@router.post("", status_code=201, response_model=MemberOut)
+async def register(body: MemberIn, repo: Repo) -> MemberOut:
+    try:
+        member = await repo.add(str(body.email), body.name)
+    except EmailTaken:
+        raise _email_taken() from None
+    kiban.log.info("member registered", member_id=member.id)
+    return MemberOut.model_validate(member)
+
+
+@router.get("/{member_id}", response_model=MemberOut)
+async def get_member(member_id: int, repo: Repo) -> MemberOut:
+    member = await repo.get(member_id)
+    if member is None:
+        raise _not_found(member_id)
+    return MemberOut.model_validate(member)
+
+
+@router.patch("/{member_id}", response_model=MemberOut)
+async def update_member(member_id: int, body: MemberPatch, repo: Repo) -> MemberOut:
+    member = await repo.get(member_id)
+    if member is None:
+        raise _not_found(member_id)
+    try:
+        member = await repo.update(
+            member, str(body.email) if body.email is not None else None, body.name
+        )
+    except EmailTaken:
+        raise _email_taken() from None
+    return MemberOut.model_validate(member)
+
+
+@router.get("", response_model=MemberPage)
+async def list_members(
+    repo: Repo,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> MemberPage:
+    rows, total = await repo.page(limit, offset)
+    return MemberPage(
+        items=[MemberOut.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
