@@ -1,10 +1,10 @@
 """kiban: the production foundation for Python microservices."""
 
+from kiban import log
 from kiban.app import Service
 from kiban.config import ConfigError, HeaderNames, Settings, load
 from kiban.errors import Problem
 from kiban.health import HTTPPinger, Pinger, RedisPinger, SQLPinger
-from kiban.log import log
 from kiban.propagation import RequestContext, current
 from kiban.server import run
 

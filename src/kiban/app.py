@@ -105,7 +105,7 @@ class Service:
             try:
                 await cleanup()
             except Exception:
-                log.log.exception("cleanup failed", cleanup=getattr(cleanup, "__qualname__", None))
+                log.exception("cleanup failed", cleanup=getattr(cleanup, "__qualname__", None))
 
     def _lifespan(
         self, inner: Callable[[Any], AbstractAsyncContextManager[Any]]
@@ -114,7 +114,7 @@ class Service:
         async def lifespan(app: Any) -> AsyncIterator[Any]:
             try:
                 async with inner(app) as state:
-                    log.log.info(
+                    log.info(
                         "started",
                         service=self.settings.service_name,
                         version=self.settings.service_version,

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban import propagation
-from kiban.log import log
+from kiban import log
 
 __all__ = ["PROBLEM_JSON", "ErrorMiddleware", "Problem", "install", "problem_response"]
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kiban.log import log
+from kiban import log
 
 __all__ = [
     "Checker",

@@ -19,7 +19,10 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 from kiban import propagation
 
-__all__ = ["configure", "get_level", "log", "set_level", "sink"]
+__all__ = [
+    "bind", "configure", "critical", "debug", "error", "exception", "get_level", "info",
+    "set_level", "sink", "warning",
+]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _METHOD_LEVELS = {
@@ -160,8 +163,12 @@ def configure(
     stream: IO[bytes] | None = None,
     service: str | None = None,
 ) -> None:
-    """Set up logging for the process: level, JSON or console lines, the stream, the service."""
-    sink.stream = stream if stream is not None else sys.stdout.buffer
+    """Set up logging for the process: level, JSON or console lines, the service.
+
+    ``stream`` (binary) replaces where lines go; by default they stay where they went.
+    """
+    if stream is not None:
+        sink.stream = stream
     sink.json = fmt == "json" or (fmt == "auto" and not sink.stream.isatty())
     _state.service = service
     root = logging.getLogger()
@@ -171,8 +178,19 @@ def configure(
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request with its full URL at info: noisy, and URLs can hold secrets.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     set_level(level)
 
 
-#: The application logger: ``log.info("message", key=value)``.
-log: FilteringBoundLogger = structlog.get_logger()
+_logger: FilteringBoundLogger = structlog.get_logger().bind()
+
+# The module is the logger: ``from kiban import log; log.info("message", key=value)``.
+debug = _logger.debug
+info = _logger.info
+warning = _logger.warning
+error = _logger.error
+exception = _logger.exception
+critical = _logger.critical
+bind = _logger.bind

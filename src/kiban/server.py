@@ -29,7 +29,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kiban.config import Settings
 from kiban.health import Checker
-from kiban.log import log
+from kiban import log
 
 __all__ = ["DrainMiddleware", "Server", "run"]
 

@@ -1,0 +1,187 @@
+"""Shared fixtures: captured log output, real servers on loopback, real processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from kiban import log
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+POSTGRES = ("127.0.0.1", 5432)
+MARIADB = ("127.0.0.1", 3306)
+REDIS = ("127.0.0.1", 6379)
+
+
+class Lines:
+    """What kiban wrote, one parsed JSON object a line."""
+
+    def __init__(self, stream: io.BytesIO) -> None:
+        self.stream = stream
+
+    def all(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.stream.getvalue().splitlines() if line]
+
+    def access(self) -> list[dict[str, Any]]:
+        return [line for line in self.all() if line.get("log") == "access"]
+
+    def app(self) -> list[dict[str, Any]]:
+        return [line for line in self.all() if line.get("log") != "access"]
+
+    def text(self) -> str:
+        return self.stream.getvalue().decode()
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    """Send kiban's log output (JSON) to memory for the test, and restore stdout after."""
+    stream = io.BytesIO()
+    log.configure("info", "json", stream=stream, service="test")
+    yield Lines(stream)
+    log.configure("info", "json", stream=sys.stdout.buffer)
+
+
+def _reachable(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require(address: tuple[str, int], what: str) -> None:
+    """Skip when a real server is missing on a developer machine; fail under CI."""
+    if _reachable(address):
+        return
+    message = f"{what} is not running on {address[0]}:{address[1]}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the test, dropped afterwards."""
+    require(POSTGRES, "PostgreSQL")
+    name = f"kiban_{uuid.uuid4().hex[:12]}"
+    psql = ["psql", "-h", POSTGRES[0], "-U", "postgres", "-d", "test", "-q", "-c"]
+    subprocess.run([*psql, f"CREATE DATABASE {name}"], check=True)
+    yield f"postgresql+asyncpg://postgres@{POSTGRES[0]}:{POSTGRES[1]}/{name}"
+    subprocess.run([*psql, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=True)
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """A fresh MariaDB database for the test, dropped afterwards."""
+    require(MARIADB, "MariaDB")
+    name = f"kiban_{uuid.uuid4().hex[:12]}"
+    mysql = ["mariadb", "-h", MARIADB[0], "-P", str(MARIADB[1]), "-u", "root", "-e"]
+    subprocess.run([*mysql, f"CREATE DATABASE {name}"], check=True)
+    yield f"mysql+asyncmy://root@{MARIADB[0]}:{MARIADB[1]}/{name}"
+    subprocess.run([*mysql, f"DROP DATABASE IF EXISTS {name}"], check=True)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require(REDIS, "Redis")
+    return f"redis://{REDIS[0]}:{REDIS[1]}/0"
+
+
+@dataclass
+class Process:
+    """A service running as a real ``kiban run`` process on loopback."""
+
+    popen: subprocess.Popen[bytes]
+    url: str
+    output: Path
+
+    def lines(self) -> list[dict[str, Any]]:
+        result = []
+        for raw in self.output.read_bytes().splitlines():
+            try:
+                result.append(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                continue
+        return result
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"process exited with {self.popen.returncode}:\n{self.output.read_text()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health/liveness", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"not up within {timeout}s:\n{self.output.read_text()}")
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                return self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """Start ``kiban run TARGET`` with extra environment; every process is stopped after."""
+    started: list[Process] = []
+
+    def start(target: str, wait: bool = True, **env: str) -> Process:
+        port = int(env.pop("HTTP_PORT", 0)) or free_port()
+        output = tmp_path / f"{target.replace(':', '_')}-{port}.log"
+        environment = {
+            **os.environ,
+            "HTTP_PORT": str(port),
+            "LOG_FORMAT": "json",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            **env,
+        }
+        with output.open("wb") as sink:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "kiban.cli", "run", target],
+                cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT,
+            )
+        process = Process(popen, f"http://127.0.0.1:{port}", output)
+        started.append(process)
+        if wait:
+            process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

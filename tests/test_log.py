@@ -1,0 +1,108 @@
+"""Context logging: JSON lines carrying the request context, a runtime level, a TTY mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from kiban import log, propagation
+from kiban.config import Settings
+from kiban.log import configure, set_level
+from tests.conftest import Lines
+
+
+def test_lines_are_json_with_time_level_and_fields(lines: Lines) -> None:
+    log.info("order placed", order_id=17)
+    (line,) = lines.all()
+    assert line["msg"] == "order placed"
+    assert line["order_id"] == 17
+    assert line["level"] == "info"
+    assert line["service"] == "test"
+    assert line["time"].endswith("Z") and "T" in line["time"]
+
+
+def test_lines_inside_a_request_carry_trace_request_and_uid(lines: Lines) -> None:
+    app = FastAPI()
+
+    @app.get("/")
+    async def index() -> dict[str, str]:
+        log.info("inside")
+        return {}
+
+    app.add_middleware(propagation.ContextMiddleware)
+    with TestClient(app) as client:
+        response = client.get("/", headers={"x-uid": "u-9"})
+    (line,) = [line for line in lines.all() if line["msg"] == "inside"]
+    assert line["trace_id"] == response.headers["x-trace-id"]
+    assert line["request_id"] == response.headers["x-request-id"]
+    assert line["uid"] == "u-9"
+    log.info("outside")
+    assert "trace_id" not in lines.all()[-1]
+
+
+def test_level_changes_at_runtime(lines: Lines) -> None:
+    log.debug("hidden")
+    set_level("debug")
+    log.debug("shown")
+    set_level("warning")
+    log.info("hidden too")
+    log.warning("kept")
+    assert [line["msg"] for line in lines.all()] == ["shown", "kept"]
+    assert log.get_level() == "warning"
+
+
+def test_stdlib_loggers_go_through_the_same_pipeline(lines: Lines) -> None:
+    logging.getLogger("some.library").warning("careful %s", "now")
+    (line,) = lines.all()
+    assert line == {**line, "msg": "careful now", "logger": "some.library", "level": "warning"}
+
+
+def test_exceptions_are_logged_as_a_traceback_string_without_frame_locals(lines: Lines) -> None:
+    def fail() -> None:
+        password = "hunter2-do-not-log"  # noqa: F841 - a local that must not reach the log
+        raise ValueError("bad")
+
+    try:
+        fail()
+    except ValueError:
+        log.exception("it failed")
+    (line,) = lines.all()
+    assert "Traceback" in line["exception"] and "ValueError: bad" in line["exception"]
+    assert "hunter2" not in lines.text()
+
+
+def test_a_terminal_gets_readable_lines_not_json() -> None:
+    main, secondary = os.openpty()
+    with os.fdopen(secondary, "wb", buffering=0) as tty:
+        configure("info", "auto", stream=tty)
+        try:
+            log.info("hello tty", answer=42)
+        finally:
+            configure("info", "json")
+        output = os.read(main, 4096).decode()
+    os.close(main)
+    assert "hello tty" in output
+    assert "answer" in output and "42" in output
+    assert not output.lstrip().startswith("{")
+
+
+def test_json_can_be_forced_on_a_terminal() -> None:
+    main, secondary = os.openpty()
+    with os.fdopen(secondary, "wb", buffering=0) as tty:
+        configure("info", "json", stream=tty)
+        try:
+            log.info("forced")
+        finally:
+            configure("info", "json")
+        output = os.read(main, 4096).decode()
+    os.close(main)
+    assert output.lstrip().startswith('{"')
+
+
+def test_log_format_setting_is_validated() -> None:
+    with pytest.raises(ValueError, match="log_format"):
+        Settings(log_format="xml")  # type: ignore[arg-type]

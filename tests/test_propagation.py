@@ -1,0 +1,169 @@
+"""Inbound headers become one immutable RequestContext; unsafe values never get in."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+from fastapi import FastAPI
+from hypothesis import given
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from kiban import propagation
+from kiban.config import HeaderNames
+from kiban.propagation import ContextMiddleware, from_headers, outbound_headers
+
+NAMES = HeaderNames()
+HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def test_reads_every_propagated_header() -> None:
+    context = from_headers(
+        {
+            "x-trace-id": "4BF92F3577B34DA6A3CE929D0E0E4736",
+            "x-request-id": "req-1",
+            "x-uid": "u-42",
+            "x-forwarded-user-agent": "Mobile/1.0",
+            "user-agent": "gateway/2",
+            "x-user-ip": "203.0.113.7",
+            "x-forwarded-for": "203.0.113.7,10.0.0.1",
+            "x-api-client": "ios-app",
+            "x-internal-id-token": "eyJ.token.sig",
+        },
+        NAMES,
+        "10.0.0.2",
+    )
+    assert context.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert context.request_id == "req-1"
+    assert context.uid == "u-42"
+    assert context.user_agent == "Mobile/1.0"  # the end user's, not the gateway's
+    assert context.user_ip == "203.0.113.7"
+    assert context.forwarded_for == "203.0.113.7, 10.0.0.1"
+    assert context.remote_addr == "10.0.0.2"
+    assert context.api_client == "ios-app"
+    assert context.id_token == "eyJ.token.sig"
+
+
+def test_context_is_immutable_and_hides_the_token_from_repr() -> None:
+    context = from_headers({"x-internal-id-token": "secret-token"}, NAMES, "1.2.3.4")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.uid = "other"  # type: ignore[misc]
+    assert "secret-token" not in repr(context)
+
+
+def test_generates_ids_when_none_came_in_and_falls_back_to_the_peer() -> None:
+    context = from_headers({"user-agent": "curl/8"}, NAMES, "192.0.2.1")
+    assert HEX32.fullmatch(context.trace_id)
+    assert HEX32.fullmatch(context.request_id)
+    assert context.user_agent == "curl/8"
+    assert context.user_ip == "192.0.2.1"
+    assert context.uid is None
+
+
+def test_trace_id_is_taken_from_traceparent_when_no_trace_header() -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    context = from_headers({"traceparent": traceparent}, NAMES, None)
+    assert context.trace_id == "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_uuid_trace_ids_are_normalised() -> None:
+    context = from_headers({"x-trace-id": "0AF76519-16CD-43DD-8448-EB211C80319C"}, NAMES, None)
+    assert context.trace_id == "0af7651916cd43dd8448eb211c80319c"
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "xyz", "0" * 32, "a" * 33, "g" * 32, "4bf92f35 77b34da6a3ce929d0e0e4736"]
+)
+def test_invalid_trace_ids_are_replaced(bad: str) -> None:
+    context = from_headers({"x-trace-id": bad}, NAMES, None)
+    assert HEX32.fullmatch(context.trace_id)
+    assert context.trace_id != bad
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("x-uid", "u1\r\nx-admin: yes"),
+        ("x-uid", "u" * 600),
+        ("x-api-client", "app\x00"),
+        ("x-forwarded-for", "1.2.3.4, evil header"),
+        ("x-forwarded-for", "1.2.3.4\n, 5.6.7.8"),
+        ("x-user-ip", "1.2.3.4 <script>"),
+    ],
+)
+def test_unsafe_values_are_dropped(header: str, value: str) -> None:
+    context = from_headers({header: value}, NAMES, "192.0.2.9")
+    assert value not in str(dataclasses.asdict(context))
+
+
+def test_outbound_headers_append_this_hop_to_forwarded_for() -> None:
+    context = from_headers(
+        {"x-forwarded-for": "203.0.113.7", "x-uid": "u-1", "x-internal-id-token": "tok"},
+        NAMES,
+        "10.0.0.5",
+    )
+    headers = outbound_headers(context, NAMES)
+    assert headers["x-forwarded-for"] == "203.0.113.7, 10.0.0.5"
+    assert headers["x-trace-id"] == context.trace_id
+    assert headers["x-uid"] == "u-1"
+    assert headers["x-internal-id-token"] == "tok"
+    assert "x-internal-id-token" not in outbound_headers(context, NAMES, internal=False)
+
+
+def test_outbound_forwarded_for_starts_with_the_peer_when_none_came_in() -> None:
+    context = from_headers({}, NAMES, "10.0.0.5")
+    assert outbound_headers(context, NAMES)["x-forwarded-for"] == "10.0.0.5"
+
+
+@given(st.dictionaries(st.sampled_from(sorted(NAMES.model_dump().values())), st.text()),
+       st.one_of(st.none(), st.ip_addresses().map(str)))
+def test_any_header_values_give_a_safe_context(headers: dict[str, str], peer: str | None) -> None:
+    """Whatever arrives, the context holds only printable, bounded values and valid ids."""
+    context = from_headers(headers, NAMES, peer)
+    assert HEX32.fullmatch(context.trace_id)
+    for value in dataclasses.asdict(context).values():
+        if value is not None:
+            assert value.isprintable()
+            assert "\r" not in value and "\n" not in value
+    out = outbound_headers(context, NAMES)
+    for name, value in out.items():
+        assert value.isprintable(), name
+    if context.forwarded_for and peer:
+        assert out["x-forwarded-for"].count(",") == context.forwarded_for.count(",") + 1
+
+
+def test_middleware_sets_context_for_the_request_only_and_echoes_ids() -> None:
+    app = FastAPI()
+    seen: list[propagation.RequestContext | None] = []
+
+    @app.get("/")
+    async def index() -> dict[str, str]:
+        seen.append(propagation.current())
+        return {}
+
+    app.add_middleware(ContextMiddleware, names=NAMES)
+    with TestClient(app) as client:
+        response = client.get("/", headers={"x-trace-id": "4bf92f3577b34da6a3ce929d0e0e4736",
+                                            "x-uid": "u-7"})
+    assert response.headers["x-trace-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert HEX32.fullmatch(response.headers["x-request-id"])
+    assert seen[0] is not None and seen[0].uid == "u-7"
+    assert propagation.current() is None
+
+
+def test_repeated_forwarded_for_headers_are_joined_in_order() -> None:
+    app = FastAPI()
+    seen: list[str | None] = []
+
+    @app.get("/")
+    async def index() -> dict[str, str]:
+        context = propagation.current()
+        seen.append(context.forwarded_for if context else None)
+        return {}
+
+    app.add_middleware(ContextMiddleware)
+    with TestClient(app) as client:
+        client.get("/", headers=[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")])
+    assert seen == ["1.1.1.1, 2.2.2.2"]
