@@ -128,8 +128,8 @@ async def _on_validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
-async def _on_database_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable", path=request.url.path, error_type=type(exc).__name__)
+async def _on_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("dependency unavailable", path=request.url.path, error_type=type(exc).__name__)
     return problem_response(
         503, "A dependency is unavailable; try again later.", headers={"retry-after": "1"}
     )
@@ -137,9 +137,11 @@ async def _on_database_unavailable(request: Request, exc: Exception) -> Response
 
 def install(app: FastAPI) -> None:
     """Make every error the app answers with a problem+json response."""
-    # A database that is down or unreachable is an outage to report, not a bug: 503.
-    for unavailable in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
-        app.add_exception_handler(unavailable, _on_database_unavailable)
+    # A dependency that is down or unreachable is an outage to report, not a bug: 503.
+    for unavailable in (
+        sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, ConnectionError
+    ):
+        app.add_exception_handler(unavailable, _on_unavailable)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

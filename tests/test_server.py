@@ -1,0 +1,147 @@
+"""The real server process: graceful drain on SIGTERM, bounded shutdown, hostile clients."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.process
+
+HELLO = "tests.apps.hello:app"
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def test_sigterm_drains_finishes_in_flight_work_and_exits_0(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_DRAIN_SECONDS="1.5", HTTP_SHUTDOWN_TIMEOUT="10")
+    slow, result = _in_thread(
+        lambda: httpx.get(f"{service.url}/slow?seconds=2.5", timeout=10)
+    )
+    time.sleep(0.5)
+    service.popen.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    # Draining: not ready any more, but still serving, and asking clients to reconnect elsewhere.
+    with httpx.Client() as client:
+        readiness = client.get(f"{service.url}/health/readiness")
+        hello = client.get(f"{service.url}/hello/late")
+    assert readiness.status_code == 503
+    assert readiness.json()["status"] == "draining"
+    assert hello.status_code == 200
+    assert hello.headers["connection"] == "close"
+    slow.join(timeout=15)
+    assert "error" not in result, result
+    assert result["value"].status_code == 200
+    assert service.popen.wait(timeout=15) == 0
+    messages = [line.get("msg") for line in service.lines()]
+    assert messages.index("shutdown requested, draining") < messages.index("pools closed")
+    assert messages[-1] == "stopped"
+    # Every request got its access line, the slow one included.
+    paths = [line["path"] for line in service.lines() if line.get("log") == "access"]
+    assert "/slow" in paths and "/hello/late" in paths
+
+
+def test_after_the_drain_new_connections_are_refused(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_DRAIN_SECONDS="0.2", HTTP_SHUTDOWN_TIMEOUT="10")
+    slow, _ = _in_thread(lambda: httpx.get(f"{service.url}/slow?seconds=2", timeout=10))
+    time.sleep(0.3)
+    service.popen.send_signal(signal.SIGTERM)
+    time.sleep(0.8)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{service.url}/hello/x", timeout=2)
+    slow.join(timeout=15)
+    assert service.popen.wait(timeout=15) == 0
+
+
+def test_shutdown_is_bounded_by_the_shutdown_timeout(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_DRAIN_SECONDS="0", HTTP_SHUTDOWN_TIMEOUT="1")
+    stuck, result = _in_thread(
+        lambda: httpx.get(f"{service.url}/slow?seconds=60", timeout=30)
+    )
+    time.sleep(0.3)
+    started = time.monotonic()
+    service.popen.send_signal(signal.SIGTERM)
+    assert service.popen.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    stuck.join(timeout=10)
+    messages = [line.get("msg") for line in service.lines()]
+    assert "pools closed" in messages  # cleanup still ran
+
+
+def test_sigint_is_graceful_too(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_DRAIN_SECONDS="0")
+    service.popen.send_signal(signal.SIGINT)
+    assert service.popen.wait(timeout=10) == 0
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_trickled_request_head_is_cut_off_while_others_are_served(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_READ_HEADER_TIMEOUT="1")
+    sock = _connect(service.url)
+    sock.sendall(b"GET /hello/slowloris HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    closed = False
+    with httpx.Client() as client:
+        while time.monotonic() - started < 4:
+            try:
+                sock.sendall(b"X-Drip: 1\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            assert client.get(f"{service.url}/hello/other").status_code == 200
+            if _closed_within(sock, 0.25):
+                closed = True
+                break
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert closed, "the slow client was never disconnected"
+    assert elapsed < 2.5
+    assert any(line.get("msg", "").startswith("request head not received")
+               for line in service.lines())
+
+
+def test_a_silent_connection_is_closed_by_the_same_deadline(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_READ_HEADER_TIMEOUT="0.5")
+    sock = _connect(service.url)
+    assert _closed_within(sock, 3)
+    sock.close()
+
+
+def test_oversized_request_head_gets_431_problem(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_MAX_HEADER_BYTES="4096")
+    response = httpx.get(f"{service.url}/hello/x", headers={"x-big": "a" * 8000})
+    assert response.status_code == 431
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 431
+    assert httpx.get(f"{service.url}/hello/x", headers={"x-ok": "a" * 1000}).status_code == 200
