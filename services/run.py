@@ -13,7 +13,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = {
-    "members": ("services.members.app:create_app", 8001),
+    "members": ("services.members.app:create_app", int(os.environ.get("MEMBERS_PORT", "8001"))),
 }
 
 
@@ -42,7 +42,7 @@ def main() -> int:
     try:
         for name, (_, port) in SERVICES.items():
             wait_ready(port, processes[name])
-        members = "http://127.0.0.1:8001"
+        members = f"http://127.0.0.1:{SERVICES['members'][1]}"
         print(
             f"""
 kiban sample system is up (Ctrl+C stops it):

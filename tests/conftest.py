@@ -174,7 +174,10 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
         with output.open("wb") as sink:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "kiban.cli", "run", target],
-                cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=environment,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
             )
         process = Process(popen, f"http://127.0.0.1:{port}", output)
         started.append(process)

@@ -36,8 +36,12 @@ def test_one_line_per_request_with_every_field_in_order(lines: Lines) -> None:
         response = client.post(
             "/items/7?color=red",
             json={"name": "pen"},
-            headers={"x-uid": "u-1", "x-api-client": "web", "user-agent": "ua/1",
-                     "x-forwarded-for": "203.0.113.9"},
+            headers={
+                "x-uid": "u-1",
+                "x-api-client": "web",
+                "user-agent": "ua/1",
+                "x-forwarded-for": "203.0.113.9",
+            },
         )
     (line,) = lines.access()
     assert tuple(line) == FIELDS
@@ -60,7 +64,8 @@ def test_one_line_per_request_with_every_field_in_order(lines: Lines) -> None:
     assert line["uid"] == "u-1"
     assert line["api_client"] == "web"
     # RFC 3339 with microseconds, in UTC
-    assert len(line["time"]) == len("2026-01-01T00:00:00.000000Z") and line["time"][-1] == "Z"
+    assert len(line["time"]) == len("2026-01-01T00:00:00.000000Z")
+    assert line["time"][-1] == "Z"
 
 
 def test_errors_are_logged_too_with_the_same_schema(lines: Lines) -> None:
@@ -85,9 +90,14 @@ def test_query_secrets_are_redacted(lines: Lines) -> None:
         assert secret not in lines.text()
 
 
-@given(st.lists(st.tuples(st.sampled_from(["token", "id_token", "client_secret", "Password",
-                                            "x_api_key"]),
-                          st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=6))))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["token", "id_token", "client_secret", "Password", "x_api_key"]),
+            st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=6),
+        )
+    )
+)
 def test_secret_values_never_survive_redaction(pairs: list[tuple[str, str]]) -> None:
     query = "&".join(f"{key}={value}" for key, value in pairs)
     redacted = redact_query(query)
@@ -108,8 +118,14 @@ def test_client_disconnect_before_response_is_logged_as_499(lines: Lines) -> Non
     async def send(message: dict[str, Any]) -> None:
         raise AssertionError("nothing is sent to a gone client")
 
-    scope = {"type": "http", "method": "GET", "path": "/slow", "query_string": b"",
-             "headers": [(b"host", b"svc")], "client": ("192.0.2.1", 1234)}
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/slow",
+        "query_string": b"",
+        "headers": [(b"host", b"svc")],
+        "client": ("192.0.2.1", 1234),
+    }
     asyncio.run(AccessLogMiddleware(app, service="svc")(scope, receive, send))
     (line,) = lines.access()
     assert line["status"] == 499

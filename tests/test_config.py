@@ -70,7 +70,10 @@ def test_kiban_run_refuses_to_start_half_configured() -> None:
     """The real command exits 2 with the names on stderr, before serving anything."""
     result = subprocess.run(
         [sys.executable, "-m", "kiban.cli", "run", "tests.apps.hello:app"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PATH": "/usr/bin:/bin", "HTTP_PORT": "-5", "LOG_FORMAT": "xml"},
     )
     assert result.returncode == 2, result.stderr

@@ -31,8 +31,9 @@ def make_client() -> TestClient:
     @app.get("/items/{item_id}")
     async def get(item_id: int) -> dict[str, int]:
         if item_id == 0:
-            raise kiban.Problem(404, "No item 0.", type="https://errors.example/not-found",
-                                item_id=item_id)
+            raise kiban.Problem(
+                404, "No item 0.", type="https://errors.example/not-found", item_id=item_id
+            )
         if item_id == 1:
             raise HTTPException(409, "Taken.", headers={"x-hint": "retry"})
         return {"id": item_id}
@@ -90,8 +91,10 @@ def test_validation_errors_are_422_with_pointers() -> None:
     client = make_client()
     body = assert_problem(client.post("/items", json={"name": "pen", "price": "cheap"}), 422)
     assert body["errors"] == [
-        {"detail": "Input should be a valid integer, unable to parse string as an integer",
-         "pointer": "#/body/price"}
+        {
+            "detail": "Input should be a valid integer, unable to parse string as an integer",
+            "pointer": "#/body/price",
+        }
     ]
     body = assert_problem(client.get("/items/abc"), 422)
     assert body["errors"][0]["pointer"] == "#/path/item_id"  # type: ignore[index]
@@ -107,23 +110,29 @@ def test_validation_errors_are_422_with_pointers() -> None:
     ],
 )
 def test_malformed_bodies_are_client_errors(content: bytes, content_type: str) -> None:
-    response = make_client().post("/items", content=content,
-                                  headers={"content-type": content_type})
+    response = make_client().post("/items", content=content, headers={"content-type": content_type})
     assert 400 <= response.status_code < 500
     assert response.headers["content-type"] == PROBLEM_JSON
 
 
 def test_body_over_the_limit_is_413_by_length_or_by_bytes_received() -> None:
     client = make_client()
-    assert_problem(client.post("/items", content=b"x" * 101,
-                               headers={"content-type": "application/json"}), 413)
+    assert_problem(
+        client.post("/items", content=b"x" * 101, headers={"content-type": "application/json"}), 413
+    )
 
     def chunks() -> object:
         for _ in range(10):
             yield b"x" * 50
 
-    assert_problem(client.post("/items", content=chunks(),  # type: ignore[arg-type]
-                               headers={"content-type": "application/json"}), 413)
+    assert_problem(
+        client.post(
+            "/items",
+            content=chunks(),  # type: ignore[arg-type]
+            headers={"content-type": "application/json"},
+        ),
+        413,
+    )
 
 
 def test_a_bug_is_a_bare_500_and_its_traceback_goes_to_the_log(lines: Lines) -> None:

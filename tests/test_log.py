@@ -22,7 +22,8 @@ def test_lines_are_json_with_time_level_and_fields(lines: Lines) -> None:
     assert line["order_id"] == 17
     assert line["level"] == "info"
     assert line["service"] == "test"
-    assert line["time"].endswith("Z") and "T" in line["time"]
+    assert line["time"].endswith("Z")
+    assert "T" in line["time"]
 
 
 def test_lines_inside_a_request_carry_trace_request_and_uid(lines: Lines) -> None:
@@ -71,7 +72,8 @@ def test_exceptions_are_logged_as_a_traceback_string_without_frame_locals(lines:
     except ValueError:
         log.exception("it failed")
     (line,) = lines.all()
-    assert "Traceback" in line["exception"] and "ValueError: bad" in line["exception"]
+    assert "Traceback" in line["exception"]
+    assert "ValueError: bad" in line["exception"]
     assert "hunter2" not in lines.text()
 
 
@@ -86,7 +88,8 @@ def test_a_terminal_gets_readable_lines_not_json() -> None:
         output = os.read(main, 4096).decode()
     os.close(main)
     assert "hello tty" in output
-    assert "answer" in output and "42" in output
+    assert "answer" in output
+    assert "42" in output
     assert not output.lstrip().startswith("{")
 
 

@@ -117,8 +117,10 @@ def test_outbound_forwarded_for_starts_with_the_peer_when_none_came_in() -> None
     assert outbound_headers(context, NAMES)["x-forwarded-for"] == "10.0.0.5"
 
 
-@given(st.dictionaries(st.sampled_from(sorted(NAMES.model_dump().values())), st.text()),
-       st.one_of(st.none(), st.ip_addresses().map(str)))
+@given(
+    st.dictionaries(st.sampled_from(sorted(NAMES.model_dump().values())), st.text()),
+    st.one_of(st.none(), st.ip_addresses().map(str)),
+)
 def test_any_header_values_give_a_safe_context(headers: dict[str, str], peer: str | None) -> None:
     """Whatever arrives, the context holds only printable, bounded values and valid ids."""
     context = from_headers(headers, NAMES, peer)
@@ -126,7 +128,8 @@ def test_any_header_values_give_a_safe_context(headers: dict[str, str], peer: st
     for value in dataclasses.asdict(context).values():
         if value is not None:
             assert value.isprintable()
-            assert "\r" not in value and "\n" not in value
+            assert "\r" not in value
+            assert "\n" not in value
     out = outbound_headers(context, NAMES)
     for name, value in out.items():
         assert value.isprintable(), name
@@ -145,11 +148,13 @@ def test_middleware_sets_context_for_the_request_only_and_echoes_ids() -> None:
 
     app.add_middleware(ContextMiddleware, names=NAMES)
     with TestClient(app) as client:
-        response = client.get("/", headers={"x-trace-id": "4bf92f3577b34da6a3ce929d0e0e4736",
-                                            "x-uid": "u-7"})
+        response = client.get(
+            "/", headers={"x-trace-id": "4bf92f3577b34da6a3ce929d0e0e4736", "x-uid": "u-7"}
+        )
     assert response.headers["x-trace-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert HEX32.fullmatch(response.headers["x-request-id"])
-    assert seen[0] is not None and seen[0].uid == "u-7"
+    assert seen[0] is not None
+    assert seen[0].uid == "u-7"
     assert propagation.current() is None
 
 

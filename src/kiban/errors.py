@@ -21,8 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import propagation
-from kiban import log
+from kiban import log, propagation
 
 __all__ = ["PROBLEM_JSON", "ErrorMiddleware", "Problem", "install", "problem_response"]
 
@@ -139,7 +138,10 @@ def install(app: FastAPI) -> None:
     """Make every error the app answers with a problem+json response."""
     # A dependency that is down or unreachable is an outage to report, not a bug: 503.
     for unavailable in (
-        sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, ConnectionError
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        ConnectionError,
     ):
         app.add_exception_handler(unavailable, _on_unavailable)
     app.add_exception_handler(Problem, _on_problem)

@@ -20,8 +20,17 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 from kiban import propagation
 
 __all__ = [
-    "bind", "configure", "critical", "debug", "error", "exception", "get_level", "info",
-    "set_level", "sink", "warning",
+    "bind",
+    "configure",
+    "critical",
+    "debug",
+    "error",
+    "exception",
+    "get_level",
+    "info",
+    "set_level",
+    "sink",
+    "warning",
 ]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}

@@ -27,9 +27,9 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from kiban import log
 from kiban.config import Settings
 from kiban.health import Checker
-from kiban import log
 
 __all__ = ["DrainMiddleware", "Server", "run"]
 

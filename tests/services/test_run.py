@@ -1,0 +1,49 @@
+"""``make run``: the sample system starts on embedded defaults and says how to call it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.process
+
+
+def test_sample_system_starts_serves_and_stops_cleanly() -> None:
+    port = free_port()
+    env = {**os.environ, "MEMBERS_PORT": str(port), "LOG_FORMAT": "json"}
+    env.pop("DATABASE_URL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 30
+        while "/members/999" not in banner and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            banner += line
+        assert f"http://127.0.0.1:{port}" in banner
+        assert "curl" in banner
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health/readiness").status_code == 200
+        listing = httpx.get(f"{url}/members")
+        assert listing.status_code == 200
+        assert "items" in listing.json()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
