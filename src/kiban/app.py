@@ -3,6 +3,7 @@
 The request path, outermost first::
 
     context      inbound headers -> RequestContext      propagation.py
+    telemetry    server span, HTTP metrics              telemetry.py
     access log   one fixed-schema line per request      accesslog.py
     drain        Connection: close while shutting down  server.py
     errors       any exception -> problem+json          errors.py
@@ -15,6 +16,7 @@ is refused, so no request is ever logged or traced twice.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -29,6 +31,7 @@ from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoin
 from kiban.limits import BodyLimitMiddleware
 from kiban.propagation import ContextMiddleware
 from kiban.server import DrainMiddleware
+from kiban.telemetry import Telemetry, TelemetryMiddleware
 
 __all__ = ["Service"]
 
@@ -50,6 +53,8 @@ class Service:
         log.configure(
             self.settings.log_level, self.settings.log_format, service=self.settings.service_name
         )
+        self.telemetry = Telemetry(self.settings)
+        errors.init_sentry(self.settings)
         app.state.kiban = self
         errors.install(app)
         # add_middleware puts the last one added outermost.
@@ -61,9 +66,11 @@ class Service:
             service=self.settings.service_name,
             redact=self.settings.log_redact_params,
         )
+        app.add_middleware(TelemetryMiddleware, telemetry=self.telemetry)
         app.add_middleware(ContextMiddleware, names=self.settings.headers)
         app.add_route("/health/liveness", liveness, include_in_schema=False)
         app.add_route("/health/readiness", readiness_endpoint(self.health), include_in_schema=False)
+        app.add_route("/metrics", self.telemetry.metrics_endpoint, include_in_schema=False)
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
 
     @classmethod
@@ -118,9 +125,12 @@ class Service:
                         "started",
                         service=self.settings.service_name,
                         version=self.settings.service_version,
+                        telemetry=self.telemetry.describe(),
+                        sentry=errors.sentry_enabled(),
                     )
                     yield state
             finally:
                 await self.aclose()
+                await asyncio.to_thread(self.telemetry.shutdown)
 
         return lifespan

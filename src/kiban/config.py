@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ConfigError", "HeaderNames", "Settings", "load"]
@@ -62,6 +62,17 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./kiban.db"
     redis_url: str | None = None
+
+    #: OTLP collector, e.g. ``http://otel-collector:4317`` (gRPC) or ``:4318`` (HTTP).
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    #: Share of new traces sampled (parent-based: an upstream decision is followed).
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1)
+    metrics_export_interval: float = Field(10.0, gt=0)
+
+    #: With a DSN, unhandled exceptions are reported to Sentry.
+    sentry_dsn: SecretStr | None = None
+    sentry_environment: str | None = None
 
     health_timeout: float = Field(0.8, gt=0)
     health_cache_seconds: float = Field(1.0, ge=0)

@@ -13,6 +13,7 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
+import sentry_sdk
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import exc as sa_exc
@@ -22,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban import log, propagation
+from kiban.config import Settings
 
 __all__ = ["PROBLEM_JSON", "ErrorMiddleware", "Problem", "install", "problem_response"]
 
@@ -149,6 +151,47 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
 
 
+def init_sentry(settings: Settings) -> None:
+    """Report unhandled exceptions to Sentry when ``SENTRY_DSN`` is set.
+
+    Only kiban reports, from ErrorMiddleware: the SDK's automatic integrations are off so
+    nothing is patched into the app and nothing is reported twice or for a 4xx.
+    """
+    if settings.sentry_dsn is None:
+        return
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn.get_secret_value(),
+        release=f"{settings.service_name}@{settings.service_version}",
+        environment=settings.sentry_environment,
+        server_name=settings.service_name,
+        default_integrations=False,
+        auto_enabling_integrations=False,
+        send_default_pii=False,
+        traces_sample_rate=0.0,
+    )
+
+
+def sentry_enabled() -> bool:
+    return sentry_sdk.is_initialized()
+
+
+def _report(exc: BaseException, scope: Scope) -> None:
+    if not sentry_sdk.is_initialized():
+        return
+    context = propagation.current()
+    with sentry_sdk.new_scope() as sentry_scope:
+        route = getattr(scope.get("route"), "path", None)
+        sentry_scope.set_tag("http.method", scope["method"])
+        sentry_scope.set_tag("http.route", route or "unmatched")
+        if context is not None:
+            sentry_scope.set_tag("trace_id", context.trace_id)
+            sentry_scope.set_tag("request_id", context.request_id)
+            if context.uid:
+                sentry_scope.set_user({"id": context.uid})
+                sentry_scope.set_tag("uid", context.uid)
+        sentry_sdk.capture_exception(exc)
+
+
 class ErrorMiddleware:
     """Turns an exception that escaped the app into a logged 500 problem."""
 
@@ -177,7 +220,8 @@ class ErrorMiddleware:
                 Request(scope), exc
             )
             await response(scope, receive, send)
-        except Exception:
+        except Exception as exc:
+            _report(exc, scope)
             log.exception(
                 "unhandled exception",
                 method=scope["method"],

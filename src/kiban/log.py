@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import orjson
 import structlog
+from opentelemetry import trace
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 from kiban import propagation
@@ -94,6 +95,9 @@ def _add_request_context(_: WrappedLogger, __: str, event: EventDict) -> EventDi
     context = propagation.current()
     if context is not None:
         event.setdefault("trace_id", context.trace_id)
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            event.setdefault("span_id", format(span.span_id, "016x"))
         event.setdefault("request_id", context.request_id)
         if context.uid is not None:
             event.setdefault("uid", context.uid)

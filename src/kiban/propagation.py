@@ -71,14 +71,15 @@ def _clean(value: str | None, limit: int = _MAX_VALUE) -> str | None:
 
 
 def _trace_id(raw: str | None, traceparent: str | None) -> str:
-    if raw:
-        candidate = raw.strip().lower().replace("-", "")
-        if _HEX32.fullmatch(candidate) and candidate != "0" * 32:
-            return candidate
+    """W3C traceparent first (it also names the parent span), then the trace id header."""
     if traceparent:
         match = _TRACEPARENT.fullmatch(traceparent.strip().lower())
         if match and match.group(1) != "0" * 32:
             return match.group(1)
+    if raw:
+        candidate = raw.strip().lower().replace("-", "")
+        if _HEX32.fullmatch(candidate) and candidate != "0" * 32:
+            return candidate
     return new_id()
 
 

@@ -1,0 +1,279 @@
+"""OpenTelemetry traces and metrics, with Prometheus ``/metrics`` and OTLP export.
+
+One server span per request (no per-message spans), its trace id the request
+context's, so the id in every log and access line is the span's. HTTP metrics follow
+the OTel semantic conventions. With no exporter configured spans are still created and
+trace ids logged; setting ``OTLP_ENDPOINT`` exports traces and metrics, no code changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiban import propagation
+from kiban.config import Settings
+
+__all__ = ["Telemetry", "TelemetryMiddleware"]
+
+#: The OTel semantic-convention buckets for request durations, in seconds.
+DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+_tracecontext = TraceContextTextMapPropagator()
+_globals_set = False
+
+
+class _ContextIds(IdGenerator):
+    """Root spans take the request context's trace id, so logs and spans agree."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        return self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        context = propagation.current()
+        if context is not None:
+            return int(context.trace_id, 16)
+        return self._random.generate_trace_id()
+
+
+class _ScopeHeaders(Getter[Mapping[str, str]]):
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return [value] if value is not None else None
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_getter = _ScopeHeaders()
+
+
+def _span_exporter(settings: Settings) -> SpanExporter:
+    endpoint = settings.otlp_endpoint
+    assert endpoint is not None
+    if settings.otlp_protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HTTPSpanExporter,
+    )
+
+    return HTTPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
+
+
+def _metric_reader(settings: Settings) -> MetricReader:
+    endpoint = settings.otlp_endpoint
+    assert endpoint is not None
+    interval = int(settings.metrics_export_interval * 1000)
+    if settings.otlp_protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        exporter: Any = OTLPMetricExporter(
+            endpoint=endpoint, insecure=endpoint.startswith("http://")
+        )
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HTTPMetricExporter,
+        )
+
+        exporter = HTTPMetricExporter(endpoint=endpoint.rstrip("/") + "/v1/metrics")
+    return PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+
+
+class Telemetry:
+    """The tracer and meter of one service, and where their data goes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        resource = Resource.create(
+            {"service.name": settings.service_name, "service.version": settings.service_version}
+        )
+        self.tracer_provider = TracerProvider(
+            resource=resource,
+            sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
+            id_generator=_ContextIds(),
+        )
+        self.registry = CollectorRegistry()
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
+        if settings.otlp_endpoint:
+            self.tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(settings)))
+            readers.append(_metric_reader(settings))
+        self.meter_provider = MeterProvider(
+            resource=resource,
+            metric_readers=readers,
+            views=[
+                View(
+                    instrument_name="*duration*",
+                    aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS),
+                )
+            ],
+        )
+        # Handlers use the plain OTel API; the first service in a process provides it.
+        global _globals_set
+        self.is_global = not _globals_set
+        if self.is_global:
+            _globals_set = True
+            trace.set_tracer_provider(self.tracer_provider)
+            metrics.set_meter_provider(self.meter_provider)
+        self.tracer = self.tracer_provider.get_tracer("kiban")
+        self.meter = self.meter_provider.get_meter("kiban")
+        self.request_duration = self.meter.create_histogram(
+            "http.server.request.duration", unit="s", description="Duration of HTTP requests."
+        )
+        self.active_requests = self.meter.create_up_down_counter(
+            "http.server.active_requests",
+            unit="{request}",
+            description="HTTP requests being served.",
+        )
+        self.auth_failures = self.meter.create_counter(
+            "kiban.auth.failures", unit="{failure}", description="Requests refused by security."
+        )
+        self.rate_limited = self.meter.create_counter(
+            "kiban.ratelimit.rejected", unit="{request}", description="Requests over a limit."
+        )
+        self.ratelimit_errors = self.meter.create_counter(
+            "kiban.ratelimit.storage_errors",
+            unit="{error}",
+            description="Rate-limit checks that could not reach their storage.",
+        )
+
+    def describe(self) -> str:
+        """Where telemetry goes, for the start-up log line."""
+        if self.settings.otlp_endpoint:
+            return f"OTLP {self.settings.otlp_protocol} {self.settings.otlp_endpoint} and /metrics"
+        return "in process (spans not exported) and /metrics"
+
+    async def metrics_endpoint(self, _: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def shutdown(self) -> None:
+        """Flush what is buffered to the exporters.
+
+        The process-wide providers are flushed, not shut down: the OTel API keeps
+        handing them out until the process ends.
+        """
+        if self.is_global:
+            self.tracer_provider.force_flush(timeout_millis=5000)
+            self.meter_provider.force_flush(timeout_millis=5000)
+        else:
+            self.tracer_provider.shutdown()
+            self.meter_provider.shutdown()
+
+
+class TelemetryMiddleware:
+    """One server span and the RED metrics for each HTTP request."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+        self.tracer = telemetry.tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        carrier = _trace_headers(scope["headers"])
+        parent = _tracecontext.extract(carrier, getter=_getter) if carrier else None
+        method = scope["method"]
+        span = self.tracer.start_span(
+            method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "url.path": scope["path"],
+                "url.scheme": scope.get("scheme", "http"),
+                "network.protocol.version": scope.get("http_version", "1.1"),
+                **_client_attributes(scope),
+            },
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        status = 500
+        active = {"http.request.method": method}
+        self.telemetry.active_requests.add(1, active)
+        start = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None)
+            attributes: dict[str, str | int] = {
+                "http.request.method": method,
+                "http.response.status_code": status,
+            }
+            if route:
+                attributes["http.route"] = route
+                span.update_name(f"{method} {route}")
+            span.set_attributes(attributes)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            otel_context.detach(token)
+            self.telemetry.request_duration.record(elapsed, attributes)
+            self.telemetry.active_requests.add(-1, active)
+
+
+def _trace_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    found = {}
+    for name, value in headers:
+        if name in (b"traceparent", b"tracestate"):
+            found[name.decode("latin-1")] = value.decode("latin-1")
+    return found
+
+
+def _client_attributes(scope: Scope) -> dict[str, str]:
+    attributes = {}
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = str(client[0])
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            attributes["user_agent.original"] = value.decode("latin-1")[:256]
+        elif name == b"host":
+            attributes["server.address"] = value.decode("latin-1").rsplit(":", 1)[0][:256]
+    return attributes
