@@ -168,6 +168,7 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
             **os.environ,
             "HTTP_PORT": str(port),
             "LOG_FORMAT": "json",
+            "HTTP_DRAIN_SECONDS": "0",
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
             **env,
         }

@@ -7,6 +7,7 @@ from kiban.errors import Problem
 from kiban.health import HTTPPinger, Pinger, RedisPinger, SQLPinger
 from kiban.propagation import RequestContext, current
 from kiban.server import run
+from kiban.telemetry import meter, tracer
 
 __all__ = [
     "ConfigError",
@@ -22,6 +23,8 @@ __all__ = [
     "current",
     "load",
     "log",
+    "meter",
     "run",
+    "tracer",
 ]
 __version__ = "0.1.0"

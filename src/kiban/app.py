@@ -56,6 +56,7 @@ class Service:
         self.telemetry = Telemetry(self.settings)
         errors.init_sentry(self.settings)
         app.state.kiban = self
+        _disable_native_telemetry(app)
         errors.install(app)
         # add_middleware puts the last one added outermost.
         app.add_middleware(BodyLimitMiddleware, max_body_bytes=self.settings.http_max_body_bytes)
@@ -68,9 +69,13 @@ class Service:
         )
         app.add_middleware(TelemetryMiddleware, telemetry=self.telemetry)
         app.add_middleware(ContextMiddleware, names=self.settings.headers)
-        app.add_route("/health/liveness", liveness, include_in_schema=False)
-        app.add_route("/health/readiness", readiness_endpoint(self.health), include_in_schema=False)
-        app.add_route("/metrics", self.telemetry.metrics_endpoint, include_in_schema=False)
+        # API routes (not plain Starlette ones) so logs and metrics see their route template.
+        for path, endpoint in (
+            ("/health/liveness", liveness),
+            ("/health/readiness", readiness_endpoint(self.health)),
+            ("/metrics", self.telemetry.metrics_endpoint),
+        ):
+            app.add_api_route(path, endpoint, include_in_schema=False)
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
 
     @classmethod
@@ -134,3 +139,15 @@ class Service:
                 await asyncio.to_thread(self.telemetry.shutdown)
 
         return lifespan
+
+
+def _disable_native_telemetry(app: FastAPI) -> None:
+    """Turn off FastAPI's own OpenTelemetry instrumentation (FastAPI >= 0.16x).
+
+    kiban makes the one server span and the HTTP metrics itself, with the request
+    context's trace id; FastAPI's would be a second server span per request, three
+    operation spans, and a second ``http.server.request.duration`` series.
+    """
+    config = getattr(app, "_telemetry", None)
+    if isinstance(config, dict):
+        config.update(tracing=False, metrics=False, logs=False, operation_spans=False)

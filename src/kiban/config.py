@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     #: Share of new traces sampled (parent-based: an upstream decision is followed).
     trace_sample_ratio: float = Field(1.0, ge=0, le=1)
     metrics_export_interval: float = Field(10.0, gt=0)
+    #: Requests to these paths make no span and no HTTP metrics (probes and scrapes).
+    telemetry_exclude_paths: frozenset[str] = frozenset(
+        {"/health/liveness", "/health/readiness", "/metrics"}
+    )
 
     #: With a DSN, unhandled exceptions are reported to Sentry.
     sentry_dsn: SecretStr | None = None

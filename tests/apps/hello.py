@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import FastAPI
+from opentelemetry import trace
 
 import kiban
 
 app = FastAPI(title="hello")
 service = kiban.Service(app)
+greetings = kiban.meter().create_counter("greetings_total", description="Greetings sent.")
 
 
 async def _goodbye() -> None:
@@ -21,7 +23,9 @@ service.on_shutdown(_goodbye)
 
 @app.get("/hello/{name}")
 async def hello(name: str) -> dict[str, str]:
-    kiban.log.info("greeting", name=name)
+    with trace.get_tracer("hello").start_as_current_span("compose greeting"):
+        kiban.log.info("greeting", name=name)
+    greetings.add(1, {"kind": "hello"})
     return {"hello": name}
 
 
@@ -29,3 +33,13 @@ async def hello(name: str) -> dict[str, str]:
 async def slow(seconds: float = 1.5) -> dict[str, float]:
     await asyncio.sleep(seconds)
     return {"slept": seconds}
+
+
+@app.get("/boom")
+async def boom() -> None:
+    raise RuntimeError("the hello service broke")
+
+
+@app.get("/teapot")
+async def teapot() -> None:
+    raise kiban.Problem(418, "Short and stout.")

@@ -1,0 +1,243 @@
+"""Traces, metrics and error reports reach real receivers: OTLP, Prometheus, Sentry."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+import kiban
+from kiban.config import Settings
+from tests.conftest import IN_CI, free_port
+from tests.receivers import OTLPReceiver, SentryReceiver, running
+
+HELLO = "tests.apps.hello:app"
+PARENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN = "b7ad6b7169203331"
+SERVER, CLIENT, INTERNAL = 2, 3, 1  # OTLP span kinds
+
+
+@pytest.fixture
+def otlp(monkeypatch: pytest.MonkeyPatch) -> Iterator[OTLPReceiver]:
+    """A receiver that outlives the services under test; spans are batched for 100 ms."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    yield from running(OTLPReceiver())
+
+
+@pytest.fixture
+def sentry() -> Iterator[SentryReceiver]:
+    yield from running(SentryReceiver())
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_server_span_follows_semantic_conventions_and_its_parent(
+    otlp: OTLPReceiver, spawn: Any, protocol: str
+) -> None:
+    endpoint = otlp.grpc_endpoint if protocol == "grpc" else otlp.http_endpoint
+    service = spawn(
+        HELLO,
+        OTLP_ENDPOINT=endpoint,
+        OTLP_PROTOCOL=protocol,
+        SERVICE_NAME="hello",
+        SERVICE_VERSION="1.2.3",
+    )
+    response = httpx.get(
+        f"{service.url}/hello/ada",
+        headers={"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"},
+    )
+    assert response.headers["x-trace-id"] == PARENT_TRACE
+    spans = otlp.wait_for(
+        lambda: [s for s in otlp.spans() if s.trace_id == PARENT_TRACE and s.kind == SERVER]
+    )
+    (server,) = spans
+    assert server.name == "GET /hello/{name}"
+    assert server.parent_span_id == PARENT_SPAN
+    assert server.attributes["http.request.method"] == "GET"
+    assert server.attributes["http.route"] == "/hello/{name}"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["url.path"] == "/hello/ada"
+    assert server.resource["service.name"] == "hello"
+    assert server.resource["service.version"] == "1.2.3"
+    # The handler's own span, opened with the plain OTel API, is the server span's child.
+    child = otlp.wait_for(lambda: [s for s in otlp.spans() if s.name == "compose greeting"])[0]
+    assert child.trace_id == PARENT_TRACE
+    assert child.parent_span_id == server.span_id
+    # Logs and the access line carry the same ids as the spans.
+    service.stop()
+    greeting = next(line for line in service.lines() if line.get("msg") == "greeting")
+    assert greeting["trace_id"] == PARENT_TRACE
+    assert greeting["span_id"] == child.span_id
+    access = next(line for line in service.lines() if line.get("path") == "/hello/ada")
+    assert access["trace_id"] == PARENT_TRACE
+    assert access["span_id"] == server.span_id
+
+
+@pytest.mark.process
+def test_one_server_span_per_request_and_the_trace_header_becomes_the_trace_id(
+    otlp: OTLPReceiver, spawn: Any
+) -> None:
+    service = spawn(HELLO, OTLP_ENDPOINT=otlp.grpc_endpoint)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with httpx.Client() as client:
+        for _ in range(3):
+            client.get(f"{service.url}/hello/x", headers={"x-trace-id": trace_id})
+        client.get(f"{service.url}/boom")
+    server_spans = otlp.wait_for(
+        lambda: (
+            (found := [s for s in otlp.spans() if s.kind == SERVER]) and len(found) >= 4 and found
+        )
+    )
+    time.sleep(0.5)
+    server_spans = [s for s in otlp.spans() if s.kind == SERVER]
+    assert len(server_spans) == 4  # no per-message (receive/send) spans, nothing doubled
+    assert [s.trace_id for s in server_spans[:3]] == [trace_id] * 3
+    assert all(s.parent_span_id == "" for s in server_spans[:3])
+    failed = server_spans[3]
+    assert failed.attributes["http.response.status_code"] == 500
+    assert failed.status_code == 2  # ERROR
+
+
+@pytest.mark.process
+def test_unsampled_requests_export_nothing_but_keep_their_trace_ids(
+    otlp: OTLPReceiver, spawn: Any
+) -> None:
+    service = spawn(HELLO, OTLP_ENDPOINT=otlp.grpc_endpoint, TRACE_SAMPLE_RATIO="0")
+    response = httpx.get(f"{service.url}/hello/x")
+    time.sleep(1.5)
+    service.stop()
+    assert otlp.spans() == []
+    access = next(line for line in service.lines() if line.get("path") == "/hello/x")
+    assert access["trace_id"] == response.headers["x-trace-id"]
+
+
+@pytest.mark.process
+def test_metrics_are_exported_over_otlp(otlp: OTLPReceiver, spawn: Any) -> None:
+    service = spawn(HELLO, OTLP_ENDPOINT=otlp.grpc_endpoint, METRICS_EXPORT_INTERVAL="0.5")
+    httpx.get(f"{service.url}/hello/x")
+    names = otlp.wait_for(
+        lambda: (
+            otlp.metric_names() >= {"http.server.request.duration", "greetings_total"}
+            and otlp.metric_names()
+        )
+    )
+    assert "http.server.active_requests" in names
+
+
+def test_metrics_endpoint_serves_standard_http_metrics() -> None:
+    app = FastAPI()
+    kiban.Service(app, Settings())
+
+    @app.get("/items/{item_id}")
+    async def get(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    with TestClient(app) as client:
+        client.get("/items/1")
+        client.get("/items/2")
+        client.get("/nope")
+        text = client.get("/metrics").text
+    assert "# TYPE http_server_request_duration_seconds histogram" in text
+    line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("http_server_request_duration_seconds_count")
+        and 'http_route="/items/{item_id}"' in line
+    )
+    assert line.endswith(" 2.0")
+    assert 'http_response_status_code="404"' in text
+    assert "http_server_active_requests" in text
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("prometheus is not installed (Debian package 'prometheus')")
+        pytest.skip("prometheus is not installed")
+    return binary
+
+
+@pytest.mark.process
+def test_a_real_prometheus_scrapes_the_request_counter(
+    spawn: Any, prometheus_binary: str, tmp_path: Path
+) -> None:
+    service = spawn(HELLO)
+    with httpx.Client() as client:
+        for name in ("a", "b", "c"):
+            assert client.get(f"{service.url}/hello/{name}").status_code == 200
+    target = service.url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: hello\n    static_configs:\n"
+        f"      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    prometheus = subprocess.Popen(
+        [
+            prometheus_binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path}/data",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    query = 'http_server_request_duration_seconds_count{http_route="/hello/{name}"}'
+    try:
+        deadline = time.monotonic() + 30
+        value = None
+        while time.monotonic() < deadline and value is None:
+            time.sleep(0.5)
+            try:
+                answer = httpx.get(
+                    f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}
+                ).json()
+            except httpx.TransportError:
+                continue
+            results = answer.get("data", {}).get("result", [])
+            if results:
+                value = float(results[0]["value"][1])
+        assert value == 3.0
+        greetings = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/query", params={"query": "greetings_total"}
+        ).json()["data"]["result"]
+        assert float(greetings[0]["value"][1]) == 3.0
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=10)
+
+
+@pytest.mark.process
+def test_unhandled_exceptions_reach_sentry_tagged_and_4xx_do_not(
+    sentry: SentryReceiver, spawn: Any
+) -> None:
+    service = spawn(HELLO, SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="test")
+    with httpx.Client() as client:
+        teapot = client.get(f"{service.url}/teapot")
+        boom = client.get(f"{service.url}/boom", headers={"x-uid": "u-77"})
+    assert teapot.status_code == 418
+    assert boom.status_code == 500
+    deadline = time.monotonic() + 10
+    while not sentry.events and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    (event,) = sentry.events
+    assert event["exception"]["values"][-1]["value"] == "the hello service broke"
+    assert event["tags"]["trace_id"] == boom.headers["x-trace-id"]
+    assert event["tags"]["http.route"] == "/boom"
+    assert event["tags"]["uid"] == "u-77"
+    assert event["environment"] == "test"
+    started = next(line for line in service.lines() if line.get("msg") == "started")
+    assert started["sentry"] is True
+    assert "publickey" not in service.output.read_text()
