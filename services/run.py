@@ -14,11 +14,18 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = {
     "members": ("services.members.app:create_app", int(os.environ.get("MEMBERS_PORT", "8001"))),
+    "orders": ("services.orders.app:create_app", int(os.environ.get("ORDERS_PORT", "8002"))),
 }
 
 
 def start(name: str, target: str, port: int) -> subprocess.Popen[bytes]:
-    env = {"HTTP_DRAIN_SECONDS": "0", **os.environ, "HTTP_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    env = {
+        "HTTP_DRAIN_SECONDS": "0",
+        **os.environ,
+        "HTTP_PORT": str(port),
+        "MEMBERS_URL": f"http://127.0.0.1:{SERVICES['members'][1]}",
+        "PYTHONUNBUFFERED": "1",
+    }
     return subprocess.Popen([sys.executable, "-m", "kiban.cli", "run", target], cwd=ROOT, env=env)
 
 
@@ -43,15 +50,21 @@ def main() -> int:
         for name, (_, port) in SERVICES.items():
             wait_ready(port, processes[name])
         members = f"http://127.0.0.1:{SERVICES['members'][1]}"
+        orders = f"http://127.0.0.1:{SERVICES['orders'][1]}"
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
         print(
             f"""
 kiban sample system is up (Ctrl+C stops it):
   members  {members}   docs {members}/docs   readiness {members}/health/readiness
+  orders   {orders}   docs {orders}/docs   metrics {orders}/metrics
 
 Try:
   curl -s -X POST {members}/members -H 'content-type: application/json' \\
        -d '{{"email": "ada@example.com", "name": "Ada"}}'
-  curl -s {members}/members/1 -H 'x-uid: u-42' -H 'x-trace-id: 4bf92f3577b34da6a3ce929d0e0e4736'
+  curl -s -X POST {orders}/orders -H 'content-type: application/json' \\
+       -H 'x-trace-id: {trace}' -H 'x-uid: u-42' \\
+       -d '{{"member_id": 1, "item": "tea", "quantity": 2}}'
+     # both services' access lines below show trace_id {trace}
   curl -s '{members}/members?limit=10'
   curl -s {members}/members/999      # a problem+json 404
 """,

@@ -175,3 +175,17 @@ async def test_http_pinger_follows_another_services_readiness(spawn: object) -> 
     assert ok.ok
     assert not gone.ok
     assert not missing.ok
+
+
+async def test_a_failing_non_critical_dependency_is_reported_without_failing_readiness() -> None:
+    checker = Checker([Counting("database")])
+    checker.add(Counting("members", fail=True), critical=False)
+    report = await checker.check()
+    assert report.ok
+    body = report.as_dict()
+    assert body["status"] == "degraded"
+    assert body["checks"]["members"] == {
+        **body["checks"]["members"],
+        "status": "fail",
+        "critical": False,
+    }

@@ -33,7 +33,12 @@ def create_app(settings: MembersSettings | None = None) -> FastAPI:
             await migrate(engine)
         yield
 
-    app = FastAPI(title="members", version=settings.service_version, lifespan=lifespan)
+    app = FastAPI(
+        title="members",
+        version=settings.service_version,
+        lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # client names: get_member, ...
+    )
     service = kiban.Service(app, settings)
     engine = service.database()
     app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)

@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from kiban import client as kiban_client
 from kiban import errors, log
 from kiban.accesslog import AccessLogMiddleware
 from kiban.config import Settings, load
@@ -77,6 +79,7 @@ class Service:
         ):
             app.add_api_route(path, endpoint, include_in_schema=False)
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
+        self._document_errors(app)
 
     @classmethod
     def of(cls, target: Any) -> Service:
@@ -91,9 +94,9 @@ class Service:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
 
-    def add_pinger(self, pinger: Pinger) -> None:
-        """Make readiness depend on ``pinger``."""
-        self.health.add(pinger)
+    def add_pinger(self, pinger: Pinger, critical: bool = True) -> None:
+        """Make readiness report ``pinger``, and fail with it when it is critical."""
+        self.health.add(pinger, critical)
 
     def on_shutdown(self, cleanup: Cleanup) -> None:
         """Run ``cleanup`` after the server has drained, newest first."""
@@ -109,6 +112,23 @@ class Service:
         self.add_pinger(SQLPinger(engine, name))
         self.on_shutdown(engine.dispose)
         return engine
+
+    def http_client(self, base_url: str = "", **options: Any) -> httpx.AsyncClient:
+        """An outgoing client that propagates the request context; closed on shutdown."""
+        client = kiban_client.create(self.settings, base_url=base_url, **options)
+        self.on_shutdown(client.aclose)
+        return client
+
+    @staticmethod
+    def _document_errors(app: FastAPI) -> None:
+        generate = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                app.openapi_schema = errors.document(generate())
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
 
     async def aclose(self) -> None:
         """Release what the service holds (pools, clients), newest first, each at most once."""

@@ -78,6 +78,15 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = None
     sentry_environment: str | None = None
 
+    #: Hosts the outgoing client treats as ours: they get the user headers and the
+    #: identity token. Anything else gets none of them.
+    internal_hosts: frozenset[str] = frozenset(
+        {"localhost", "127.0.0.1", "::1", "*.svc", "*.svc.cluster.local", "*.internal"}
+    )
+    client_connect_timeout: float = Field(1.0, gt=0)
+    client_read_timeout: float = Field(5.0, gt=0)
+    client_retries: int = Field(2, ge=0, le=5)
+
     health_timeout: float = Field(0.8, gt=0)
     health_cache_seconds: float = Field(1.0, ge=0)
 

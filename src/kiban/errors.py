@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
+import httpx
 import orjson
 import sentry_sdk
 from fastapi import FastAPI
@@ -129,6 +130,11 @@ async def _on_validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
+async def _on_downstream_timeout(request: Request, exc: Exception) -> Response:
+    log.warning("dependency timed out", path=request.url.path, error_type=type(exc).__name__)
+    return problem_response(504, "A dependency did not answer in time.")
+
+
 async def _on_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("dependency unavailable", path=request.url.path, error_type=type(exc).__name__)
     return problem_response(
@@ -144,11 +150,83 @@ def install(app: FastAPI) -> None:
         sa_exc.InterfaceError,
         sa_exc.TimeoutError,
         ConnectionError,
+        httpx.TransportError,
     ):
         app.add_exception_handler(unavailable, _on_unavailable)
+    app.add_exception_handler(httpx.TimeoutException, _on_downstream_timeout)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+
+
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "An RFC 9457 problem details document.",
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "default": "about:blank"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 100, "maximum": 599},
+        "detail": {"type": "string"},
+        "trace_id": {"type": "string"},
+    },
+    "required": ["type", "title", "status"],
+    "additionalProperties": True,
+}
+_VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "ValidationProblem",
+    "allOf": [
+        {"$ref": "#/components/schemas/Problem"},
+        {
+            "type": "object",
+            "properties": {
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "detail": {"type": "string"},
+                            "pointer": {"type": "string"},
+                        },
+                        "required": ["detail", "pointer"],
+                    },
+                }
+            },
+            "required": ["errors"],
+        },
+    ],
+}
+
+
+def _problem_response(description: str, schema: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def document(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Describe kiban's error responses in an OpenAPI document, in place.
+
+    Validation errors are 422 problem+json (not FastAPI's ``HTTPValidationError``), and
+    every operation may answer any other error as a problem (``default``).
+    """
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = _PROBLEM_SCHEMA
+    schemas["ValidationProblem"] = _VALIDATION_PROBLEM_SCHEMA
+    for path_item in openapi.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            if "422" in responses:
+                responses["422"] = _problem_response("Validation Error", "ValidationProblem")
+            responses.setdefault("default", _problem_response("Error", "Problem"))
+    text = orjson.dumps(openapi)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{unused}".encode() not in text:
+            schemas.pop(unused, None)
+    return openapi
 
 
 def init_sentry(settings: Settings) -> None:

@@ -98,6 +98,7 @@ class Check:
     ok: bool
     latency_ms: float
     error: str | None = None
+    critical: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +107,18 @@ class Report:
     checks: tuple[Check, ...]
     draining: bool = False
 
+    @property
+    def degraded(self) -> bool:
+        """Ready, but a non-critical dependency is failing."""
+        return self.ok and any(not check.ok for check in self.checks)
+
     def as_dict(self) -> dict[str, Any]:
-        status = "draining" if self.draining else ("ok" if self.ok else "fail")
+        if self.draining:
+            status = "draining"
+        elif not self.ok:
+            status = "fail"
+        else:
+            status = "degraded" if self.degraded else "ok"
         checks: dict[str, Any] = {}
         for check in self.checks:
             entry: dict[str, Any] = {
@@ -116,6 +127,8 @@ class Report:
             }
             if check.error:
                 entry["error"] = check.error
+            if not check.critical:
+                entry["critical"] = False
             checks[check.name] = entry
         return {"status": status, "checks": checks}
 
@@ -127,16 +140,21 @@ class Checker:
         self, pingers: Sequence[Pinger] = (), timeout: float = 0.8, cache_seconds: float = 1.0
     ) -> None:
         self.pingers = list(pingers)
+        self.optional: set[str] = set()
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self.draining = False
         self._cached: tuple[float, Report] | None = None
         self._lock = asyncio.Lock()
 
-    def add(self, pinger: Pinger) -> None:
+    def add(self, pinger: Pinger, critical: bool = True) -> None:
+        """Register ``pinger``; a failing non-critical one is reported without failing
+        readiness, so one dependency's outage does not take every caller out of rotation."""
         if any(existing.name == pinger.name for existing in self.pingers):
             raise ValueError(f"a pinger named {pinger.name!r} is already registered")
         self.pingers.append(pinger)
+        if not critical:
+            self.optional.add(pinger.name)
         self._cached = None
 
     def start_draining(self) -> None:
@@ -151,7 +169,9 @@ class Checker:
             if self._cached is not None and now - self._cached[0] < self.cache_seconds:
                 return self._cached[1]
             checks = await asyncio.gather(*(self._run(pinger) for pinger in self.pingers))
-            report = Report(ok=all(check.ok for check in checks), checks=tuple(checks))
+            report = Report(
+                ok=all(check.ok or not check.critical for check in checks), checks=tuple(checks)
+            )
             self._cached = (time.monotonic(), report)
             return report
 
@@ -172,7 +192,8 @@ class Checker:
             log.warning(
                 "dependency check timed out", dependency=pinger.name, timeout_s=self.timeout
             )
-        return Check(pinger.name, error is None, (time.perf_counter() - start) * 1000, error)
+        latency = (time.perf_counter() - start) * 1000
+        return Check(pinger.name, error is None, latency, error, pinger.name not in self.optional)
 
 
 def _json(body: dict[str, Any], status: int) -> Response:

@@ -17,9 +17,15 @@ pytestmark = pytest.mark.process
 
 
 def test_sample_system_starts_serves_and_stops_cleanly() -> None:
-    port = free_port()
-    env = {**os.environ, "MEMBERS_PORT": str(port), "LOG_FORMAT": "json"}
+    port, orders_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "MEMBERS_PORT": str(port),
+        "ORDERS_PORT": str(orders_port),
+        "LOG_FORMAT": "json",
+    }
     env.pop("DATABASE_URL", None)
+    env.pop("MEMBERS_URL", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "services.run"],
         cwd=ROOT,
@@ -44,6 +50,15 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
         listing = httpx.get(f"{url}/members")
         assert listing.status_code == 200
         assert "items" in listing.json()
+        assert f"http://127.0.0.1:{orders_port}" in banner
+        member = httpx.post(
+            f"{url}/members", json={"email": f"run-{port}@example.com", "name": "Run"}
+        ).json()
+        order = httpx.post(
+            f"http://127.0.0.1:{orders_port}/orders",
+            json={"member_id": member["id"], "item": "tea", "quantity": 1},
+        )
+        assert order.status_code == 201, order.text
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0

@@ -1,0 +1,58 @@
+"""The orders service: places orders for members, checking each member with the members
+service through kiban's propagating client.
+
+Run it with ``kiban run services.orders.app:create_app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+import kiban
+from services.orders.members import Members
+from services.orders.migrations import migrate
+from services.orders.routes import router
+
+
+class OrdersSettings(kiban.Settings):
+    service_name: str = "orders"
+    http_port: int = 8002
+    database_url: str = "sqlite+aiosqlite:///./.run/orders.db"
+    members_url: str = "http://127.0.0.1:8001"
+    migrate_on_start: bool = True
+
+
+def create_app(settings: OrdersSettings | None = None) -> FastAPI:
+    settings = settings or kiban.load(OrdersSettings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            await migrate(engine)
+        yield
+
+    app = FastAPI(
+        title="orders",
+        version=settings.service_version,
+        lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,
+    )
+    service = kiban.Service(app, settings)
+    engine = service.database()
+    app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+    app.state.members = Members(service.http_client(settings.members_url), settings.members_url)
+    # Reported, not critical: a members outage must not take every orders pod out of rotation.
+    service.add_pinger(
+        kiban.HTTPPinger(
+            f"{settings.members_url}/health/readiness",
+            "members",
+            client=service.http_client(retries=0),
+        ),
+        critical=False,
+    )
+    app.include_router(router)
+    return app

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Self, TypeVar
+
+from attrs import define as _attrs_define
+from attrs import field as _attrs_field
+
+from ..types import UNSET, Unset
+
+T = TypeVar("T", bound="Problem")
+
+
+@_attrs_define
+class Problem:
+    """An RFC 9457 problem details document.
+
+    Attributes:
+        status (int):
+        title (str):
+        type_ (str):  Default: 'about:blank'.
+        detail (str | Unset):
+        trace_id (str | Unset):
+    """
+
+    status: int
+    title: str
+    type_: str = "about:blank"
+    detail: str | Unset = UNSET
+    trace_id: str | Unset = UNSET
+    additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        status = self.status
+
+        title = self.title
+
+        type_ = self.type_
+
+        detail = self.detail
+
+        trace_id = self.trace_id
+
+        field_dict: dict[str, Any] = {}
+        field_dict.update(self.additional_properties)
+        field_dict.update(
+            {
+                "status": status,
+                "title": title,
+                "type": type_,
+            }
+        )
+        if detail is not UNSET:
+            field_dict["detail"] = detail
+        if trace_id is not UNSET:
+            field_dict["trace_id"] = trace_id
+
+        return field_dict
+
+    @classmethod
+    def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
+        d = dict(src_dict)
+        status = d.pop("status")
+
+        title = d.pop("title")
+
+        type_ = d.pop("type")
+
+        detail = d.pop("detail", UNSET)
+
+        trace_id = d.pop("trace_id", UNSET)
+
+        problem = cls(
+            status=status,
+            title=title,
+            type_=type_,
+            detail=detail,
+            trace_id=trace_id,
+        )
+
+        problem.additional_properties = d
+        return problem
+
+    @property
+    def additional_keys(self) -> list[str]:
+        return list(self.additional_properties.keys())
+
+    def __getitem__(self, key: str) -> Any:
+        return self.additional_properties[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.additional_properties[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.additional_properties[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.additional_properties

@@ -1,0 +1,76 @@
+"""The orders HTTP API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+import kiban
+from services.orders.members import Members
+from services.orders.repository import OrderRepository
+from services.orders.schemas import OrderIn, OrderOut, OrderPage
+
+router = APIRouter(prefix="/orders", tags=["orders"])
+
+_meter = kiban.meter("orders")
+orders_total = _meter.create_counter("orders", unit="{order}", description="Orders placed.")
+order_latency = _meter.create_histogram(
+    "order.duration", unit="s", description="Time to place an order, member check included."
+)
+
+
+async def repository(request: Request) -> AsyncIterator[OrderRepository]:
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
+    async with sessions.begin() as session:
+        yield OrderRepository(session)
+
+
+def members(request: Request) -> Members:
+    return request.app.state.members  # type: ignore[no-any-return]
+
+
+Repo = Annotated[OrderRepository, Depends(repository)]
+MembersDep = Annotated[Members, Depends(members)]
+
+
+@router.post("", status_code=201, response_model=OrderOut)
+async def place_order(body: OrderIn, repo: Repo, members: MembersDep) -> OrderOut:
+    started = time.perf_counter()
+    outcome = "failed"
+    try:
+        member = await members.get(body.member_id)
+        order = await repo.add(body.member_id, body.item, body.quantity)
+        outcome = "placed"
+    finally:
+        orders_total.add(1, {"outcome": outcome})
+        order_latency.record(time.perf_counter() - started, {"outcome": outcome})
+    kiban.log.info("order placed", order_id=order.id, member_id=member.id)
+    return OrderOut.model_validate(order).model_copy(update={"member_name": member.name})
+
+
+@router.get("/{order_id}", response_model=OrderOut)
+async def get_order(order_id: int, repo: Repo) -> OrderOut:
+    order = await repo.get(order_id)
+    if order is None:
+        raise kiban.Problem(404, f"No order has id {order_id}.")
+    return OrderOut.model_validate(order)
+
+
+@router.get("", response_model=OrderPage)
+async def list_orders(
+    repo: Repo,
+    member_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> OrderPage:
+    rows, total = await repo.page(member_id, limit, offset)
+    return OrderPage(
+        items=[OrderOut.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )

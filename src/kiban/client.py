@@ -1,0 +1,152 @@
+"""The outgoing HTTP client: every call carries the request context to the next service.
+
+``service.http_client(base_url=...)`` (or ``kiban.client.create(settings, ...)``) gives a
+pooled ``httpx.AsyncClient`` whose transport, on every request, sets the trace id, W3C
+``traceparent`` (of a client span it opens), uid, forwarded user-agent, user IP, API
+client and, for internal hosts only, the identity token, and appends this hop to
+X-Forwarded-For. Nothing is passed by hand, and a call made outside a request (a
+background task) carries none of the user headers rather than stale ones. Idempotent
+calls are retried a bounded number of times on connection failures and 502/503/504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import httpx
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from kiban import propagation
+from kiban.config import HeaderNames, Settings
+
+__all__ = ["PropagatingTransport", "create"]
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+RETRY_STATUSES = frozenset({502, 503, 504})
+_tracecontext = TraceContextTextMapPropagator()
+
+
+def is_internal(host: str, patterns: Iterable[str]) -> bool:
+    """Whether ``host`` is one of ours (matches a pattern such as ``*.svc.cluster.local``)."""
+    host = host.lower()
+    return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in patterns)
+
+
+class PropagatingTransport(httpx.AsyncBaseTransport):
+    """Adds the context headers and a client span to each request, and retries safely."""
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        names: HeaderNames,
+        internal_hosts: Iterable[str],
+        retries: int = 2,
+        backoff: float = 0.05,
+    ) -> None:
+        self.inner = inner
+        self.names = names
+        self.internal_hosts = tuple(internal_hosts)
+        self.retries = retries
+        self.backoff = backoff
+        self.tracer = trace.get_tracer("kiban.client")
+        self._managed = {
+            names.trace_id,
+            names.uid,
+            names.user_agent,
+            names.user_ip,
+            names.forwarded_for,
+            names.api_client,
+            names.id_token,
+            "traceparent",
+            "tracestate",
+        }
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # Whatever the caller set for these is replaced: they come from the context only.
+        for name in self._managed:
+            if name in request.headers:
+                del request.headers[name]
+        internal = is_internal(request.url.host, self.internal_hosts)
+        context = propagation.current()
+        if context is not None and internal:
+            request.headers.update(propagation.outbound_headers(context, self.names))
+        method = request.method
+        with self.tracer.start_as_current_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": method,
+                "server.address": request.url.host,
+                "server.port": request.url.port or (443 if request.url.scheme == "https" else 80),
+                "url.full": str(request.url.copy_with(query=None)),
+            },
+        ) as span:
+            if internal:
+                carrier: dict[str, str] = {}
+                _tracecontext.inject(carrier)
+                request.headers.update(carrier)
+            response = await self._send(request, span)
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def _send(self, request: httpx.Request, span: trace.Span) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self.inner.handle_async_request(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Never sent: safe to retry whatever the method.
+                if attempt >= self.retries:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    raise
+            else:
+                retryable = request.method in IDEMPOTENT and response.status_code in RETRY_STATUSES
+                if not retryable or attempt >= self.retries:
+                    return response
+                await response.aclose()
+            attempt += 1
+            span.set_attribute("http.request.resend_count", attempt)
+            await asyncio.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))  # noqa: S311
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def create(
+    settings: Settings,
+    *,
+    base_url: str = "",
+    retries: int | None = None,
+    timeout: httpx.Timeout | None = None,
+    **kwargs: Any,
+) -> httpx.AsyncClient:
+    """A pooled client that propagates the request context; close it on shutdown."""
+    transport = PropagatingTransport(
+        httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        ),
+        settings.headers,
+        settings.internal_hosts,
+        retries=settings.client_retries if retries is None else retries,
+    )
+    return httpx.AsyncClient(
+        base_url=base_url,
+        transport=transport,
+        timeout=timeout
+        or httpx.Timeout(
+            settings.client_read_timeout,
+            connect=settings.client_connect_timeout,
+            pool=settings.client_connect_timeout,
+        ),
+        follow_redirects=False,
+        **kwargs,
+    )

@@ -1,0 +1,108 @@
+"""Two real services on loopback: one trace, one context, across the call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.receivers import OTLPReceiver, running
+
+pytestmark = pytest.mark.process
+
+SERVER, CLIENT = 2, 3
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture
+def otlp(monkeypatch: pytest.MonkeyPatch) -> Iterator[OTLPReceiver]:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    yield from running(OTLPReceiver())
+
+
+@pytest.fixture
+def system(otlp: OTLPReceiver, spawn: Any, tmp_path: Path) -> tuple[Any, Any]:
+    members = spawn(
+        "services.members.app:create_app",
+        OTLP_ENDPOINT=otlp.grpc_endpoint,
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/members.db",
+    )
+    orders = spawn(
+        "services.orders.app:create_app",
+        OTLP_ENDPOINT=otlp.grpc_endpoint,
+        MEMBERS_URL=members.url,
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/orders.db",
+    )
+    return members, orders
+
+
+def test_one_trace_and_one_context_across_two_services(
+    otlp: OTLPReceiver, system: tuple[Any, Any]
+) -> None:
+    members, orders = system
+    member = httpx.post(
+        f"{members.url}/members", json={"email": "ada@example.com", "name": "Ada"}
+    ).json()
+    response = httpx.post(
+        f"{orders.url}/orders",
+        json={"member_id": member["id"], "item": "tea", "quantity": 2},
+        headers={
+            "x-trace-id": TRACE,
+            "x-uid": "u-42",
+            "user-agent": "ShopApp/3.1 (iPhone)",
+            "x-user-ip": "203.0.113.7",
+            "x-forwarded-for": "203.0.113.7, 198.51.100.2",
+        },
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["x-trace-id"] == TRACE
+
+    spans = otlp.wait_for(
+        lambda: (
+            (found := [s for s in otlp.spans() if s.trace_id == TRACE])
+            and len(found) >= 3
+            and found
+        )
+    )
+    orders_server = next(
+        s for s in spans if s.kind == SERVER and s.resource["service.name"] == "orders"
+    )
+    orders_client = next(s for s in spans if s.kind == CLIENT)
+    members_server = next(
+        s for s in spans if s.kind == SERVER and s.resource["service.name"] == "members"
+    )
+    assert orders_client.parent_span_id == orders_server.span_id
+    assert members_server.parent_span_id == orders_client.span_id
+    assert members_server.name == "GET /members/{member_id}"
+
+    members.stop()
+    orders.stop()
+    orders_line = next(line for line in orders.lines() if line.get("path") == "/orders")
+    members_line = next(
+        line for line in members.lines() if line.get("path") == f"/members/{member['id']}"
+    )
+    for line in (orders_line, members_line):
+        assert line["trace_id"] == TRACE
+        assert line["uid"] == "u-42"
+        assert line["user_agent"] == "ShopApp/3.1 (iPhone)"
+        assert line["user_ip"] == "203.0.113.7"
+    assert orders_line["forwarded_for"] == "203.0.113.7, 198.51.100.2"
+    assert members_line["forwarded_for"] == "203.0.113.7, 198.51.100.2, 127.0.0.1"
+    assert members_line["span_id"] == members_server.span_id
+
+
+def test_a_members_outage_is_a_503_problem_and_shows_in_readiness(
+    system: tuple[Any, Any],
+) -> None:
+    members, orders = system
+    assert members.stop() == 0
+    response = httpx.post(
+        f"{orders.url}/orders", json={"member_id": 1, "item": "tea", "quantity": 1}
+    )
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    readiness = httpx.get(f"{orders.url}/health/readiness").json()
+    assert readiness["checks"]["members"]["status"] == "fail"

@@ -1,0 +1,155 @@
+"""The outgoing client carries the request context to the next service, and only there."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from starlette.testclient import TestClient
+
+import kiban
+from kiban import client as kiban_client
+from kiban.config import Settings
+from tests.conftest import closed_port
+
+pytestmark = pytest.mark.process
+
+ECHO = "tests.apps.echo:app"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture
+def echo(spawn: Any) -> Any:
+    return spawn(ECHO)
+
+
+def caller(upstream: str, **settings: Any) -> TestClient:
+    """A kiban service whose handler calls ``upstream`` and returns what it saw."""
+    app = FastAPI()
+    service = kiban.Service(app, Settings(**settings))
+    http = service.http_client(upstream)
+
+    @app.get("/call/{path:path}")
+    async def call(path: str, request: Request) -> Any:
+        response = await http.get(
+            f"/{path}", params=dict(request.query_params), headers={"x-uid": "forged"}
+        )
+        return (
+            response.json()
+            if response.headers.get("content-type", "").startswith("application/json")
+            else {"status": response.status_code, "text": response.text}
+        )
+
+    return TestClient(app)
+
+
+def test_every_context_header_is_forwarded_and_xff_grows_by_one_hop(echo: Any) -> None:
+    with caller(echo.url) as client:
+        seen = client.get(
+            "/call/headers",
+            headers={
+                "x-trace-id": TRACE,
+                "x-uid": "u-42",
+                "user-agent": "Mobile/7",
+                "x-user-ip": "203.0.113.7",
+                "x-forwarded-for": "203.0.113.7, 10.0.0.1",
+                "x-api-client": "ios",
+                "x-internal-id-token": "id.token.value",
+            },
+        ).json()
+    assert seen["x-trace-id"] == TRACE
+    assert seen["traceparent"].split("-")[1] == TRACE
+    assert seen["x-uid"] == "u-42"  # the context's, not the value the handler tried to set
+    assert seen["x-forwarded-user-agent"] == "Mobile/7"
+    assert seen["x-user-ip"] == "203.0.113.7"
+    assert seen["x-forwarded-for"] == "203.0.113.7, 10.0.0.1, testclient"
+    assert seen["x-api-client"] == "ios"
+    assert seen["x-internal-id-token"] == "id.token.value"
+
+
+def test_the_downstream_access_line_carries_the_same_context(echo: Any) -> None:
+    with caller(echo.url) as client:
+        client.get("/call/headers", headers={"x-trace-id": TRACE, "x-uid": "u-1"})
+    echo.stop()
+    line = next(line for line in echo.lines() if line.get("path") == "/headers")
+    assert line["trace_id"] == TRACE
+    assert line["uid"] == "u-1"
+    assert line["forwarded_for"] == "testclient"
+
+
+def test_third_party_hosts_get_no_user_headers_and_no_token(echo: Any) -> None:
+    with caller(echo.url, internal_hosts=frozenset({"*.internal"})) as client:
+        seen = client.get(
+            "/call/headers",
+            headers={"x-uid": "u-42", "x-internal-id-token": "id.token.value", "x-trace-id": TRACE},
+        ).json()
+    for name in (
+        "x-uid",
+        "x-internal-id-token",
+        "x-trace-id",
+        "traceparent",
+        "x-forwarded-for",
+        "x-user-ip",
+    ):
+        assert name not in seen
+
+
+async def test_outside_a_request_no_user_headers_are_sent_not_even_stale_ones(
+    echo: Any,
+) -> None:
+    async with kiban_client.create(Settings(), base_url=echo.url) as http:
+        seen = (await http.get("/headers", headers={"x-uid": "stale", "x-trace-id": TRACE})).json()
+    assert "x-uid" not in seen
+    assert "x-trace-id" not in seen
+    assert "x-internal-id-token" not in seen
+
+
+async def test_idempotent_calls_are_retried_on_503_and_others_are_not(echo: Any) -> None:
+    async with kiban_client.create(Settings(), base_url=echo.url, retries=2) as http:
+        response = await http.get("/flaky/get", params={"failures": 2})
+        assert response.status_code == 200
+        assert response.text == "3"
+        response = await http.post("/flaky/post", params={"failures": 2})
+        assert response.status_code == 503
+        assert (await http.get("/attempts/post")).json() == 1
+        response = await http.get("/flaky/bounded", params={"failures": 10})
+        assert response.status_code == 503
+        assert (await http.get("/attempts/bounded")).json() == 3
+
+
+async def test_connection_failures_are_retried_a_bounded_number_of_times() -> None:
+    settings = Settings(client_connect_timeout=0.5)
+    started = time.monotonic()
+    async with kiban_client.create(settings, base_url=f"http://127.0.0.1:{closed_port()}") as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post("/anything")
+    assert time.monotonic() - started < 2
+
+
+def test_a_slow_downstream_is_cut_by_the_read_timeout_and_answered_504(echo: Any) -> None:
+    with caller(echo.url, client_read_timeout=0.3) as client:
+        started = time.monotonic()
+        response = client.get("/call/sleep?seconds=3")
+    assert response.status_code == 504
+    assert response.headers["content-type"] == "application/problem+json"
+    assert time.monotonic() - started < 2
+
+
+def test_a_downstream_that_is_down_is_answered_503() -> None:
+    with caller(f"http://127.0.0.1:{closed_port()}") as client:
+        response = client.get("/call/headers")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_client_is_closed_on_shutdown() -> None:
+    app = FastAPI()
+    service = kiban.Service(app, Settings())
+    http = service.http_client("http://127.0.0.1:1")
+    await service.aclose()
+    assert http.is_closed
+    await asyncio.sleep(0)
