@@ -29,6 +29,14 @@ def start(name: str, target: str, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "kiban.cli", "run", target], cwd=ROOT, env=env)
 
 
+def dev_token(kind: str, subject: str, *scopes: str) -> str:
+    from kiban.cli import DEV_KEYS
+    from kiban.security.tokens import mint
+
+    key, issuer = DEV_KEYS[kind]
+    return mint((ROOT / key).read_bytes(), subject, issuer=issuer, scopes=scopes, ttl=8 * 3600)
+
+
 def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -52,21 +60,30 @@ def main() -> int:
         members = f"http://127.0.0.1:{SERVICES['members'][1]}"
         orders = f"http://127.0.0.1:{SERVICES['orders'][1]}"
         trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        user = dev_token("internal", "1")
+        admin = dev_token("jwt", "ops", "members:admin", "members:read")
         print(
             f"""
 kiban sample system is up (Ctrl+C stops it):
   members  {members}   docs {members}/docs   readiness {members}/health/readiness
   orders   {orders}   docs {orders}/docs   metrics {orders}/metrics
 
+Development tokens (signed with services/devkeys; mint more with `kiban token`):
+  USER={user}    # the gateway's identity token for member 1
+  ADMIN={admin}    # a JWT with members:admin
+
 Try:
   curl -s -X POST {members}/members -H 'content-type: application/json' \\
        -d '{{"email": "ada@example.com", "name": "Ada"}}'
   curl -s -X POST {orders}/orders -H 'content-type: application/json' \\
-       -H 'x-trace-id: {trace}' -H 'x-uid: u-42' \\
+       -H "x-internal-id-token: $USER" -H 'x-trace-id: {trace}' \\
        -d '{{"member_id": 1, "item": "tea", "quantity": 2}}'
-     # both services' access lines below show trace_id {trace}
-  curl -s '{members}/members?limit=10'
-  curl -s {members}/members/999      # a problem+json 404
+     # both services' access lines below show trace_id {trace} and uid 1
+  curl -s {members}/members/me -H "x-internal-id-token: $USER"
+  curl -s -X PATCH {members}/members/1 -H "authorization: Bearer $ADMIN" \\
+       -H 'content-type: application/json' -d '{{"name": "Ada Lovelace"}}'
+  curl -s '{members}/members?limit=10' -H 'x-api-key: dev-partner-key'
+  curl -s {members}/members/1          # a problem+json 401
 """,
             flush=True,
         )

@@ -28,6 +28,30 @@ MARIADB = ("127.0.0.1", 3306)
 REDIS = ("127.0.0.1", 6379)
 
 
+DEV_KEYS = ROOT / "services" / "devkeys"
+API_KEY = {"x-api-key": "dev-partner-key"}
+
+
+def token(kind: str, subject: str, *scopes: str, **options: Any) -> str:
+    """A token signed with the sample system's development keys."""
+    from kiban.security.tokens import mint
+
+    key, issuer = {
+        "internal": ("gateway-dev.pem", "kiban-dev-gateway"),
+        "jwt": ("auth-dev.pem", "kiban-dev-auth"),
+    }[kind]
+    options.setdefault("issuer", issuer)
+    return mint((DEV_KEYS / key).read_bytes(), subject, scopes=scopes, **options)
+
+
+def bearer(subject: str, *scopes: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token('jwt', subject, *scopes)}"}
+
+
+def identity(subject: str) -> dict[str, str]:
+    return {"x-internal-id-token": token("internal", subject)}
+
+
 class Lines:
     """What kiban wrote, one parsed JSON object a line."""
 

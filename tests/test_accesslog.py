@@ -13,12 +13,15 @@ from starlette.testclient import TestClient
 import kiban
 from kiban.accesslog import FIELDS, REDACTED, AccessLogMiddleware, redact_query
 from kiban.config import Settings
+from kiban.security import NoSecurity
 from tests.conftest import Lines
 
 
 def make_app() -> FastAPI:
     app = FastAPI()
-    kiban.Service(app, Settings(service_name="shop", http_max_body_bytes=1024))
+    kiban.Service(
+        app, Settings(service_name="shop", http_max_body_bytes=1024), security=NoSecurity()
+    )
 
     @app.post("/items/{item_id}")
     async def create(item_id: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +139,7 @@ def test_health_probes_and_every_request_log_once_even_with_two_routers(lines: L
     """The chain is installed once: a second Service on the same app is refused."""
     app = make_app()
     try:
-        kiban.Service(app, Settings())
+        kiban.Service(app, Settings(), security=NoSecurity())
     except RuntimeError:
         pass
     else:

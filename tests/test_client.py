@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 import kiban
 from kiban import client as kiban_client
 from kiban.config import Settings
+from kiban.security import NoSecurity
 from tests.conftest import closed_port
 
 pytestmark = pytest.mark.process
@@ -30,7 +31,7 @@ def echo(spawn: Any) -> Any:
 def caller(upstream: str, **settings: Any) -> TestClient:
     """A kiban service whose handler calls ``upstream`` and returns what it saw."""
     app = FastAPI()
-    service = kiban.Service(app, Settings(**settings))
+    service = kiban.Service(app, Settings(**settings), security=NoSecurity())
     http = service.http_client(upstream)
 
     @app.get("/call/{path:path}")
@@ -148,7 +149,7 @@ def test_a_downstream_that_is_down_is_answered_503() -> None:
 
 async def test_the_client_is_closed_on_shutdown() -> None:
     app = FastAPI()
-    service = kiban.Service(app, Settings())
+    service = kiban.Service(app, Settings(), security=NoSecurity())
     http = service.http_client("http://127.0.0.1:1")
     await service.aclose()
     assert http.is_closed

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 import kiban
 from kiban.config import Settings
 from kiban.errors import PROBLEM_JSON
+from kiban.security import NoSecurity
 from tests.conftest import Lines, closed_port
 
 
@@ -22,7 +23,7 @@ class Item(BaseModel):
 
 def make_client() -> TestClient:
     app = FastAPI()
-    kiban.Service(app, Settings(http_max_body_bytes=100))
+    kiban.Service(app, Settings(http_max_body_bytes=100), security=NoSecurity())
 
     @app.post("/items")
     async def create(item: Item) -> Item:

@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 import kiban
 from kiban.config import Settings
 from kiban.health import Checker, HTTPPinger, RedisPinger, SQLPinger
+from kiban.security import NoSecurity
 from tests.conftest import Lines, closed_port
 
 
@@ -33,7 +34,9 @@ class Counting:
 
 def client_with(*pingers: kiban.Pinger, cache: float = 0.0) -> TestClient:
     app = FastAPI()
-    service = kiban.Service(app, Settings(health_timeout=0.3, health_cache_seconds=cache))
+    service = kiban.Service(
+        app, Settings(health_timeout=0.3, health_cache_seconds=cache), security=NoSecurity()
+    )
     for pinger in pingers:
         service.add_pinger(pinger)
     return TestClient(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import pytest
 from fastapi import FastAPI
@@ -84,7 +85,7 @@ def test_a_terminal_gets_readable_lines_not_json() -> None:
         try:
             log.info("hello tty", answer=42)
         finally:
-            configure("info", "json")
+            configure("info", "json", stream=sys.stdout.buffer)
         output = os.read(main, 4096).decode()
     os.close(main)
     assert "hello tty" in output
@@ -100,7 +101,7 @@ def test_json_can_be_forced_on_a_terminal() -> None:
         try:
             log.info("forced")
         finally:
-            configure("info", "json")
+            configure("info", "json", stream=sys.stdout.buffer)
         output = os.read(main, 4096).decode()
     os.close(main)
     assert output.lstrip().startswith('{"')

@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 
 import kiban
 from kiban.config import Settings
+from kiban.security import NoSecurity
 from tests.conftest import IN_CI, free_port
 from tests.receivers import OTLPReceiver, SentryReceiver, running
 
@@ -134,7 +135,7 @@ def test_metrics_are_exported_over_otlp(otlp: OTLPReceiver, spawn: Any) -> None:
 
 def test_metrics_endpoint_serves_standard_http_metrics() -> None:
     app = FastAPI()
-    kiban.Service(app, Settings())
+    kiban.Service(app, Settings(), security=NoSecurity())
 
     @app.get("/items/{item_id}")
     async def get(item_id: int) -> dict[str, int]:

@@ -12,11 +12,14 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import kiban
+from kiban.ratelimit import RateLimit
+from kiban.security import Security
+from services.common import SampleSettings, Schemes
 from services.members.migrations import migrate
 from services.members.routes import router
 
 
-class MembersSettings(kiban.Settings):
+class MembersSettings(SampleSettings):
     service_name: str = "members"
     http_port: int = 8001
     database_url: str = "sqlite+aiosqlite:///./.run/members.db"
@@ -39,8 +42,14 @@ def create_app(settings: MembersSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # client names: get_member, ...
     )
-    service = kiban.Service(app, settings)
+    schemes = Schemes(settings)
+    service = kiban.Service(
+        app,
+        settings,
+        security=Security(schemes.jwt, scopes=["members:admin"]),
+        rate_limit=RateLimit(settings.rate_limit),
+    )
     engine = service.database()
     app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
-    app.include_router(router)
+    app.include_router(router(schemes))
     return app

@@ -1,4 +1,10 @@
-"""The members HTTP API."""
+"""The members HTTP API.
+
+Security, narrowest first: registration is public; listing takes an API key; "my
+profile" takes the gateway's identity token; reading one member takes a JWT with
+``members:read`` or an identity token (so orders can check a member on a user's behalf);
+everything else falls back to the API default, an admin JWT (``members:admin``).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import kiban
+from kiban.security import NoSecurity, RateLimited, Security, principal
+from services.common import Schemes
 from services.members.repository import EmailTaken, MemberRepository
 from services.members.schemas import MemberIn, MemberOut, MemberPage, MemberPatch
-
-router = APIRouter(prefix="/members", tags=["members"])
 
 
 async def repository(request: Request) -> AsyncIterator[MemberRepository]:
@@ -32,48 +38,68 @@ def _email_taken() -> kiban.Problem:
     return kiban.Problem(409, "A member with this email is already registered.")
 
 
-@router.post("", status_code=201, response_model=MemberOut)
-async def register(body: MemberIn, repo: Repo) -> MemberOut:
-    try:
-        member = await repo.add(str(body.email), body.name)
-    except EmailTaken:
-        raise _email_taken() from None
-    kiban.log.info("member registered", member_id=member.id)
-    return MemberOut.model_validate(member)
+def router(schemes: Schemes) -> APIRouter:
+    routes = APIRouter(prefix="/members", tags=["members"])
 
-
-@router.get("/{member_id}", response_model=MemberOut)
-async def get_member(member_id: int, repo: Repo) -> MemberOut:
-    member = await repo.get(member_id)
-    if member is None:
-        raise _not_found(member_id)
-    return MemberOut.model_validate(member)
-
-
-@router.patch("/{member_id}", response_model=MemberOut)
-async def update_member(member_id: int, body: MemberPatch, repo: Repo) -> MemberOut:
-    member = await repo.get(member_id)
-    if member is None:
-        raise _not_found(member_id)
-    try:
-        member = await repo.update(
-            member, str(body.email) if body.email is not None else None, body.name
-        )
-    except EmailTaken:
-        raise _email_taken() from None
-    return MemberOut.model_validate(member)
-
-
-@router.get("", response_model=MemberPage)
-async def list_members(
-    repo: Repo,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
-) -> MemberPage:
-    rows, total = await repo.page(limit, offset)
-    return MemberPage(
-        items=[MemberOut.model_validate(row) for row in rows],
-        total=total,
-        limit=limit,
-        offset=offset,
+    @routes.post(
+        "",
+        status_code=201,
+        response_model=MemberOut,
+        dependencies=[NoSecurity(), RateLimited("30/second", key="ip")],
     )
+    async def register(body: MemberIn, repo: Repo) -> MemberOut:
+        try:
+            member = await repo.add(str(body.email), body.name)
+        except EmailTaken:
+            raise _email_taken() from None
+        kiban.log.info("member registered", member_id=member.id)
+        return MemberOut.model_validate(member)
+
+    @routes.get("/me", response_model=MemberOut, dependencies=[Security(schemes.internal)])
+    async def my_profile(repo: Repo) -> MemberOut:
+        who = principal()
+        assert who is not None
+        member = await repo.get(int(who.subject)) if who.subject.isdigit() else None
+        if member is None:
+            raise kiban.Problem(404, "Your profile does not exist.")
+        return MemberOut.model_validate(member)
+
+    @routes.get(
+        "/{member_id}",
+        response_model=MemberOut,
+        dependencies=[Security(schemes.jwt.requiring("members:read"), schemes.internal)],
+    )
+    async def get_member(member_id: int, repo: Repo) -> MemberOut:
+        member = await repo.get(member_id)
+        if member is None:
+            raise _not_found(member_id)
+        return MemberOut.model_validate(member)
+
+    @routes.patch("/{member_id}", response_model=MemberOut)
+    async def update_member(member_id: int, body: MemberPatch, repo: Repo) -> MemberOut:
+        member = await repo.get(member_id)
+        if member is None:
+            raise _not_found(member_id)
+        try:
+            member = await repo.update(
+                member, str(body.email) if body.email is not None else None, body.name
+            )
+        except EmailTaken:
+            raise _email_taken() from None
+        return MemberOut.model_validate(member)
+
+    @routes.get("", response_model=MemberPage, dependencies=[Security(schemes.api_key)])
+    async def list_members(
+        repo: Repo,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> MemberPage:
+        rows, total = await repo.page(limit, offset)
+        return MemberPage(
+            items=[MemberOut.model_validate(row) for row in rows],
+            total=total,
+            limit=limit,
+            offset=offset,
+        )
+
+    return routes

@@ -13,12 +13,15 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import kiban
+from kiban.ratelimit import RateLimit
+from kiban.security import Security
+from services.common import SampleSettings, Schemes
 from services.orders.members import Members
 from services.orders.migrations import migrate
 from services.orders.routes import router
 
 
-class OrdersSettings(kiban.Settings):
+class OrdersSettings(SampleSettings):
     service_name: str = "orders"
     http_port: int = 8002
     database_url: str = "sqlite+aiosqlite:///./.run/orders.db"
@@ -41,7 +44,14 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,
     )
-    service = kiban.Service(app, settings)
+    schemes = Schemes(settings)
+    # Every orders route acts for a user: the gateway's identity token is required.
+    service = kiban.Service(
+        app,
+        settings,
+        security=Security(schemes.internal),
+        rate_limit=RateLimit(settings.rate_limit),
+    )
     engine = service.database()
     app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
     app.state.members = Members(service.http_client(settings.members_url), settings.members_url)

@@ -32,6 +32,8 @@ from kiban.config import Settings, load
 from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoint
 from kiban.limits import BodyLimitMiddleware
 from kiban.propagation import ContextMiddleware
+from kiban.ratelimit import Limiter, RateLimit
+from kiban.security.policy import NoSecurity, Policy, SecurityConfigError
 from kiban.server import DrainMiddleware
 from kiban.telemetry import Telemetry, TelemetryMiddleware
 
@@ -43,7 +45,14 @@ Cleanup = Callable[[], Awaitable[Any]]
 class Service:
     """A FastAPI app wearing kiban: context, logs, errors, health, limits, shutdown."""
 
-    def __init__(self, app: FastAPI, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        settings: Settings | None = None,
+        *,
+        security: Any = None,
+        rate_limit: RateLimit | None = None,
+    ) -> None:
         if getattr(app.state, "kiban", None) is not None:
             raise RuntimeError("kiban.Service is already installed on this app")
         self.app = app
@@ -57,6 +66,18 @@ class Service:
         )
         self.telemetry = Telemetry(self.settings)
         errors.init_sentry(self.settings)
+        self.policy = Policy(
+            security,
+            rate_limit,
+            Limiter(
+                self.settings.redis_url,
+                fail_open=self.settings.ratelimit_fail_open,
+                telemetry=self.telemetry,
+            ),
+            self.telemetry,
+        )
+        # The API default goes first in every later route's chain; narrower ones win.
+        app.router.dependencies.extend(self.policy.api_dependencies())
         app.state.kiban = self
         _disable_native_telemetry(app)
         errors.install(app)
@@ -77,7 +98,7 @@ class Service:
             ("/health/readiness", readiness_endpoint(self.health)),
             ("/metrics", self.telemetry.metrics_endpoint),
         ):
-            app.add_api_route(path, endpoint, include_in_schema=False)
+            app.add_api_route(path, endpoint, include_in_schema=False, dependencies=[NoSecurity()])
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
         self._document_errors(app)
 
@@ -125,7 +146,9 @@ class Service:
 
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:
-                app.openapi_schema = errors.document(generate())
+                policy: Policy = app.state.kiban.policy
+                policy.resolve(app)
+                app.openapi_schema = policy.document(errors.document(generate()))
             return app.openapi_schema
 
         app.openapi = openapi  # type: ignore[method-assign]
@@ -145,6 +168,11 @@ class Service:
         @asynccontextmanager
         async def lifespan(app: Any) -> AsyncIterator[Any]:
             try:
+                try:
+                    self.policy.resolve(self.app)
+                except SecurityConfigError as exc:
+                    log.error("invalid security declarations", error=str(exc))
+                    raise
                 async with inner(app) as state:
                     log.info(
                         "started",

@@ -17,7 +17,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="serve a kiban service: kiban run module:app")
     run_parser.add_argument("target", help="module:attribute of the FastAPI app or kiban.Service")
+    token_parser = commands.add_parser(
+        "token", help="mint a development token: kiban token internal --sub u-42"
+    )
+    token_parser.add_argument("kind", choices=["internal", "jwt"])
+    token_parser.add_argument("--sub", required=True, help="the subject (user or client id)")
+    token_parser.add_argument("--scope", action="append", default=[], help="repeatable")
+    token_parser.add_argument("--key", help="private key PEM (default: the sample dev key)")
+    token_parser.add_argument("--issuer", help="default: the sample system's issuer")
+    token_parser.add_argument("--audience")
+    token_parser.add_argument("--ttl", type=float, default=3600.0, help="seconds")
     args = parser.parse_args(argv)
+    if args.command == "token":
+        return _token(args)
     if args.command == "run":
         from kiban.server import run
 
@@ -28,6 +40,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"kiban: {exc}", file=sys.stderr)
             return 2
+    return 0
+
+
+DEV_KEYS = {
+    "internal": ("services/devkeys/gateway-dev.pem", "kiban-dev-gateway"),
+    "jwt": ("services/devkeys/auth-dev.pem", "kiban-dev-auth"),
+}
+
+
+def _token(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kiban.security.tokens import mint
+
+    default_key, default_issuer = DEV_KEYS[args.kind]
+    key_path = Path(args.key or default_key)
+    if not key_path.exists():
+        print(f"kiban: no key at {key_path}; pass --key", file=sys.stderr)
+        return 2
+    print(
+        mint(
+            key_path.read_bytes(),
+            args.sub,
+            issuer=args.issuer or default_issuer,
+            audience=args.audience,
+            scopes=args.scope,
+            ttl=args.ttl,
+        )
+    )
     return 0
 
 

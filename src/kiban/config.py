@@ -62,6 +62,8 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./kiban.db"
     redis_url: str | None = None
+    #: When the rate-limit storage (Redis) is unreachable: True lets requests through.
+    ratelimit_fail_open: bool = True
 
     #: OTLP collector, e.g. ``http://otel-collector:4317`` (gRPC) or ``:4318`` (HTTP).
     otlp_endpoint: str | None = None

@@ -170,6 +170,13 @@ structlog.configure(
 )
 
 
+def _is_terminal(stream: IO[bytes]) -> bool:
+    try:
+        return stream.isatty()
+    except ValueError:  # closed
+        return False
+
+
 def configure(
     level: str = "info",
     fmt: str = "auto",
@@ -182,7 +189,7 @@ def configure(
     """
     if stream is not None:
         sink.stream = stream
-    sink.json = fmt == "json" or (fmt == "auto" and not sink.stream.isatty())
+    sink.json = fmt == "json" or (fmt == "auto" and not _is_terminal(sink.stream))
     _state.service = service
     root = logging.getLogger()
     if not any(isinstance(handler, _StdlibBridge) for handler in root.handlers):

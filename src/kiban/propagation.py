@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,6 +53,13 @@ _current: ContextVar[RequestContext | None] = ContextVar("kiban_request_context"
 def current() -> RequestContext | None:
     """The context of the request being served, or None outside a request."""
     return _current.get()
+
+
+def identify(uid: str) -> None:
+    """Make ``uid`` the request's user: a verified identity replaces a claimed one."""
+    context = _current.get()
+    if context is not None and context.uid != uid:
+        _current.set(replace(context, uid=uid))
 
 
 def new_id() -> str:

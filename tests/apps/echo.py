@@ -8,9 +8,10 @@ from collections import Counter
 from fastapi import FastAPI, Request, Response
 
 import kiban
+from kiban.security import NoSecurity
 
 app = FastAPI(title="echo")
-kiban.Service(app)
+kiban.Service(app, security=NoSecurity())
 attempts: Counter[str] = Counter()
 
 

@@ -8,9 +8,10 @@ from fastapi import FastAPI
 from opentelemetry import trace
 
 import kiban
+from kiban.security import NoSecurity
 
 app = FastAPI(title="hello")
-service = kiban.Service(app)
+service = kiban.Service(app, security=NoSecurity())
 greetings = kiban.meter().create_counter("greetings_total", description="Greetings sent.")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import identity
 from tests.receivers import OTLPReceiver, running
 
 pytestmark = pytest.mark.process
@@ -55,6 +56,7 @@ def test_one_trace_and_one_context_across_two_services(
             "user-agent": "ShopApp/3.1 (iPhone)",
             "x-user-ip": "203.0.113.7",
             "x-forwarded-for": "203.0.113.7, 198.51.100.2",
+            **identity("u-42"),
         },
     )
     assert response.status_code == 201, response.text
@@ -100,7 +102,9 @@ def test_a_members_outage_is_a_503_problem_and_shows_in_readiness(
     members, orders = system
     assert members.stop() == 0
     response = httpx.post(
-        f"{orders.url}/orders", json={"member_id": 1, "item": "tea", "quantity": 1}
+        f"{orders.url}/orders",
+        json={"member_id": 1, "item": "tea", "quantity": 1},
+        headers=identity("u-1"),
     )
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import API_KEY, ROOT, free_port, identity
 
 pytestmark = pytest.mark.process
 
@@ -38,7 +38,7 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
         assert process.stdout is not None
         banner = ""
         deadline = time.monotonic() + 30
-        while "/members/999" not in banner and time.monotonic() < deadline:
+        while "a problem+json 401" not in banner and time.monotonic() < deadline:
             line = process.stdout.readline()
             if not line:
                 break
@@ -47,7 +47,7 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
         assert "curl" in banner
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/health/readiness").status_code == 200
-        listing = httpx.get(f"{url}/members")
+        listing = httpx.get(f"{url}/members", headers=API_KEY)
         assert listing.status_code == 200
         assert "items" in listing.json()
         assert f"http://127.0.0.1:{orders_port}" in banner
@@ -57,6 +57,7 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
         order = httpx.post(
             f"http://127.0.0.1:{orders_port}/orders",
             json={"member_id": member["id"], "item": "tea", "quantity": 1},
+            headers=identity(str(member["id"])),
         )
         assert order.status_code == 201, order.text
     finally:

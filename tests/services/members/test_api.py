@@ -9,7 +9,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from services.members.app import MembersSettings, create_app
-from tests.conftest import Lines, closed_port
+from tests.conftest import API_KEY, Lines, bearer, closed_port, identity
+
+ADMIN = bearer("ops", "members:admin")
+READER = bearer("svc", "members:read")
 
 
 @pytest.fixture(
@@ -39,7 +42,7 @@ def test_register_then_get(client: TestClient) -> None:
     created = register(client, "Ada@Example.com", "  Ada Lovelace ")
     assert created["email"] == "ada@example.com"
     assert created["name"] == "Ada Lovelace"
-    fetched = client.get(f"/members/{created['id']}")
+    fetched = client.get(f"/members/{created['id']}", headers=READER)
     assert fetched.status_code == 200
     assert fetched.json() == created
 
@@ -54,24 +57,27 @@ def test_email_is_unique_whatever_its_case(client: TestClient) -> None:
 def test_update_name_and_email_with_conflicts_refused(client: TestClient) -> None:
     first = register(client, "a@example.com")
     register(client, "b@example.com")
-    response = client.patch(f"/members/{first['id']}", json={"name": "Alice"})
+    response = client.patch(f"/members/{first['id']}", json={"name": "Alice"}, headers=ADMIN)
     assert response.status_code == 200
     assert response.json()["name"] == "Alice"
     assert (
-        client.patch(f"/members/{first['id']}", json={"email": "b@example.com"}).status_code == 409
+        client.patch(
+            f"/members/{first['id']}", json={"email": "b@example.com"}, headers=ADMIN
+        ).status_code
+        == 409
     )
-    assert client.get(f"/members/{first['id']}").json()["email"] == "a@example.com"
-    assert client.patch("/members/999999", json={"name": "x"}).status_code == 404
+    assert client.get(f"/members/{first['id']}", headers=READER).json()["email"] == "a@example.com"
+    assert client.patch("/members/999999", json={"name": "x"}, headers=ADMIN).status_code == 404
 
 
 def test_list_is_paginated_in_id_order(client: TestClient) -> None:
     ids = [register(client, f"m{i}@example.com")["id"] for i in range(5)]
-    page = client.get("/members", params={"limit": 2, "offset": 1}).json()
+    page = client.get("/members", params={"limit": 2, "offset": 1}, headers=API_KEY).json()
     assert page["total"] == 5
     assert [item["id"] for item in page["items"]] == ids[1:3]
     assert page["limit"] == 2
     assert page["offset"] == 1
-    assert client.get("/members", params={"offset": 10}).json()["items"] == []
+    assert client.get("/members", params={"offset": 10}, headers=API_KEY).json()["items"] == []
 
 
 @pytest.mark.parametrize(
@@ -91,7 +97,7 @@ def test_invalid_registrations_are_422(client: TestClient, body: dict[str, objec
 
 
 def test_unknown_member_is_404_problem(client: TestClient) -> None:
-    response = client.get("/members/424242")
+    response = client.get("/members/424242", headers=identity("7"))
     assert response.status_code == 404
     assert response.json()["detail"] == "No member has id 424242."
 
@@ -111,7 +117,7 @@ def test_database_down_means_not_ready_and_503_but_still_alive(lines: Lines) -> 
         readiness = client.get("/health/readiness")
         assert readiness.status_code == 503
         assert readiness.json()["checks"]["database"]["status"] == "fail"
-        response = client.get("/members/1")
+        response = client.get("/members/1", headers=READER)
         assert response.status_code == 503
         assert response.headers["content-type"] == "application/problem+json"
     assert "pw-42" not in lines.text()
@@ -121,8 +127,8 @@ def test_every_request_wrote_one_access_line(lines: Lines, tmp_path: Path) -> No
     settings = MembersSettings(database_url=f"sqlite+aiosqlite:///{tmp_path}/m.db")
     with TestClient(create_app(settings)) as client:
         register(client, "z@example.com")
-        client.get("/members/1", headers={"x-uid": "u-5"})
-        client.get("/members/2")
+        client.get("/members/1", headers={"x-uid": "u-5", **READER})
+        client.get("/members/2", headers=READER)
     access = lines.access()
     assert [(line["method"], line["route"], line["status"]) for line in access] == [
         ("POST", "/members", 201),

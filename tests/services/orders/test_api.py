@@ -11,7 +11,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from services.orders.app import OrdersSettings, create_app
-from tests.conftest import Lines, closed_port
+from tests.conftest import Lines, closed_port, identity
+
+USER = identity("u-1")
 
 pytestmark = pytest.mark.process
 
@@ -40,22 +42,29 @@ def register(members: Any, email: str) -> int:
 
 def test_place_get_and_list_orders(members: Any, orders: TestClient) -> None:
     member_id = register(members, "ada@example.com")
-    placed = orders.post("/orders", json={"member_id": member_id, "item": "tea", "quantity": 2})
+    placed = orders.post(
+        "/orders", json={"member_id": member_id, "item": "tea", "quantity": 2}, headers=USER
+    )
     assert placed.status_code == 201, placed.text
     body = placed.json()
     assert body["member_name"] == "Ada"
-    assert orders.get(f"/orders/{body['id']}").json()["item"] == "tea"
-    page = orders.get("/orders", params={"member_id": member_id}).json()
+    assert orders.get(f"/orders/{body['id']}", headers=USER).json()["item"] == "tea"
+    page = orders.get("/orders", params={"member_id": member_id}, headers=USER).json()
     assert page["total"] == 1
-    assert orders.get("/orders", params={"member_id": member_id + 1}).json()["total"] == 0
+    assert (
+        orders.get("/orders", params={"member_id": member_id + 1}, headers=USER).json()["total"]
+        == 0
+    )
 
 
 def test_an_unknown_member_is_refused_with_422(orders: TestClient) -> None:
-    response = orders.post("/orders", json={"member_id": 4242, "item": "tea", "quantity": 1})
+    response = orders.post(
+        "/orders", json={"member_id": 4242, "item": "tea", "quantity": 1}, headers=USER
+    )
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["detail"] == "No member has id 4242."
-    assert orders.get("/orders").json()["total"] == 0
+    assert orders.get("/orders", headers=USER).json()["total"] == 0
 
 
 def test_domain_metrics_are_on_the_metrics_endpoint(
@@ -67,9 +76,11 @@ def test_domain_metrics_are_on_the_metrics_endpoint(
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/orders.db",
     )
     member_id = register(members, "m@example.com")
-    with httpx.Client(base_url=orders.url) as client:
-        client.post("/orders", json={"member_id": member_id, "item": "tea", "quantity": 1})
-        client.post("/orders", json={"member_id": 999, "item": "tea", "quantity": 1})
+    with httpx.Client(base_url=orders.url, headers=USER) as client:
+        client.post(
+            "/orders", json={"member_id": member_id, "item": "tea", "quantity": 1}, headers=USER
+        )
+        client.post("/orders", json={"member_id": 999, "item": "tea", "quantity": 1}, headers=USER)
         text = client.get("/metrics").text
     assert "orders_total{" in text
     assert 'outcome="placed"' in text
@@ -85,7 +96,9 @@ def test_members_down_means_503_problem_and_a_degraded_readiness(
         members_url=f"http://127.0.0.1:{closed_port()}",
     )
     with TestClient(create_app(settings)) as client:
-        response = client.post("/orders", json={"member_id": 1, "item": "tea", "quantity": 1})
+        response = client.post(
+            "/orders", json={"member_id": 1, "item": "tea", "quantity": 1}, headers=USER
+        )
         readiness = client.get("/health/readiness")
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"

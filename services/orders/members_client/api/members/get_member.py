@@ -33,10 +33,25 @@ def _parse_response(
 
         return response_200
 
+    if response.status_code == 401:
+        response_401 = Problem.from_dict(response.json())
+
+        return response_401
+
+    if response.status_code == 403:
+        response_403 = Problem.from_dict(response.json())
+
+        return response_403
+
     if response.status_code == 422:
         response_422 = ValidationProblem.from_dict(response.json())
 
         return response_422
+
+    if response.status_code == 429:
+        response_429 = Problem.from_dict(response.json())
+
+        return response_429
 
     response_default = Problem.from_dict(response.json())
 
@@ -57,7 +72,7 @@ def _build_response(
 def sync_detailed(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
 ) -> Response[MemberOut | Problem | ValidationProblem]:
     """Get Member
 
@@ -86,7 +101,7 @@ def sync_detailed(
 def sync(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
 ) -> MemberOut | Problem | ValidationProblem | None:
     """Get Member
 
@@ -110,7 +125,7 @@ def sync(
 async def asyncio_detailed(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
 ) -> Response[MemberOut | Problem | ValidationProblem]:
     """Get Member
 
@@ -137,7 +152,7 @@ async def asyncio_detailed(
 async def asyncio(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
 ) -> MemberOut | Problem | ValidationProblem | None:
     """Get Member
 

@@ -42,10 +42,25 @@ def _parse_response(
 
         return response_200
 
+    if response.status_code == 401:
+        response_401 = Problem.from_dict(response.json())
+
+        return response_401
+
+    if response.status_code == 403:
+        response_403 = Problem.from_dict(response.json())
+
+        return response_403
+
     if response.status_code == 422:
         response_422 = ValidationProblem.from_dict(response.json())
 
         return response_422
+
+    if response.status_code == 429:
+        response_429 = Problem.from_dict(response.json())
+
+        return response_429
 
     response_default = Problem.from_dict(response.json())
 
@@ -66,7 +81,7 @@ def _build_response(
 def sync_detailed(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
     body: MemberPatch,
 ) -> Response[MemberOut | Problem | ValidationProblem]:
     """Update Member
@@ -98,7 +113,7 @@ def sync_detailed(
 def sync(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
     body: MemberPatch,
 ) -> MemberOut | Problem | ValidationProblem | None:
     """Update Member
@@ -125,7 +140,7 @@ def sync(
 async def asyncio_detailed(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
     body: MemberPatch,
 ) -> Response[MemberOut | Problem | ValidationProblem]:
     """Update Member
@@ -155,7 +170,7 @@ async def asyncio_detailed(
 async def asyncio(
     member_id: int,
     *,
-    client: AuthenticatedClient | Client,
+    client: AuthenticatedClient,
     body: MemberPatch,
 ) -> MemberOut | Problem | ValidationProblem | None:
     """Update Member

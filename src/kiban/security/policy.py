@@ -1,0 +1,333 @@
+"""Declarative security: requirements at API, service (router) and method (route) level.
+
+``Security(jwt, scopes=["admin"])`` and ``NoSecurity()`` go in FastAPI's
+``dependencies=[...]`` of a router or a route; the API default is given to
+``kiban.Service(app, security=...)``. The narrowest level replaces the wider ones
+(Goa's rule), which plain FastAPI dependencies cannot do since an inherited dependency
+cannot be removed. So kiban resolves every route once, before serving: each route gets
+exactly one requirement, the narrowest declared, and only that one is enforced; the
+others are inert declarations. A route with no requirement anywhere is a start-up
+error, so nothing is public by accident. The OpenAPI document shows the result.
+
+Several schemes in one requirement mean any of them; a scheme's scopes must all be
+held. Missing credentials give 401 with a WWW-Authenticate challenge per scheme, bad
+ones 401, valid ones without a scope 403 naming the scope. Every failure is logged
+(scheme, reason, route, client: never the credential) and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import fastapi.routing
+from fastapi import FastAPI, Request, Response, params
+
+from kiban import log, propagation
+from kiban.errors import Problem
+from kiban.ratelimit import Decision, Limiter, RateLimit
+from kiban.security.schemes import AuthError, Principal, Scheme
+from kiban.telemetry import Telemetry
+
+__all__ = [
+    "Alternative",
+    "NoSecurity",
+    "Policy",
+    "Requirement",
+    "Security",
+    "SecurityConfigError",
+    "principal",
+]
+
+_principal: ContextVar[Principal | None] = ContextVar("kiban_principal", default=None)
+
+
+def principal() -> Principal | None:
+    """Who the current request was authenticated as (None on public routes)."""
+    return _principal.get()
+
+
+class SecurityConfigError(Exception):
+    """The security declarations leave a route without a requirement, or are ambiguous."""
+
+
+@dataclass(frozen=True)
+class Alternative:
+    scheme: Scheme
+    scopes: frozenset[str] = frozenset()
+
+
+class Requirement:
+    """One level's declaration: any of ``alternatives``; none at all means public."""
+
+    def __init__(self, alternatives: Sequence[Alternative], rate_limit: RateLimit | None = None):
+        self.alternatives = tuple(alternatives)
+        self.rate_limit = rate_limit
+
+    @property
+    def public(self) -> bool:
+        return not self.alternatives
+
+    def __repr__(self) -> str:
+        if self.public:
+            return "NoSecurity()"
+        parts = [
+            f"{a.scheme.name}{sorted(a.scopes) if a.scopes else ''}" for a in self.alternatives
+        ]
+        return f"Security({' | '.join(parts)})"
+
+    async def __call__(self, request: Request, response: Response) -> None:
+        policy: Policy = request.app.state.kiban.policy
+        route = request.scope.get("route")
+        resolved = policy.resolved(request.app, route)
+        if resolved is self:
+            await policy.enforce(self, request, response, route)
+
+
+def Security(*schemes: Scheme | Alternative, scopes: Iterable[str] = ()) -> Any:
+    """Require any of ``schemes``; bare schemes must hold every scope in ``scopes``."""
+    if not schemes:
+        raise ValueError("Security() needs at least one scheme; use NoSecurity() for public")
+    required = frozenset(scopes)
+    alternatives = [
+        item if isinstance(item, Alternative) else Alternative(item, required) for item in schemes
+    ]
+    return params.Depends(Requirement(alternatives))
+
+
+def NoSecurity() -> Any:
+    """Declare a route (or router, or API) public, explicitly."""
+    return params.Depends(Requirement(()))
+
+
+def RateLimited(limit: str, key: str = "subject", name: str | None = None) -> Any:
+    """Declare a rate limit at router or route level: ``RateLimited("10/second")``."""
+    return params.Depends(_RateLimitMarker(RateLimit(limit, key, name or limit)))  # type: ignore[arg-type]
+
+
+class _RateLimitMarker:
+    """A rate-limit declaration; enforced with the route's security requirement."""
+
+    def __init__(self, rate: RateLimit) -> None:
+        self.rate = rate
+
+    async def __call__(self) -> None:
+        return None
+
+
+def requirement_of(depends: Any) -> Requirement:
+    """The Requirement inside what Security()/NoSecurity() returned."""
+    dependency = getattr(depends, "dependency", depends)
+    if not isinstance(dependency, Requirement):
+        raise TypeError(f"expected Security(...) or NoSecurity(), got {depends!r}")
+    return dependency
+
+
+@dataclass(frozen=True)
+class Resolved:
+    requirement: Requirement
+    rate_limit: RateLimit | None
+
+
+def _effective_routes(app: FastAPI) -> Iterator[tuple[Any, Any]]:
+    """(route as seen in scope["route"], route with its full dependency chain) pairs.
+
+    FastAPI versions that include routers lazily expose the effective chains through
+    ``fastapi.routing.iter_route_contexts``; older ones copy routes with full chains.
+    """
+    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
+    if iterate is not None:
+        for context in iterate(app.routes):
+            yield context.original_route, context
+    else:
+        for route in app.routes:
+            yield route, route
+
+
+class Policy:
+    """The resolved requirement of every route, and their enforcement."""
+
+    def __init__(
+        self,
+        default: Any = None,
+        rate_limit: RateLimit | None = None,
+        limiter: Limiter | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.default = requirement_of(default) if default is not None else None
+        self.default_rate = rate_limit
+        self.limiter = limiter or Limiter()
+        self.telemetry = telemetry
+        self.table: dict[int, Resolved] = {}
+        self.operations: dict[tuple[str, str], Resolved] = {}
+        self._resolved_for: int | None = None
+
+    def api_dependencies(self) -> list[Any]:
+        """What to add to the app's own dependencies so every route sees the API default."""
+        return [params.Depends(self.default)] if self.default is not None else []
+
+    def resolve(self, app: FastAPI) -> None:
+        """Give every API route its narrowest requirement; refuse routes left without one."""
+        table: dict[int, Resolved] = {}
+        operations: dict[tuple[str, str], Resolved] = {}
+        unsecured = []
+        for key, route in _effective_routes(app):
+            dependencies = getattr(route, "dependencies", None)
+            if dependencies is None or not isinstance(key, fastapi.routing.APIRoute):
+                continue
+            declared = [d.dependency for d in dependencies]
+            requirements = [d for d in declared if isinstance(d, Requirement)]
+            rates = [d.rate for d in declared if isinstance(d, _RateLimitMarker)]
+            if not requirements:
+                unsecured.append(f"{sorted(route.methods or [])} {route.path_format}")
+                continue
+            resolved = Resolved(requirements[-1], rates[-1] if rates else self.default_rate)
+            previous = table.get(id(key))
+            if previous is not None and previous != resolved:
+                raise SecurityConfigError(
+                    f"{route.path_format} is included twice with different security"
+                )
+            table[id(key)] = resolved
+            for method in route.methods or ():
+                operations[(route.path_format, method.lower())] = resolved
+        if unsecured:
+            raise SecurityConfigError(
+                "no security requirement for "
+                + ", ".join(unsecured)
+                + ": declare Security(...) or NoSecurity() on the route or its router, "
+                "or give kiban.Service(app, security=...) before adding routes"
+            )
+        self.table = table
+        self.operations = operations
+        self._resolved_for = len(app.routes)
+
+    def resolved(self, app: FastAPI, route: Any) -> Requirement | None:
+        if self._resolved_for != len(app.routes):
+            self.resolve(app)
+        found = self.table.get(id(route))
+        return found.requirement if found is not None else None
+
+    async def enforce(
+        self, requirement: Requirement, request: Request, response: Response, route: Any
+    ) -> None:
+        who = await self._authenticate(requirement, request, route)
+        _principal.set(who)
+        rate = self.table[id(route)].rate_limit
+        if rate is not None:
+            decision = await self.limiter.hit(rate, self._rate_key(rate, who))
+            if decision is not None:
+                self._rate_headers(decision, response, route)
+
+    async def _authenticate(
+        self, requirement: Requirement, request: Request, route: Any
+    ) -> Principal | None:
+        if requirement.public:
+            return None
+        failures: list[tuple[Scheme, str]] = []
+        missing_scopes: list[str] = []
+        for alternative in requirement.alternatives:
+            try:
+                who = await alternative.scheme.authenticate(request)
+            except AuthError as exc:
+                failures.append((alternative.scheme, exc.reason))
+                continue
+            if who is None:
+                continue
+            lacking = sorted(alternative.scopes - who.scopes)
+            if not lacking:
+                return who
+            missing_scopes.extend(lacking)
+        path = getattr(route, "path", request.url.path)
+        if missing_scopes:
+            self._failed(requirement.alternatives[0].scheme.name, "missing scope", path)
+            raise Problem(
+                403,
+                f"Missing scope: {' '.join(sorted(set(missing_scopes)))}.",
+                missing_scopes=sorted(set(missing_scopes)),
+            )
+        challenges = ", ".join(a.scheme.challenge() for a in requirement.alternatives)
+        if failures:
+            for scheme, reason in failures:
+                self._failed(scheme.name, reason, path)
+            raise Problem(
+                401,
+                f"Invalid credentials: {failures[0][1]}.",
+                headers={"www-authenticate": challenges},
+            )
+        self._failed(
+            ",".join(a.scheme.name for a in requirement.alternatives), "missing credentials", path
+        )
+        raise Problem(401, "Credentials are required.", headers={"www-authenticate": challenges})
+
+    def _failed(self, scheme: str, reason: str, route: str) -> None:
+        context = propagation.current()
+        log.warning(
+            "authentication failed",
+            scheme=scheme,
+            reason=reason,
+            route=route,
+            client=context.user_ip if context else None,
+        )
+        if self.telemetry is not None:
+            self.telemetry.auth_failures.add(1, {"scheme": scheme, "reason": reason})
+
+    @staticmethod
+    def _rate_key(rate: RateLimit, who: Principal | None) -> str:
+        context = propagation.current()
+        if rate.key == "api_client" and context is not None and context.api_client:
+            return f"client:{context.api_client}"
+        if rate.key in ("subject", "api_client") and who is not None:
+            return f"{who.scheme}:{who.subject}"
+        return f"ip:{context.user_ip if context else 'unknown'}"
+
+    def _rate_headers(self, decision: Decision, response: Response, route: Any) -> None:
+        if not decision.allowed:
+            if self.telemetry is not None:
+                self.telemetry.rate_limited.add(1, {"http.route": getattr(route, "path", "")})
+            raise Problem(429, "Too many requests; retry later.", headers=decision.headers())
+        response.headers.update(decision.headers())
+
+    def document(self, openapi: dict[str, Any]) -> dict[str, Any]:
+        """Write the resolved requirements into an OpenAPI document, in place."""
+        schemes: dict[str, Any] = {}
+        for (path, method), resolved in self.operations.items():
+            operation = openapi.get("paths", {}).get(path, {}).get(method)
+            if operation is None:
+                continue
+            requirement = resolved.requirement
+            operation["security"] = [
+                {a.scheme.name: sorted(a.scopes)} for a in requirement.alternatives
+            ]
+            for alternative in requirement.alternatives:
+                schemes[alternative.scheme.name] = alternative.scheme.openapi()
+            if not requirement.public:
+                responses = operation.setdefault("responses", {})
+                for status, description in (("401", "Unauthorized"), ("403", "Forbidden")):
+                    responses.setdefault(
+                        status,
+                        {
+                            "description": description,
+                            "content": {
+                                "application/problem+json": {
+                                    "schema": {"$ref": "#/components/schemas/Problem"}
+                                }
+                            },
+                        },
+                    )
+            if resolved.rate_limit is not None:
+                operation.setdefault("responses", {}).setdefault(
+                    "429",
+                    {
+                        "description": "Too Many Requests",
+                        "content": {
+                            "application/problem+json": {
+                                "schema": {"$ref": "#/components/schemas/Problem"}
+                            }
+                        },
+                    },
+                )
+        if schemes:
+            openapi.setdefault("components", {})["securitySchemes"] = schemes
+        return openapi

@@ -1,0 +1,387 @@
+"""Security schemes: how a request proves who it is.
+
+Each scheme reads its credentials from the request and returns a Principal, returns
+None when the request carries none of its credentials, or raises AuthError when they
+are present but wrong. Schemes needing a lookup call a validator the service supplies
+(as Goa's generated auth functions do).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from starlette.requests import Request
+
+from kiban import propagation
+from kiban.security.tokens import JWKS, InvalidToken, TokenVerifier
+
+__all__ = [
+    "JWT",
+    "APIKey",
+    "AuthError",
+    "BasicAuth",
+    "InternalIDToken",
+    "OAuth2",
+    "Principal",
+    "Scheme",
+]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who the request is from, as a scheme established it."""
+
+    scheme: str
+    subject: str
+    scopes: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+class AuthError(Exception):
+    """Credentials were given but are not valid. ``reason`` is safe to log and to show."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Scheme:
+    """Base of the schemes. ``name`` keys it in the OpenAPI ``securitySchemes``."""
+
+    name: str
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        raise NotImplementedError
+
+    def challenge(self) -> str:
+        """The WWW-Authenticate challenge for a 401."""
+        raise NotImplementedError
+
+    def openapi(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def requiring(self, *scopes: str) -> Any:
+        """This scheme with its own scopes, to combine: ``Security(jwt.requiring("a"), key)``."""
+        from kiban.security.policy import Alternative
+
+        return Alternative(self, frozenset(scopes))
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """Scopes from ``scope`` (space-separated, RFC 8693) or ``scp``/``scopes`` (lists)."""
+    value = claims.get("scope", claims.get("scp", claims.get("scopes", ())))
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list | tuple):
+        return frozenset(str(item) for item in value)
+    return frozenset()
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    kind, _, token = header.partition(" ")
+    if kind.lower() != "bearer":
+        return None
+    token = token.strip()
+    if not token:
+        raise AuthError("empty bearer token")
+    return token
+
+
+Validated = Principal | bool | None
+
+
+class BasicAuth(Scheme):
+    """HTTP Basic: ``validate(username, password)`` says whether they match."""
+
+    def __init__(
+        self,
+        validate: Callable[[str, str], Awaitable[Validated]],
+        *,
+        name: str = "basic",
+        realm: str = "kiban",
+    ) -> None:
+        self.validate = validate
+        self.name = name
+        self.realm = realm
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        header = request.headers.get("authorization")
+        if header is None:
+            return None
+        kind, _, encoded = header.partition(" ")
+        if kind.lower() != "basic":
+            return None
+        try:
+            username, sep, password = (
+                base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthError("malformed basic credentials") from None
+        if not sep:
+            raise AuthError("malformed basic credentials")
+        result = await self.validate(username, password)
+        if isinstance(result, Principal):
+            return result
+        if result is True:
+            return Principal(self.name, username)
+        raise AuthError("invalid username or password")
+
+    def challenge(self) -> str:
+        return f'Basic realm="{self.realm}", charset="UTF-8"'
+
+    def openapi(self) -> dict[str, Any]:
+        return {"type": "http", "scheme": "basic"}
+
+
+class APIKey(Scheme):
+    """An API key in a header, query parameter or cookie; ``validate(key)`` finds its owner.
+
+    An API key names a client, not a user: its principal's subject is the client.
+    """
+
+    def __init__(
+        self,
+        validate: Callable[[str], Awaitable[Validated]],
+        *,
+        name: str = "api_key",
+        parameter: str = "x-api-key",
+        location: Literal["header", "query", "cookie"] = "header",
+    ) -> None:
+        self.validate = validate
+        self.name = name
+        self.parameter = parameter
+        self.location = location
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        if self.location == "header":
+            key = request.headers.get(self.parameter)
+        elif self.location == "query":
+            key = request.query_params.get(self.parameter)
+        else:
+            key = request.cookies.get(self.parameter)
+        if key is None:
+            return None
+        if not key or len(key) > 512:
+            raise AuthError("malformed api key")
+        result = await self.validate(key)
+        if isinstance(result, Principal):
+            return result
+        if result is True:
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            return Principal(self.name, f"key-{digest}")
+        raise AuthError("invalid api key")
+
+    def challenge(self) -> str:
+        return f'APIKey realm="kiban", in="{self.location}", name="{self.parameter}"'
+
+    def openapi(self) -> dict[str, Any]:
+        return {"type": "apiKey", "in": self.location, "name": self.parameter}
+
+
+def _verifier(
+    algorithms: Sequence[str],
+    key: Any,
+    keys: Mapping[str, Any] | None,
+    jwks_url: str | None,
+    issuer: str | None,
+    audience: str | None,
+    leeway: float,
+    required_claims: Sequence[str],
+) -> TokenVerifier:
+    return TokenVerifier(
+        algorithms=algorithms,
+        key=key,
+        keys=keys,
+        jwks=JWKS(jwks_url) if jwks_url else None,
+        issuer=issuer,
+        audience=audience,
+        leeway=leeway,
+        required_claims=required_claims,
+    )
+
+
+class JWT(Scheme):
+    """A bearer JWT: verified signature and claims, scopes from ``scope``/``scp``."""
+
+    def __init__(
+        self,
+        *,
+        algorithms: Sequence[str] = ("RS256",),
+        key: Any = None,
+        keys: Mapping[str, Any] | None = None,
+        jwks_url: str | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway: float = 30.0,
+        required_claims: Sequence[str] = ("sub",),
+        name: str = "jwt",
+    ) -> None:
+        self.verifier = _verifier(
+            algorithms, key, keys, jwks_url, issuer, audience, leeway, required_claims
+        )
+        self.name = name
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        token = _bearer(request)
+        if token is None:
+            return None
+        return await self.principal(token)
+
+    async def principal(self, token: str) -> Principal:
+        try:
+            claims = await self.verifier.verify(token)
+        except InvalidToken as exc:
+            raise AuthError(exc.reason) from None
+        return Principal(self.name, str(claims.get("sub", "")), _scopes(claims), claims)
+
+    def challenge(self) -> str:
+        return 'Bearer realm="kiban"'
+
+    def openapi(self) -> dict[str, Any]:
+        return {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+
+
+class Introspection:
+    """RFC 7662 token introspection, with answers cached briefly by token hash."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        cache_seconds: float = 30.0,
+        timeout: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.auth = (client_id, client_secret)
+        self.cache_seconds = cache_seconds
+        self.timeout = timeout
+        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    async def claims(self, token: str) -> dict[str, Any]:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            answer = cached[1]
+        else:
+            try:
+                async with httpx.AsyncClient(timeout=self.timeout) as client:
+                    response = await client.post(self.url, data={"token": token}, auth=self.auth)
+                response.raise_for_status()
+                answer = response.json()
+            except (httpx.HTTPError, ValueError):
+                raise AuthError("token introspection unavailable") from None
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now + self.cache_seconds, answer)
+        if answer.get("active") is not True:
+            raise AuthError("token not active")
+        exp = answer.get("exp")
+        if isinstance(exp, int | float) and exp <= time.time():
+            raise AuthError("token expired")
+        return dict(answer)
+
+
+class OAuth2(Scheme):
+    """OAuth2 bearer tokens, validated as JWTs or by introspection; flows for OpenAPI."""
+
+    def __init__(
+        self,
+        *,
+        flows: Mapping[str, Mapping[str, Any]],
+        jwt: JWT | None = None,
+        introspection: Introspection | None = None,
+        name: str = "oauth2",
+    ) -> None:
+        if (jwt is None) == (introspection is None):
+            raise ValueError("give exactly one of jwt or introspection")
+        self.flows = {flow: dict(spec) for flow, spec in flows.items()}
+        self.jwt = jwt
+        self.introspection = introspection
+        self.name = name
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        token = _bearer(request)
+        if token is None:
+            return None
+        if self.jwt is not None:
+            principal = await self.jwt.principal(token)
+            return Principal(self.name, principal.subject, principal.scopes, principal.claims)
+        assert self.introspection is not None
+        claims = await self.introspection.claims(token)
+        return Principal(self.name, str(claims.get("sub", "")), _scopes(claims), claims)
+
+    def challenge(self) -> str:
+        return 'Bearer realm="kiban"'
+
+    def openapi(self) -> dict[str, Any]:
+        flows = {flow: {"scopes": {}, **spec} for flow, spec in self.flows.items()}
+        return {"type": "oauth2", "flows": flows}
+
+
+class InternalIDToken(Scheme):
+    """The identity token an API gateway signs and passes to backends in a header.
+
+    Unsigned or wrongly signed tokens are refused; a valid one makes its subject the
+    request's uid, replacing any uid header (which anyone could have sent).
+    """
+
+    def __init__(
+        self,
+        *,
+        algorithms: Sequence[str] = ("EdDSA",),
+        key: Any = None,
+        keys: Mapping[str, Any] | None = None,
+        jwks_url: str | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway: float = 30.0,
+        required_claims: Sequence[str] = ("sub",),
+        header: str = "x-internal-id-token",
+        name: str = "internal_id_token",
+    ) -> None:
+        self.verifier = _verifier(
+            algorithms, key, keys, jwks_url, issuer, audience, leeway, required_claims
+        )
+        self.header = header
+        self.name = name
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        context = propagation.current()
+        token = context.id_token if context else request.headers.get(self.header)
+        if token is None:
+            return None
+        try:
+            claims = await self.verifier.verify(token)
+        except InvalidToken as exc:
+            raise AuthError(exc.reason) from None
+        principal = Principal(self.name, str(claims["sub"]), _scopes(claims), claims)
+        propagation.identify(principal.subject)
+        return principal
+
+    def challenge(self) -> str:
+        return f'InternalIDToken header="{self.header}"'
+
+    def openapi(self) -> dict[str, Any]:
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": self.header,
+            "description": "Identity token signed by the API gateway.",
+        }
+
+
+def names(schemes: Iterable[Scheme]) -> list[str]:
+    return [scheme.name for scheme in schemes]

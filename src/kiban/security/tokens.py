@@ -1,0 +1,236 @@
+"""JWT verification with the checks libraries leave optional, made mandatory.
+
+- The algorithms come from the scheme, never from the token; ``none`` is refused even if
+  listed, and a scheme never mixes MAC (HS*) and signature algorithms, so a token
+  signed with HS256 using the public key as the secret cannot pass.
+- ``exp`` is required; ``nbf`` and ``iat`` in the future (beyond the leeway) are refused;
+  ``iss`` and ``aud`` must match exactly when configured.
+- ``crit`` and unencoded payloads are refused; key material in the header (``jwk``,
+  ``jku``, ``x5u``, ``x5c``) is ignored; ``kid`` only selects a key from a fixed set or
+  the JWKS.
+- Oversized tokens are refused before parsing; malformed ones are a 401, never a 500.
+- A JWKS is cached, refetched on an unknown ``kid`` at most once per cooldown, and the
+  last good keys are kept while the endpoint is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+from jwt.algorithms import get_default_algorithms
+
+from kiban import log
+
+__all__ = ["JWKS", "InvalidToken", "TokenVerifier"]
+
+MAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_SIGNATURE_ALGORITHMS = frozenset(get_default_algorithms()) - MAC_ALGORITHMS - {"none"}
+MAX_TOKEN_BYTES = 8 * 1024
+
+
+class InvalidToken(Exception):
+    """The token is not acceptable; ``reason`` is safe to log (it holds no token data)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
+    chosen = tuple(algorithms)
+    if not chosen:
+        raise ValueError("a token scheme needs at least one algorithm")
+    unknown = [alg for alg in chosen if alg not in MAC_ALGORITHMS | _SIGNATURE_ALGORITHMS]
+    if unknown:
+        raise ValueError(f"unsupported or forbidden algorithms: {unknown}")
+    kinds = {alg in MAC_ALGORITHMS for alg in chosen}
+    if len(kinds) > 1:
+        raise ValueError("a token scheme must not mix HS* with signature algorithms")
+    return chosen
+
+
+class JWKS:
+    """Keys from a JWKS URL: cached, refetched on an unknown kid at most once per cooldown."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float = 300.0,
+        cooldown: float = 30.0,
+        timeout: float = 2.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url
+        self.ttl = ttl
+        self.cooldown = cooldown
+        self.timeout = timeout
+        self.client = client
+        self.fetches = 0
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = -float("inf")
+        self._attempted_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str | None) -> jwt.PyJWK:
+        now = time.monotonic()
+        if now - self._fetched_at > self.ttl or (kid not in self._keys and kid is not None):
+            await self._refresh(now)
+        if kid is None:
+            if len(self._keys) == 1:
+                return next(iter(self._keys.values()))
+            raise InvalidToken("missing kid")
+        try:
+            return self._keys[kid]
+        except KeyError:
+            raise InvalidToken("unknown kid") from None
+
+    async def _refresh(self, now: float) -> None:
+        async with self._lock:
+            if now - self._attempted_at < self.cooldown:
+                return  # someone just tried: never hammer the JWKS endpoint
+            self._attempted_at = time.monotonic()
+            self.fetches += 1
+            try:
+                if self.client is None:
+                    async with httpx.AsyncClient(timeout=self.timeout) as client:
+                        response = await client.get(self.url)
+                else:
+                    response = await self.client.get(self.url, timeout=self.timeout)
+                response.raise_for_status()
+                keys = {
+                    str(item["kid"]): jwt.PyJWK(item)
+                    for item in response.json()["keys"]
+                    if "kid" in item and item.get("use", "sig") == "sig"
+                }
+            except Exception as exc:
+                log.warning(
+                    "JWKS fetch failed, keeping the last good keys",
+                    error_type=type(exc).__name__,
+                    keys=len(self._keys),
+                )
+                return
+            self._keys = keys
+            self._fetched_at = time.monotonic()
+
+
+@dataclass(frozen=True)
+class TokenVerifier:
+    """Verifies JWTs for one scheme: its algorithms, keys and expected claims."""
+
+    algorithms: Sequence[str]
+    key: Any = None
+    keys: Mapping[str, Any] | None = None
+    jwks: JWKS | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway: float = 0.0
+    required_claims: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "algorithms", check_algorithms(self.algorithms))
+        if sum(source is not None for source in (self.key, self.keys, self.jwks)) != 1:
+            raise ValueError("give exactly one of key, keys or jwks")
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise InvalidToken("token too large")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("malformed token") from None
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in self.algorithms:
+            raise InvalidToken("algorithm not allowed")
+        if "crit" in header or "b64" in header:
+            raise InvalidToken("unsupported critical header")
+        key = await self._key(header.get("kid"))
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                issuer=self.issuer,
+                audience=self.audience,
+                leeway=self.leeway,
+                options={
+                    "require": ["exp", *self.required_claims],
+                    "verify_aud": self.audience is not None,
+                    "strict_aud": False,
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidToken("token not yet valid") from None
+        except jwt.InvalidIssuerError:
+            raise InvalidToken("wrong issuer") from None
+        except jwt.InvalidAudienceError:
+            raise InvalidToken("wrong audience") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise InvalidToken(f"missing claim {exc.claim}") from None
+        except jwt.InvalidSignatureError:
+            raise InvalidToken("bad signature") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise InvalidToken("invalid token") from None
+        return claims
+
+    async def _key(self, kid: Any) -> Any:
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("malformed kid")
+        if self.key is not None:
+            return self.key
+        if self.keys is not None:
+            if kid is None or kid not in self.keys:
+                raise InvalidToken("unknown kid")
+            return self.keys[kid]
+        assert self.jwks is not None
+        jwk = await self.jwks.key(kid)
+        return jwk.key
+
+
+def algorithm_for(key: Any) -> str:
+    """The signature algorithm a private key signs with."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return "EdDSA"
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ES256"
+    raise ValueError(f"unsupported signing key {type(key).__name__}")
+
+
+def mint(
+    private_key_pem: bytes,
+    subject: str,
+    *,
+    issuer: str | None = None,
+    audience: str | None = None,
+    scopes: Sequence[str] = (),
+    ttl: float = 3600.0,
+    kid: str | None = None,
+    claims: Mapping[str, Any] | None = None,
+) -> str:
+    """A signed token for development and tests (``kiban token``)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(private_key_pem, password=None)
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": subject, "iat": now, "exp": now + int(ttl)}
+    if issuer:
+        payload["iss"] = issuer
+    if audience:
+        payload["aud"] = audience
+    if scopes:
+        payload["scope"] = " ".join(scopes)
+    payload.update(claims or {})
+    headers = {"kid": kid} if kid else None
+    return jwt.encode(payload, key, algorithm=algorithm_for(key), headers=headers)  # type: ignore[arg-type]
