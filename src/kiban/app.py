@@ -8,6 +8,7 @@ The request path, outermost first::
     drain        Connection: close while shutting down  server.py
     errors       any exception -> problem+json          errors.py
     body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
+    policy       refuse to serve with unresolved security security/policy.py
     FastAPI      routing, validation, handlers
 
 The chain is installed once, in ``Service.__init__``; a second Service on the same app
@@ -33,7 +34,7 @@ from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoin
 from kiban.limits import BodyLimitMiddleware
 from kiban.propagation import ContextMiddleware
 from kiban.ratelimit import Limiter, RateLimit
-from kiban.security.policy import NoSecurity, Policy, SecurityConfigError
+from kiban.security.policy import NoSecurity, Policy, PolicyMiddleware, SecurityConfigError
 from kiban.server import DrainMiddleware
 from kiban.telemetry import Telemetry, TelemetryMiddleware
 
@@ -82,6 +83,7 @@ class Service:
         _disable_native_telemetry(app)
         errors.install(app)
         # add_middleware puts the last one added outermost.
+        app.add_middleware(PolicyMiddleware, policy=self.policy, api=app)
         app.add_middleware(BodyLimitMiddleware, max_body_bytes=self.settings.http_max_body_bytes)
         app.add_middleware(errors.ErrorMiddleware)
         app.add_middleware(DrainMiddleware, checker=self.health)

@@ -22,6 +22,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
 from kiban import log
+from kiban.errors import Problem
 from kiban.telemetry import Telemetry
 
 __all__ = ["Decision", "Limiter", "RateLimit"]
@@ -88,7 +89,11 @@ class Limiter:
         self.telemetry = telemetry
 
     async def hit(self, rate: RateLimit, key: str) -> Decision | None:
-        """Count one request for ``key``; None when the storage failed and we fail open."""
+        """Count one request for ``key``.
+
+        None when the storage failed and the policy is to fail open; a 503 problem when
+        it is to fail closed.
+        """
         item = rate.item
         try:
             allowed = await self.strategy.hit(item, rate.name, key)
@@ -104,6 +109,8 @@ class Limiter:
                 self.telemetry.ratelimit_errors.add(1, {"fail_open": self.fail_open})
             if self.fail_open:
                 return None
-            return Decision(False, item.amount, 0, 1)
+            raise Problem(
+                503, "Rate limiting is unavailable; try again later.", headers={"retry-after": "1"}
+            ) from None
         reset = max(1, math.ceil(reset_at - time.time()))
         return Decision(allowed, item.amount, max(0, remaining), reset)

@@ -24,6 +24,7 @@ from typing import Any
 
 import fastapi.routing
 from fastapi import FastAPI, Request, Response, params
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiban import log, propagation
 from kiban.errors import Problem
@@ -117,6 +118,24 @@ class _RateLimitMarker:
         return None
 
 
+class PolicyMiddleware:
+    """Fails closed: no request is served while the routes' security is unresolved.
+
+    Start-up resolves it; this covers an app served without a lifespan, or routes added
+    later. A bad declaration then makes every request a 500, never a public route.
+    """
+
+    def __init__(self, app: ASGIApp, policy: Policy, api: FastAPI) -> None:
+        self.app = app
+        self.policy = policy
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.policy.stale(self.api):
+            self.policy.resolve(self.api)
+        await self.app(scope, receive, send)
+
+
 def requirement_of(depends: Any) -> Requirement:
     """The Requirement inside what Security()/NoSecurity() returned."""
     dependency = getattr(depends, "dependency", depends)
@@ -203,8 +222,11 @@ class Policy:
         self.operations = operations
         self._resolved_for = len(app.routes)
 
+    def stale(self, app: FastAPI) -> bool:
+        return self._resolved_for != len(app.routes)
+
     def resolved(self, app: FastAPI, route: Any) -> Requirement | None:
-        if self._resolved_for != len(app.routes):
+        if self.stale(app):
             self.resolve(app)
         found = self.table.get(id(route))
         return found.requirement if found is not None else None

@@ -1,0 +1,329 @@
+"""Requirements at API, router and route level: the narrowest one applies, and only it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+import kiban
+from kiban.config import Settings
+from kiban.security import (
+    JWT,
+    APIKey,
+    BasicAuth,
+    InternalIDToken,
+    NoSecurity,
+    OAuth2,
+    Principal,
+    Security,
+    SecurityConfigError,
+    principal,
+)
+from kiban.security.schemes import Introspection
+from tests.conftest import DEV_KEYS, Lines, free_port, token
+
+GATEWAY = (DEV_KEYS / "gateway-dev.pub.pem").read_bytes()
+AUTH = (DEV_KEYS / "auth-dev.pub.pem").read_bytes()
+
+
+async def _key(key: str) -> Principal | bool | None:
+    return Principal("api_key", "partner") if key == "k-123" else None
+
+
+async def _basic(username: str, password: str) -> bool:
+    return (username, password) == ("ops", "correct horse")
+
+
+jwt_scheme = JWT(algorithms=["EdDSA"], key=AUTH, issuer="kiban-dev-auth")
+api_key = APIKey(_key)
+basic = BasicAuth(_basic)
+internal = InternalIDToken(key=GATEWAY, issuer="kiban-dev-gateway")
+
+
+def bearer(*scopes: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token('jwt', 'user-1', *scopes)}"}
+
+
+KEY = {"x-api-key": "k-123"}
+
+
+def build(api: Any = None) -> FastAPI:
+    """API default (when given) > router > route, in every combination."""
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=api)
+    secured = APIRouter(prefix="/secured", dependencies=[Security(api_key)])
+    public = APIRouter(prefix="/public", dependencies=[NoSecurity()])
+    plain = APIRouter(prefix="/plain")
+
+    @secured.get("/inherit")
+    async def secured_inherit() -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @secured.get("/open", dependencies=[NoSecurity()])
+    async def secured_open() -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @secured.get("/jwt", dependencies=[Security(jwt_scheme, scopes=["admin"])])
+    async def secured_jwt() -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @public.get("/inherit")
+    async def public_inherit() -> dict[str, str]:
+        return {}
+
+    @public.get("/locked", dependencies=[Security(basic)])
+    async def public_locked() -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @plain.get("/inherit")
+    async def plain_inherit() -> dict[str, str]:
+        return {}
+
+    @plain.get("/either", dependencies=[Security(api_key, basic)])
+    async def plain_either() -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    for router in (secured, public, plain):
+        app.include_router(router)
+    return app
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(build(Security(jwt_scheme))) as test_client:
+        yield test_client
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/secured/inherit", {}, 401),  # router's API key replaces the API's JWT
+        ("/secured/inherit", bearer(), 401),
+        ("/secured/inherit", KEY, 200),
+        ("/secured/open", {}, 200),  # route's NoSecurity replaces the router's key
+        ("/secured/jwt", KEY, 401),  # route's JWT replaces the router's key
+        ("/secured/jwt", bearer(), 403),
+        ("/secured/jwt", bearer("admin"), 200),
+        ("/public/inherit", {}, 200),  # router's NoSecurity replaces the API's JWT
+        ("/public/locked", {}, 401),
+        ("/plain/inherit", {}, 401),  # no router requirement: the API default applies
+        ("/plain/inherit", bearer(), 200),
+        ("/plain/either", KEY, 200),  # any of the route's schemes
+        ("/plain/either", bearer(), 401),  # ...but not the API's, which it replaced
+    ],
+)
+def test_the_narrowest_requirement_applies(
+    client: TestClient, path: str, headers: dict[str, str], status: int
+) -> None:
+    assert client.get(path, headers=headers).status_code == status
+
+
+def test_basic_credentials(client: TestClient) -> None:
+    good = base64.b64encode(b"ops:correct horse").decode()
+    bad = base64.b64encode(b"ops:wrong").decode()
+    assert client.get("/public/locked", headers={"authorization": f"Basic {good}"}).json() == {
+        "who": "ops"
+    }
+    response = client.get("/public/locked", headers={"authorization": f"Basic {bad}"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Basic realm=")
+    for junk in ("Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode()):
+        assert client.get("/public/locked", headers={"authorization": junk}).status_code == 401
+
+
+def test_any_of_challenges_with_every_scheme(client: TestClient) -> None:
+    response = client.get("/plain/either")
+    assert response.status_code == 401
+    challenge = response.headers["www-authenticate"]
+    assert "APIKey" in challenge
+    assert "Basic" in challenge
+
+
+def test_a_route_without_any_requirement_stops_start_up() -> None:
+    app = build(api=None)
+    with pytest.raises(SecurityConfigError) as caught, TestClient(app):
+        pass
+    assert "/plain/inherit" in str(caught.value)
+    assert "/secured/inherit" not in str(caught.value)
+
+
+def test_an_undeclared_route_is_refused_even_without_a_lifespan(lines: Lines) -> None:
+    """Fail closed: served without start-up, nothing is served, least of all in public."""
+    client = TestClient(build(api=None))  # no `with`: the lifespan never runs
+    assert client.get("/plain/inherit").status_code == 500
+    assert client.get("/public/inherit").status_code == 500
+    assert any("SecurityConfigError" in line.get("exception", "") for line in lines.app())
+
+
+def test_openapi_shows_the_resolved_requirements(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["jwt"] == {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    assert schemes["api_key"] == {"type": "apiKey", "in": "header", "name": "x-api-key"}
+    assert schemes["basic"] == {"type": "http", "scheme": "basic"}
+    security = {path: operations["get"]["security"] for path, operations in doc["paths"].items()}
+    assert security == {
+        "/secured/inherit": [{"api_key": []}],
+        "/secured/open": [],
+        "/secured/jwt": [{"jwt": ["admin"]}],
+        "/public/inherit": [],
+        "/public/locked": [{"basic": []}],
+        "/plain/inherit": [{"jwt": []}],
+        "/plain/either": [{"api_key": []}, {"basic": []}],
+    }
+    assert "401" in doc["paths"]["/secured/jwt"]["get"]["responses"]
+    assert "401" not in doc["paths"]["/public/inherit"]["get"]["responses"]
+
+
+def test_health_and_metrics_stay_public(client: TestClient) -> None:
+    assert client.get("/health/liveness").status_code == 200
+    assert client.get("/health/readiness").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("location", ["header", "query", "cookie"])
+def test_api_keys_in_each_location(location: str) -> None:
+    app = FastAPI()
+    scheme = APIKey(_key, parameter="api_key", location=location)  # type: ignore[arg-type]
+    kiban.Service(app, Settings(), security=Security(scheme))
+
+    @app.get("/x")
+    async def x() -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    with TestClient(app) as client:
+        assert client.get("/x").status_code == 401
+        if location == "header":
+            response = client.get("/x", headers={"api_key": "k-123"})
+        elif location == "query":
+            response = client.get("/x", params={"api_key": "k-123"})
+        else:
+            client.cookies.set("api_key", "k-123")
+            response = client.get("/x")
+        assert response.json() == {"who": "partner"}
+
+
+def test_identity_token_sets_the_uid_and_overrides_a_forged_one(lines: Lines) -> None:
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=Security(internal))
+
+    @app.get("/me")
+    async def me() -> dict[str, Any]:
+        context = kiban.current()
+        return {"uid": context.uid if context else None}
+
+    with TestClient(app) as client:
+        response = client.get(
+            "/me", headers={"x-uid": "admin", "x-internal-id-token": token("internal", "u-9")}
+        )
+        assert response.json() == {"uid": "u-9"}
+        forged = token("jwt", "u-9")  # right shape, signed by the wrong party
+        assert client.get("/me", headers={"x-internal-id-token": forged}).status_code == 401
+        assert client.get("/me", headers={"x-uid": "u-9"}).status_code == 401
+    access = [line for line in lines.access() if line["path"] == "/me"]
+    assert access[0]["uid"] == "u-9"
+
+
+class Introspector:
+    """A real RFC 7662 endpoint on loopback."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.calls = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                outer.calls += 1
+                length = int(self.headers["content-length"])
+                form = parse_qs(self.rfile.read(length).decode())
+                expected = "Basic " + base64.b64encode(b"kiban:s3cret").decode()
+                if self.headers.get("authorization") != expected:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                active = form.get("token") == ["good-token"]
+                body = json.dumps(
+                    {"active": True, "sub": "svc-7", "scope": "orders:read"}
+                    if active
+                    else {"active": False}
+                ).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_oauth2_by_introspection_and_by_jwt() -> None:
+    introspector = Introspector()
+    try:
+        flows = {
+            "clientCredentials": {
+                "tokenUrl": "https://auth.example/token",
+                "scopes": {"orders:read": "read orders"},
+            }
+        }
+        by_introspection = OAuth2(
+            flows=flows,
+            introspection=Introspection(
+                f"http://127.0.0.1:{introspector.port}/introspect", "kiban", "s3cret"
+            ),
+        )
+        by_jwt = OAuth2(flows=flows, jwt=jwt_scheme, name="oauth2_jwt")
+        app = FastAPI()
+        kiban.Service(app, Settings(), security=Security(by_introspection, scopes=["orders:read"]))
+
+        @app.get("/x")
+        async def x() -> dict[str, Any]:
+            who = principal()
+            return {"who": who.subject if who else None}
+
+        @app.get("/y", dependencies=[Security(by_jwt, scopes=["orders:read"])])
+        async def y() -> dict[str, Any]:
+            who = principal()
+            return {"who": who.subject if who else None}
+
+        with TestClient(app) as client:
+            good = {"authorization": "Bearer good-token"}
+            assert client.get("/x", headers=good).json() == {"who": "svc-7"}
+            assert client.get("/x", headers=good).json() == {"who": "svc-7"}
+            assert introspector.calls == 1  # cached
+            assert client.get("/x", headers={"authorization": "Bearer bad"}).status_code == 401
+            assert client.get("/y", headers=bearer("orders:read")).json() == {"who": "user-1"}
+            assert client.get("/y", headers=bearer()).status_code == 403
+            doc = client.get("/openapi.json").json()
+        flows_doc = doc["components"]["securitySchemes"]["oauth2"]["flows"]
+        assert flows_doc["clientCredentials"]["tokenUrl"] == "https://auth.example/token"
+        assert doc["paths"]["/x"]["get"]["security"] == [{"oauth2": ["orders:read"]}]
+    finally:
+        introspector.server.shutdown()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300))
+def test_any_authorization_header_is_a_4xx_never_a_500(value: str) -> None:
+    response = _fuzz_client.get(
+        "/plain/either", headers={"authorization": value, "x-api-key": value[:50] or "x"}
+    )
+    assert response.status_code in (200, 401, 403)
+
+
+_fuzz_client = TestClient(build(Security(jwt_scheme)))
