@@ -34,7 +34,13 @@ from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoin
 from kiban.limits import BodyLimitMiddleware
 from kiban.propagation import ContextMiddleware
 from kiban.ratelimit import Limiter, RateLimit
-from kiban.security.policy import NoSecurity, Policy, PolicyMiddleware, SecurityConfigError
+from kiban.security.policy import (
+    NoSecurity,
+    Policy,
+    PolicyMiddleware,
+    SecurityConfigError,
+    Unlimited,
+)
 from kiban.server import DrainMiddleware
 from kiban.telemetry import Telemetry, TelemetryMiddleware
 
@@ -100,7 +106,9 @@ class Service:
             ("/health/readiness", readiness_endpoint(self.health)),
             ("/metrics", self.telemetry.metrics_endpoint),
         ):
-            app.add_api_route(path, endpoint, include_in_schema=False, dependencies=[NoSecurity()])
+            app.add_api_route(
+                path, endpoint, include_in_schema=False, dependencies=[NoSecurity(), Unlimited()]
+            )
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
         self._document_errors(app)
 

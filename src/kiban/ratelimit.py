@@ -78,7 +78,10 @@ class Limiter:
         if redis_url:
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
             self.storage: Storage = storage_from_string(  # type: ignore[assignment]
-                uri, socket_timeout=timeout, socket_connect_timeout=timeout
+                uri,
+                implementation="redispy",
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
             )
             self.shared = True
         else:

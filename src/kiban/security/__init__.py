@@ -7,6 +7,7 @@ from kiban.security.policy import (
     Requirement,
     Security,
     SecurityConfigError,
+    Unlimited,
     principal,
 )
 from kiban.security.schemes import (
@@ -39,5 +40,6 @@ __all__ = [
     "Security",
     "SecurityConfigError",
     "TokenVerifier",
+    "Unlimited",
     "principal",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "Requirement",
     "Security",
     "SecurityConfigError",
+    "Unlimited",
     "principal",
 ]
 
@@ -108,10 +109,15 @@ def RateLimited(limit: str, key: str = "subject", name: str | None = None) -> An
     return params.Depends(_RateLimitMarker(RateLimit(limit, key, name or limit)))  # type: ignore[arg-type]
 
 
+def Unlimited() -> Any:
+    """Declare a route or router free of the API's rate limit (probes, scrapes)."""
+    return params.Depends(_RateLimitMarker(None))
+
+
 class _RateLimitMarker:
     """A rate-limit declaration; enforced with the route's security requirement."""
 
-    def __init__(self, rate: RateLimit) -> None:
+    def __init__(self, rate: RateLimit | None) -> None:
         self.rate = rate
 
     async def __call__(self) -> None:

@@ -137,3 +137,24 @@ def test_every_request_wrote_one_access_line(lines: Lines, tmp_path: Path) -> No
     ]
     assert access[1]["uid"] == "u-5"
     assert {line["service"] for line in access} == {"members"}
+
+
+def test_each_route_has_its_declared_security(client: TestClient) -> None:
+    created = register(client, "sec@example.com")
+    member = f"/members/{created['id']}"
+    # Registration is public; reading one member needs members:read or an identity token.
+    assert client.get(member).status_code == 401
+    assert client.get(member, headers=bearer("svc")).status_code == 403
+    assert client.get(member, headers=READER).status_code == 200
+    assert client.get(member, headers=identity("someone")).status_code == 200
+    # Updating falls back to the API default: an admin JWT.
+    assert client.patch(member, json={"name": "X"}, headers=READER).status_code == 403
+    assert client.patch(member, json={"name": "X"}, headers=ADMIN).status_code == 200
+    # Listing takes an API key, and only a known one.
+    assert client.get("/members").status_code == 401
+    assert client.get("/members", headers={"x-api-key": "nope"}).status_code == 401
+    assert client.get("/members", headers=API_KEY).status_code == 200
+    # "My profile" is the identity token's subject.
+    me = client.get("/members/me", headers=identity(str(created["id"])))
+    assert me.json()["email"] == "sec@example.com"
+    assert client.get("/members/me", headers=READER).status_code == 401

@@ -1,0 +1,136 @@
+"""Rate limits per key: exact, shared through Redis across replicas, explicit when Redis fails."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+import kiban
+from kiban.config import Settings
+from kiban.ratelimit import RateLimit
+from kiban.security import JWT, NoSecurity, RateLimited, Security
+from tests.conftest import DEV_KEYS, Lines, closed_port, token
+
+AUTH = (DEV_KEYS / "auth-dev.pub.pem").read_bytes()
+scheme = JWT(algorithms=["EdDSA"], key=AUTH, issuer="kiban-dev-auth")
+
+
+def user(subject: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token('jwt', subject)}"}
+
+
+def make_app(limit: str = "3/minute", **settings: Any) -> FastAPI:
+    app = FastAPI()
+    kiban.Service(
+        app,
+        Settings(**settings),
+        security=Security(scheme),
+        rate_limit=RateLimit(limit, name=f"test-{uuid.uuid4().hex}"),
+    )
+
+    @app.get("/items")
+    async def items() -> dict[str, str]:
+        return {}
+
+    @app.get("/search", dependencies=[NoSecurity(), RateLimited("2/minute", key="ip")])
+    async def search() -> dict[str, str]:
+        return {}
+
+    return app
+
+
+def test_the_limit_is_exact_and_the_headers_agree() -> None:
+    with TestClient(make_app()) as client:
+        alice = user("alice")
+        remaining = []
+        for _ in range(3):
+            response = client.get("/items", headers=alice)
+            assert response.status_code == 200
+            assert response.headers["ratelimit-limit"] == "3"
+            remaining.append(int(response.headers["ratelimit-remaining"]))
+        assert remaining == [2, 1, 0]
+        refused = client.get("/items", headers=alice)
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.headers["retry-after"] == refused.headers["ratelimit-reset"]
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        # Another subject has its own budget.
+        assert client.get("/items", headers=user("bob")).status_code == 200
+
+
+def test_a_route_level_limit_replaces_the_api_one_and_keys_by_ip() -> None:
+    with TestClient(make_app(limit="100/minute")) as client:
+        statuses = [client.get("/search").status_code for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        assert client.get("/items", headers=user("carol")).status_code == 200
+        metrics = client.get("/metrics").text
+    assert 'kiban_ratelimit_rejected_total{http_route="/search"' in metrics
+
+
+@pytest.mark.integration
+async def test_two_replicas_sharing_redis_admit_exactly_the_limit(redis_url: str) -> None:
+    name = f"shared-{uuid.uuid4().hex}"
+    replicas = []
+    for _ in range(2):
+        app = FastAPI()
+        kiban.Service(
+            app,
+            Settings(redis_url=redis_url),
+            security=Security(scheme),
+            rate_limit=RateLimit("10/minute", name=name),
+        )
+
+        @app.get("/items")
+        async def items() -> dict[str, str]:
+            return {}
+
+        replicas.append(app)
+    headers = user(f"dave-{uuid.uuid4().hex}")
+    clients = [
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica")
+        for app in replicas
+    ]
+    try:
+        responses = await asyncio.gather(
+            *(clients[i % 2].get("/items", headers=headers) for i in range(40))
+        )
+    finally:
+        for client in clients:
+            await client.aclose()
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 30
+
+
+@pytest.mark.integration
+def test_redis_down_fails_open_with_a_log_line_and_a_metric(lines: Lines) -> None:
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    with TestClient(make_app(limit="1/minute", redis_url=url)) as client:
+        statuses = [client.get("/items", headers=user("erin")).status_code for _ in range(3)]
+        metrics = client.get("/metrics").text
+    assert statuses == [200, 200, 200]
+    failures = [line for line in lines.app() if line["msg"] == "rate limit storage unavailable"]
+    assert len(failures) == 3
+    assert "kiban_ratelimit_storage_errors_total" in metrics
+
+
+@pytest.mark.integration
+def test_redis_down_can_fail_closed_with_503() -> None:
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    app = make_app(limit="1/minute", redis_url=url, ratelimit_fail_open=False)
+    with TestClient(app) as client:
+        response = client.get("/items", headers=user("frank"))
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_probes_and_scrapes_are_never_rate_limited() -> None:
+    with TestClient(make_app(limit="1/minute")) as client:
+        for path in ("/health/liveness", "/health/readiness", "/metrics"):
+            assert {client.get(path).status_code for _ in range(5)} == {200}
