@@ -126,6 +126,8 @@ def test_any_header_values_give_a_safe_context(headers: dict[str, str], peer: st
     context = from_headers(headers, NAMES, peer)
     assert HEX32.fullmatch(context.trace_id)
     for value in dataclasses.asdict(context).values():
+        if isinstance(value, bool):
+            continue
         if value is not None:
             assert value.isprintable()
             assert "\r" not in value

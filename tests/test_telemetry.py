@@ -217,6 +217,8 @@ def test_a_real_prometheus_scrapes_the_request_counter(
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=10)
+    started = next(line for line in service.lines() if line.get("msg") == "started")
+    assert started["telemetry"] == "in process (spans not exported) and /metrics"
 
 
 @pytest.mark.process

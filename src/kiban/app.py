@@ -8,6 +8,7 @@ The request path, outermost first::
     drain        Connection: close while shutting down  server.py
     errors       any exception -> problem+json          errors.py
     body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
+    payloads     bodies logged when switched on         debug.py
     policy       refuse to serve with unresolved security security/policy.py
     FastAPI      routing, validation, handlers
 
@@ -27,9 +28,9 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from kiban import client as kiban_client
-from kiban import errors, log
+from kiban import debug, errors, log
 from kiban.accesslog import AccessLogMiddleware
-from kiban.config import Settings, load
+from kiban.config import ConfigError, Settings, load
 from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoint
 from kiban.limits import BodyLimitMiddleware
 from kiban.propagation import ContextMiddleware
@@ -59,6 +60,7 @@ class Service:
         *,
         security: Any = None,
         rate_limit: RateLimit | None = None,
+        debug_security: Any = None,
     ) -> None:
         if getattr(app.state, "kiban", None) is not None:
             raise RuntimeError("kiban.Service is already installed on this app")
@@ -88,7 +90,17 @@ class Service:
         app.state.kiban = self
         _disable_native_telemetry(app)
         errors.install(app)
+        self.payloads = debug.PayloadLog()
+        if self.settings.debug_endpoints:
+            if debug_security is None:
+                raise ConfigError(
+                    "DEBUG_ENDPOINTS is on but the service gives no debug_security: "
+                    "the debug endpoints are never public"
+                )
+            app.include_router(debug.router(self.payloads, [debug_security, Unlimited()]))
+        log.allow_request_debug(self.settings.debug_endpoints)
         # add_middleware puts the last one added outermost.
+        app.add_middleware(debug.PayloadLogMiddleware, payloads=self.payloads)
         app.add_middleware(PolicyMiddleware, policy=self.policy, api=app)
         app.add_middleware(BodyLimitMiddleware, max_body_bytes=self.settings.http_max_body_bytes)
         app.add_middleware(errors.ErrorMiddleware)

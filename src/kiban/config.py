@@ -29,6 +29,8 @@ class HeaderNames(BaseModel):
     forwarded_for: str = "x-forwarded-for"
     api_client: str = "x-api-client"
     id_token: str = "x-internal-id-token"  # noqa: S105 (a header name)
+    #: ``x-debug: 1`` turns on debug logs for that request only (when debug is enabled).
+    debug: str = "x-debug"
 
 
 class Settings(BaseSettings):
@@ -88,6 +90,9 @@ class Settings(BaseSettings):
     client_connect_timeout: float = Field(1.0, gt=0)
     client_read_timeout: float = Field(5.0, gt=0)
     client_retries: int = Field(2, ge=0, le=5)
+
+    #: Mounts /debug (log level, payload logging, profiling); needs a debug_security.
+    debug_endpoints: bool = False
 
     health_timeout: float = Field(0.8, gt=0)
     health_cache_seconds: float = Field(1.0, ge=0)

@@ -70,6 +70,8 @@ class _State:
 
     level = _LEVELS["info"]
     service: str | None = None
+    #: Whether a request's debug header may lower the level for that request.
+    request_debug = False
 
 
 _state = _State()
@@ -87,8 +89,15 @@ def get_level() -> str:
 
 def _filter_level(_: WrappedLogger, method: str, event: EventDict) -> EventDict:
     if _METHOD_LEVELS.get(method, 20) < _state.level:
-        raise structlog.DropEvent
+        context = propagation.current() if _state.request_debug else None
+        if context is None or not context.debug:
+            raise structlog.DropEvent
     return event
+
+
+def allow_request_debug(allowed: bool) -> None:
+    """Let a request's debug header turn on debug lines for that request."""
+    _state.request_debug = allowed
 
 
 def _add_request_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:

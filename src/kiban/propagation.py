@@ -45,6 +45,8 @@ class RequestContext:
     api_client: str | None = None
     #: The gateway-issued internal identity token, forwarded to internal services only.
     id_token: str | None = field(default=None, repr=False)
+    #: The request asked for debug logs (honoured only when debug is enabled).
+    debug: bool = False
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("kiban_request_context", default=None)
@@ -118,6 +120,7 @@ def from_headers(
         remote_addr=remote_addr,
         api_client=_clean(headers.get(names.api_client)),
         id_token=_clean(headers.get(names.id_token), _MAX_ID_TOKEN),
+        debug=headers.get(names.debug, "").strip() in ("1", "true"),
     )
 
 

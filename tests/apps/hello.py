@@ -8,10 +8,18 @@ from fastapi import FastAPI
 from opentelemetry import trace
 
 import kiban
-from kiban.security import NoSecurity
+from kiban.security import APIKey, NoSecurity, Security
 
 app = FastAPI(title="hello")
-service = kiban.Service(app, security=NoSecurity())
+
+
+async def _debug_key(key: str) -> bool:
+    return key == "debug-key"
+
+
+service = kiban.Service(
+    app, security=NoSecurity(), debug_security=Security(APIKey(_debug_key, name="debug_key"))
+)
 greetings = kiban.meter().create_counter("greetings_total", description="Greetings sent.")
 
 
@@ -25,6 +33,7 @@ service.on_shutdown(_goodbye)
 @app.get("/hello/{name}")
 async def hello(name: str) -> dict[str, str]:
     with trace.get_tracer("hello").start_as_current_span("compose greeting"):
+        kiban.log.debug("composing greeting", name=name)
         kiban.log.info("greeting", name=name)
     greetings.add(1, {"kind": "hello"})
     return {"hello": name}
