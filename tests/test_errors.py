@@ -152,3 +152,21 @@ def test_an_unreachable_database_is_503_not_500_and_hides_the_dsn(lines: Lines) 
     assert_problem(response, 503)
     assert "pw-secret" not in response.text
     assert "pw-secret" not in lines.text()
+
+
+def test_405_lists_every_method_of_the_path_even_across_routes() -> None:
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
+
+    @app.get("/things")
+    async def list_things() -> list[str]:
+        return []
+
+    @app.post("/things")
+    async def add_thing() -> None:
+        return None
+
+    with TestClient(app) as client:
+        response = client.delete("/things")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"

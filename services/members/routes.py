@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import kiban
@@ -28,6 +28,8 @@ async def repository(request: Request) -> AsyncIterator[MemberRepository]:
 
 
 Repo = Annotated[MemberRepository, Depends(repository)]
+#: Ids are 32-bit in every supported database; larger ones are a 422, not a driver error.
+MemberId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _not_found(member_id: int) -> kiban.Problem:
@@ -65,18 +67,18 @@ def router(schemes: Schemes) -> APIRouter:
         return MemberOut.model_validate(member)
 
     @routes.get(
-        "/{member_id}",
+        "/{member_id:int}",
         response_model=MemberOut,
         dependencies=[Security(schemes.jwt.requiring("members:read"), schemes.internal)],
     )
-    async def get_member(member_id: int, repo: Repo) -> MemberOut:
+    async def get_member(member_id: MemberId, repo: Repo) -> MemberOut:
         member = await repo.get(member_id)
         if member is None:
             raise _not_found(member_id)
         return MemberOut.model_validate(member)
 
-    @routes.patch("/{member_id}", response_model=MemberOut)
-    async def update_member(member_id: int, body: MemberPatch, repo: Repo) -> MemberOut:
+    @routes.patch("/{member_id:int}", response_model=MemberOut)
+    async def update_member(member_id: MemberId, body: MemberPatch, repo: Repo) -> MemberOut:
         member = await repo.get(member_id)
         if member is None:
             raise _not_found(member_id)

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+from services.common import Label, UTCDateTime
+
+Name = Label
+#: One @, something before it, a dot after it, no spaces: what the schema says is what
+#: is accepted (no hidden rule such as refusing reserved domains).
+_PART = r"[^@\u0000-\u0020\u007f]+"
+Email = Annotated[
+    str, StringConstraints(min_length=3, max_length=254, pattern=rf"^{_PART}@{_PART}\.{_PART}$")
+]
 
 
 class MemberIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: EmailStr = Field(max_length=254)
+    email: Email
     name: Name
 
 
 class MemberPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: EmailStr | None = Field(default=None, max_length=254)
+    email: Email | None = None
     name: Name | None = None
 
 
@@ -30,8 +37,8 @@ class MemberOut(BaseModel):
     id: int
     email: str
     name: str
-    created_at: datetime
-    updated_at: datetime
+    created_at: UTCDateTime
+    updated_at: UTCDateTime
 
 
 class MemberPage(BaseModel):

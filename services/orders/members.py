@@ -25,7 +25,7 @@ class Members:
         if isinstance(response.parsed, MemberOut):
             return response.parsed
         if response.status_code == 404:
-            raise kiban.Problem(422, f"No member has id {member_id}.")
+            raise kiban.Problem(404, f"No member has id {member_id}.")
         kiban.log.warning("members call failed", status=int(response.status_code))
         raise kiban.Problem(
             503, "The members service is unavailable.", headers={"retry-after": "1"}

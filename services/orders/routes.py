@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import kiban
@@ -34,6 +34,7 @@ def members(request: Request) -> Members:
 
 
 Repo = Annotated[OrderRepository, Depends(repository)]
+OrderId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 MembersDep = Annotated[Members, Depends(members)]
 
 
@@ -52,8 +53,8 @@ async def place_order(body: OrderIn, repo: Repo, members: MembersDep) -> OrderOu
     return OrderOut.model_validate(order).model_copy(update={"member_name": member.name})
 
 
-@router.get("/{order_id}", response_model=OrderOut)
-async def get_order(order_id: int, repo: Repo) -> OrderOut:
+@router.get("/{order_id:int}", response_model=OrderOut)
+async def get_order(order_id: OrderId, repo: Repo) -> OrderOut:
     order = await repo.get(order_id)
     if order is None:
         raise kiban.Problem(404, f"No order has id {order_id}.")

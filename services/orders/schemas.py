@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from services.common import Label, UTCDateTime
 
-Item = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Item = Label
 
 
 class OrderIn(BaseModel):
@@ -26,7 +25,7 @@ class OrderOut(BaseModel):
     member_name: str | None = None
     item: str
     quantity: int
-    created_at: datetime
+    created_at: UTCDateTime
 
 
 class OrderPage(BaseModel):

@@ -16,7 +16,7 @@ import orjson
 from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import propagation
+from kiban import propagation, routes
 from kiban.log import sink
 
 __all__ = ["FIELDS", "AccessLogMiddleware", "redact_query"]
@@ -107,7 +107,6 @@ class AccessLogMiddleware:
             if name == b"host":
                 host = value.decode("latin-1")
                 break
-        route = scope.get("route")
         record: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "log": "access",
@@ -116,7 +115,7 @@ class AccessLogMiddleware:
             "host": host,
             "path": scope["path"],
             "query": redact_query(scope["query_string"].decode("latin-1"), self.redact) or None,
-            "route": getattr(route, "path", None),
+            "route": routes.template(scope),
             "status": state["status"],
             "request_bytes": state["request_bytes"],
             "response_bytes": state["response_bytes"],

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import log, propagation
+from kiban import log, propagation, routes
 from kiban.config import Settings
 
 __all__ = ["PROBLEM_JSON", "ErrorMiddleware", "Problem", "install", "problem_response"]
@@ -113,10 +113,27 @@ async def _on_problem(_: Request, exc: Exception) -> Response:
     )
 
 
-async def _on_http_exception(_: Request, exc: Exception) -> Response:
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route serves at this path.
+
+    Starlette's 405 names only the first route that matched the path, so with
+    ``GET /items`` and ``POST /items`` declared apart, ``DELETE /items`` would say
+    ``Allow: GET``. RFC 9110 wants them all.
+    """
+    methods = routes.methods_at(getattr(request.app, "routes", ()), request.scope["path"])
+    return ", ".join(sorted(methods)) if methods else None
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if exc.detail != _phrase(exc.status_code) else None
-    return problem_response(exc.status_code, detail, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+            headers["allow"] = allowed
+    return problem_response(exc.status_code, detail, headers=headers)
 
 
 async def _on_validation_error(_: Request, exc: Exception) -> Response:
@@ -192,7 +209,6 @@ _VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
                     },
                 }
             },
-            "required": ["errors"],
         },
     ],
 }
@@ -258,7 +274,7 @@ def _report(exc: BaseException, scope: Scope) -> None:
         return
     context = propagation.current()
     with sentry_sdk.new_scope() as sentry_scope:
-        route = getattr(scope.get("route"), "path", None)
+        route = routes.template(scope)
         sentry_scope.set_tag("http.method", scope["method"])
         sentry_scope.set_tag("http.route", route or "unmatched")
         if context is not None:

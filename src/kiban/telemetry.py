@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import propagation
+from kiban import propagation, routes
 from kiban.config import Settings
 
 __all__ = ["Telemetry", "TelemetryMiddleware", "meter", "tracer"]
@@ -255,7 +255,7 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             elapsed = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", None)
+            route = routes.template(scope)
             attributes: dict[str, str | int] = {
                 "http.request.method": method,
                 "http.response.status_code": status,

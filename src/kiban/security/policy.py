@@ -17,7 +17,7 @@ ones 401, valid ones without a scope 403 naming the scope. Every failure is logg
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,7 @@ import fastapi.routing
 from fastapi import FastAPI, Request, Response, params
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kiban import log, propagation
+from kiban import log, propagation, routes
 from kiban.errors import Problem
 from kiban.ratelimit import Decision, Limiter, RateLimit
 from kiban.security.schemes import AuthError, Principal, Scheme
@@ -156,21 +156,6 @@ class Resolved:
     rate_limit: RateLimit | None
 
 
-def _effective_routes(app: FastAPI) -> Iterator[tuple[Any, Any]]:
-    """(route as seen in scope["route"], route with its full dependency chain) pairs.
-
-    FastAPI versions that include routers lazily expose the effective chains through
-    ``fastapi.routing.iter_route_contexts``; older ones copy routes with full chains.
-    """
-    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
-    if iterate is not None:
-        for context in iterate(app.routes):
-            yield context.original_route, context
-    else:
-        for route in app.routes:
-            yield route, route
-
-
 class Policy:
     """The resolved requirement of every route, and their enforcement."""
 
@@ -198,7 +183,7 @@ class Policy:
         table: dict[int, Resolved] = {}
         operations: dict[tuple[str, str], Resolved] = {}
         unsecured = []
-        for key, route in _effective_routes(app):
+        for key, route in routes.effective(app.routes):
             dependencies = getattr(route, "dependencies", None)
             if dependencies is None or not isinstance(key, fastapi.routing.APIRoute):
                 continue
@@ -246,7 +231,7 @@ class Policy:
         if rate is not None:
             decision = await self.limiter.hit(rate, self._rate_key(rate, who))
             if decision is not None:
-                self._rate_headers(decision, response, route)
+                self._rate_headers(decision, response, routes.template(request.scope))
 
     async def _authenticate(
         self, requirement: Requirement, request: Request, route: Any
@@ -267,7 +252,7 @@ class Policy:
             if not lacking:
                 return who
             missing_scopes.extend(lacking)
-        path = getattr(route, "path", request.url.path)
+        path = routes.template(request.scope) or request.url.path
         if missing_scopes:
             self._failed(requirement.alternatives[0].scheme.name, "missing scope", path)
             raise Problem(
@@ -310,10 +295,10 @@ class Policy:
             return f"{who.scheme}:{who.subject}"
         return f"ip:{context.user_ip if context else 'unknown'}"
 
-    def _rate_headers(self, decision: Decision, response: Response, route: Any) -> None:
+    def _rate_headers(self, decision: Decision, response: Response, route: str | None) -> None:
         if not decision.allowed:
             if self.telemetry is not None:
-                self.telemetry.rate_limited.add(1, {"http.route": getattr(route, "path", "")})
+                self.telemetry.rate_limited.add(1, {"http.route": route or ""})
             raise Problem(429, "Too many requests; retry later.", headers=decision.headers())
         response.headers.update(decision.headers())
 

@@ -57,11 +57,11 @@ def test_place_get_and_list_orders(members: Any, orders: TestClient) -> None:
     )
 
 
-def test_an_unknown_member_is_refused_with_422(orders: TestClient) -> None:
+def test_an_unknown_member_is_refused_with_404(orders: TestClient) -> None:
     response = orders.post(
         "/orders", json={"member_id": 4242, "item": "tea", "quantity": 1}, headers=USER
     )
-    assert response.status_code == 422
+    assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["detail"] == "No member has id 4242."
     assert orders.get("/orders", headers=USER).json()["total"] == 0

@@ -22,17 +22,17 @@ class ValidationProblem:
         status (int):
         title (str):
         type_ (str):  Default: 'about:blank'.
-        errors (list[ValidationProblemErrorsItem]):
         detail (str | Unset):
         trace_id (str | Unset):
+        errors (list[ValidationProblemErrorsItem] | Unset):
     """
 
     status: int
     title: str
-    errors: list[ValidationProblemErrorsItem]
     type_: str = "about:blank"
     detail: str | Unset = UNSET
     trace_id: str | Unset = UNSET
+    errors: list[ValidationProblemErrorsItem] | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -42,14 +42,16 @@ class ValidationProblem:
 
         type_ = self.type_
 
-        errors = []
-        for errors_item_data in self.errors:
-            errors_item = errors_item_data.to_dict()
-            errors.append(errors_item)
-
         detail = self.detail
 
         trace_id = self.trace_id
+
+        errors: list[dict[str, Any]] | Unset = UNSET
+        if not isinstance(self.errors, Unset):
+            errors = []
+            for errors_item_data in self.errors:
+                errors_item = errors_item_data.to_dict()
+                errors.append(errors_item)
 
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
@@ -58,13 +60,14 @@ class ValidationProblem:
                 "status": status,
                 "title": title,
                 "type": type_,
-                "errors": errors,
             }
         )
         if detail is not UNSET:
             field_dict["detail"] = detail
         if trace_id is not UNSET:
             field_dict["trace_id"] = trace_id
+        if errors is not UNSET:
+            field_dict["errors"] = errors
 
         return field_dict
 
@@ -79,24 +82,26 @@ class ValidationProblem:
 
         type_ = d.pop("type")
 
-        errors = []
-        _errors = d.pop("errors")
-        for errors_item_data in _errors:
-            errors_item = ValidationProblemErrorsItem.from_dict(errors_item_data)
-
-            errors.append(errors_item)
-
         detail = d.pop("detail", UNSET)
 
         trace_id = d.pop("trace_id", UNSET)
+
+        _errors = d.pop("errors", UNSET)
+        errors: list[ValidationProblemErrorsItem] | Unset = UNSET
+        if _errors is not UNSET:
+            errors = []
+            for errors_item_data in _errors:
+                errors_item = ValidationProblemErrorsItem.from_dict(errors_item_data)
+
+                errors.append(errors_item)
 
         validation_problem = cls(
             status=status,
             title=title,
             type_=type_,
-            errors=errors,
             detail=detail,
             trace_id=trace_id,
+            errors=errors,
         )
 
         validation_problem.additional_properties = d
