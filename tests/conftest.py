@@ -29,6 +29,32 @@ REDIS = ("127.0.0.1", 6379)
 
 
 DEV_KEYS = ROOT / "services" / "devkeys"
+
+#: Every credential the suite uses; none may appear in any log the suite produced.
+SECRETS: set[str] = {
+    "dev-partner-key",
+    "debug-key",
+    "k-123",
+    "correct horse",
+    "s3cret",
+    "hunter2",
+    "pw-secret",
+    "secret-pw",
+    "pw-42",
+    "good-token",
+    "k-999",
+    "issued-secret",
+}
+#: Every log the suite produced: the in-process log file and each process's output.
+LOGS: list[Path] = []
+
+
+def secret(value: str) -> str:
+    """Register a credential the suite uses, for the final scan of all logs."""
+    SECRETS.add(value)
+    return value
+
+
 API_KEY = {"x-api-key": "dev-partner-key"}
 
 
@@ -41,7 +67,7 @@ def token(kind: str, subject: str, *scopes: str, **options: Any) -> str:
         "jwt": ("auth-dev.pem", "kiban-dev-auth"),
     }[kind]
     options.setdefault("issuer", issuer)
-    return mint((DEV_KEYS / key).read_bytes(), subject, scopes=scopes, **options)
+    return secret(mint((DEV_KEYS / key).read_bytes(), subject, scopes=scopes, **options))
 
 
 def bearer(subject: str, *scopes: str) -> dict[str, str]:
@@ -71,13 +97,30 @@ class Lines:
         return self.stream.getvalue().decode()
 
 
+@pytest.fixture(scope="session")
+def session_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One file that receives every line kiban writes in the test process."""
+    path = tmp_path_factory.mktemp("logs") / "in-process.log"
+    LOGS.append(path)
+    with path.open("ab") as stream:
+        yield stream
+
+
+@pytest.fixture(autouse=True)
+def _keep_logs(session_log: Any) -> Iterator[None]:
+    log.configure("info", "json", stream=session_log)
+    yield
+    log.configure("info", "json", stream=session_log)
+
+
 @pytest.fixture
-def lines() -> Iterator[Lines]:
-    """Send kiban's log output (JSON) to memory for the test, and restore stdout after."""
+def lines(session_log: Any) -> Iterator[Lines]:
+    """Send kiban's log output (JSON) to memory for the test; keep a copy for the scan."""
     stream = io.BytesIO()
     log.configure("info", "json", stream=stream, service="test")
     yield Lines(stream)
-    log.configure("info", "json", stream=sys.stdout.buffer)
+    session_log.write(stream.getvalue())
+    log.configure("info", "json", stream=session_log)
 
 
 def _reachable(address: tuple[str, int]) -> bool:
@@ -205,6 +248,7 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
                 stderr=subprocess.STDOUT,
             )
         process = Process(popen, f"http://127.0.0.1:{port}", output)
+        LOGS.append(output)
         started.append(process)
         if wait:
             process.wait_ready()
@@ -213,3 +257,8 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
     yield start
     for process in started:
         process.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``last`` run after all others (the scan of every log)."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)

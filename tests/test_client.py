@@ -154,3 +154,20 @@ async def test_the_client_is_closed_on_shutdown() -> None:
     await service.aclose()
     assert http.is_closed
     await asyncio.sleep(0)
+
+
+def test_unsafe_inbound_values_are_never_forwarded(echo: Any) -> None:
+    with caller(echo.url) as client:
+        seen = client.get(
+            "/call/headers",
+            headers={
+                "x-uid": "u" * 600,
+                "x-user-ip": "1.2.3.4 <script>",
+                "x-forwarded-for": "1.2.3.4, not an address",
+                "x-api-client": "a\x7fb",
+            },
+        ).json()
+    assert "x-uid" not in seen
+    assert seen["x-user-ip"] == "testclient"  # the peer, not the unsafe claim
+    assert seen["x-forwarded-for"] == "testclient"
+    assert "x-api-client" not in seen

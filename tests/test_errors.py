@@ -170,3 +170,36 @@ def test_405_lists_every_method_of_the_path_even_across_routes() -> None:
         response = client.delete("/things")
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, POST"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"name": "x", "price": ' + b"9" * 5000 + b"}",
+        b'{"name": "x", "price": 1e999999}',
+        b'{"name": "' + b"\\ud800" + b'", "price": 1}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"name": "\xc3\x28", "price": 1}',
+    ],
+)
+def test_hostile_json_is_a_client_error_never_a_500(content: bytes) -> None:
+    response = make_client().post(
+        "/items", content=content[:100], headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500
+    response = TestClient(_big_app(), raise_server_exceptions=False).post(
+        "/items", content=content, headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+
+
+def _big_app() -> FastAPI:
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
+
+    @app.post("/items")
+    async def create(item: Item) -> Item:
+        return item
+
+    return app

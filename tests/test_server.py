@@ -143,3 +143,36 @@ def test_oversized_request_head_gets_431_problem(spawn: Any) -> None:
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["status"] == 431
     assert httpx.get(f"{service.url}/hello/x", headers={"x-ok": "a" * 1000}).status_code == 200
+
+
+def _raw(url: str, request: bytes) -> bytes:
+    sock = _connect(url)
+    sock.sendall(request)
+    sock.settimeout(5)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    sock.close()
+    return b"".join(chunks)
+
+
+def test_header_injection_and_path_traversal_are_refused(spawn: Any) -> None:
+    service = spawn(HELLO)
+    injected = _raw(
+        service.url,
+        b"GET /hello/x HTTP/1.1\r\nHost: x\r\nX-Uid: u1\rX-Admin: yes\r\nConnection: close\r\n\r\n",
+    )
+    assert injected.startswith(b"HTTP/1.1 400")
+    traversal = _raw(
+        service.url, b"GET /hello/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert traversal.startswith(b"HTTP/1.1 404")
+    assert b"application/problem+json" in traversal
+    assert b"root:" not in traversal
+    assert httpx.get(f"{service.url}/hello/still-fine").status_code == 200
+    assert not [
+        line for line in service.lines() if line.get("log") == "access" and line["status"] >= 500
+    ]

@@ -25,6 +25,8 @@ class MembersSettings(SampleSettings):
     database_url: str = "sqlite+aiosqlite:///./.run/members.db"
     #: Apply the alembic migrations at start-up (handy in development; run them as a job in prod).
     migrate_on_start: bool = True
+    #: Registrations per second from one user IP.
+    registration_rate_limit: str = "30/second"
 
 
 def create_app(settings: MembersSettings | None = None) -> FastAPI:
@@ -51,5 +53,5 @@ def create_app(settings: MembersSettings | None = None) -> FastAPI:
     )
     engine = service.database()
     app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
-    app.include_router(router(schemes))
+    app.include_router(router(schemes, settings.registration_rate_limit))
     return app

@@ -40,14 +40,14 @@ def _email_taken() -> kiban.Problem:
     return kiban.Problem(409, "A member with this email is already registered.")
 
 
-def router(schemes: Schemes) -> APIRouter:
+def router(schemes: Schemes, registration_limit: str = "30/second") -> APIRouter:
     routes = APIRouter(prefix="/members", tags=["members"])
 
     @routes.post(
         "",
         status_code=201,
         response_model=MemberOut,
-        dependencies=[NoSecurity(), RateLimited("30/second", key="ip")],
+        dependencies=[NoSecurity(), RateLimited(registration_limit, key="ip")],
     )
     async def register(body: MemberIn, repo: Repo) -> MemberOut:
         try:

@@ -22,7 +22,7 @@ import kiban
 from kiban.config import Settings
 from kiban.security import JWKS, JWT, Security, TokenVerifier
 from kiban.security.tokens import InvalidToken
-from tests.conftest import Lines, free_port
+from tests.conftest import Lines, free_port, secret
 
 ISSUER = "https://auth.example"
 AUDIENCE = "shop"
@@ -60,7 +60,7 @@ def sign(
     payload.update(claims or {})
     payload.update(overrides)
     payload = {k: v for k, v in payload.items() if v is not None}
-    return jwt.encode(payload, key, algorithm=alg, headers=headers)
+    return secret(jwt.encode(payload, key, algorithm=alg, headers=headers))
 
 
 def b64(data: bytes) -> str:
