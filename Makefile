@@ -8,7 +8,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bootstrap clean
+.PHONY: run test lint bootstrap clean bench
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -27,9 +27,12 @@ test: bootstrap lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: bootstrap
-	$(VENV)/bin/ruff check src tests services
-	$(VENV)/bin/ruff format --check src tests services
+	$(VENV)/bin/ruff check src tests services bench
+	$(VENV)/bin/ruff format --check src tests services bench
 	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache
+
+bench: bootstrap
+	$(PY) -m bench.run $(BENCH_ARGS)

@@ -1,7 +1,10 @@
 """Rate limiting per key (API client, token subject or user IP), shared across replicas.
 
-Limits are counted with the ``limits`` library's moving window, which is exact (a fixed
-window lets a client send twice the limit around a window boundary). Storage is in
+Limits are counted with the ``limits`` library's sliding window counter: it weighs the
+previous window's count by how much of it still overlaps, so there is no burst of twice
+the limit around a window boundary (as with a fixed window), and each check costs two
+counters instead of the moving window's list of every hit (which grows with the limit
+and is scanned on each request). Storage is in
 memory by default, which is per process (say so when running several workers), or
 Redis when ``REDIS_URL`` is set, which makes a limit global across replicas: Redis
 applies each hit atomically. When Redis cannot be reached within its short timeout the
@@ -18,7 +21,7 @@ from typing import Literal
 
 import limits
 from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
 from kiban import log
@@ -87,7 +90,7 @@ class Limiter:
         else:
             self.storage = MemoryStorage()
             self.shared = False
-        self.strategy = MovingWindowRateLimiter(self.storage)
+        self.strategy = SlidingWindowCounterRateLimiter(self.storage)
         self.fail_open = fail_open
         self.telemetry = telemetry
 

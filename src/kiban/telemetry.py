@@ -15,6 +15,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -171,8 +172,11 @@ class Telemetry:
         self.request_duration = self.meter.create_histogram(
             "http.server.request.duration", unit="s", description="Duration of HTTP requests."
         )
-        self.active_requests = self.meter.create_up_down_counter(
+        # Counted in a plain int and read at collection: no SDK call on the request path.
+        self.active = 0
+        self.meter.create_observable_up_down_counter(
             "http.server.active_requests",
+            callbacks=[self._observe_active],
             unit="{request}",
             description="HTTP requests being served.",
         )
@@ -187,6 +191,9 @@ class Telemetry:
             unit="{error}",
             description="Rate-limit checks that could not reach their storage.",
         )
+
+    def _observe_active(self, _: Any) -> Iterable[Observation]:
+        yield Observation(self.active)
 
     def describe(self) -> str:
         """Where telemetry goes, for the start-up log line."""
@@ -231,18 +238,18 @@ class TelemetryMiddleware:
             method,
             context=parent,
             kind=SpanKind.SERVER,
+            # The semantic conventions' required attributes, and the client: each one
+            # costs on every request.
             attributes={
                 "http.request.method": method,
                 "url.path": scope["path"],
                 "url.scheme": scope.get("scheme", "http"),
-                "network.protocol.version": scope.get("http_version", "1.1"),
-                **_client_attributes(scope),
+                "client.address": client[0] if (client := scope.get("client")) else "",
             },
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         status = 500
-        active = {"http.request.method": method}
-        self.telemetry.active_requests.add(1, active)
+        self.telemetry.active += 1
         start = time.perf_counter()
 
         async def send_status(message: Message) -> None:
@@ -269,7 +276,7 @@ class TelemetryMiddleware:
             span.end()
             otel_context.detach(token)
             self.telemetry.request_duration.record(elapsed, attributes)
-            self.telemetry.active_requests.add(-1, active)
+            self.telemetry.active -= 1
 
 
 def _trace_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -278,16 +285,3 @@ def _trace_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         if name in (b"traceparent", b"tracestate"):
             found[name.decode("latin-1")] = value.decode("latin-1")
     return found
-
-
-def _client_attributes(scope: Scope) -> dict[str, str]:
-    attributes = {}
-    client = scope.get("client")
-    if client:
-        attributes["client.address"] = str(client[0])
-    for name, value in scope["headers"]:
-        if name == b"user-agent":
-            attributes["user_agent.original"] = value.decode("latin-1")[:256]
-        elif name == b"host":
-            attributes["server.address"] = value.decode("latin-1").rsplit(":", 1)[0][:256]
-    return attributes

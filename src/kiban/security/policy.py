@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import fastapi.routing
-from fastapi import FastAPI, Request, Response, params
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import FastAPI, Request, params
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban import log, propagation, routes
 from kiban.errors import Problem
@@ -43,6 +43,7 @@ __all__ = [
     "principal",
 ]
 
+RATE_HEADERS = "kiban.ratelimit.headers"
 _principal: ContextVar[Principal | None] = ContextVar("kiban_principal", default=None)
 
 
@@ -80,12 +81,12 @@ class Requirement:
         ]
         return f"Security({' | '.join(parts)})"
 
-    async def __call__(self, request: Request, response: Response) -> None:
+    async def __call__(self, request: Request) -> None:
         policy: Policy = request.app.state.kiban.policy
         route = request.scope.get("route")
         resolved = policy.resolved(request.app, route)
         if resolved is self:
-            await policy.enforce(self, request, response, route)
+            await policy.enforce(self, request, route)
 
 
 def Security(*schemes: Scheme | Alternative, scopes: Iterable[str] = ()) -> Any:
@@ -137,9 +138,18 @@ class PolicyMiddleware:
         self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.policy.stale(self.api):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.policy.stale(self.api):
             self.policy.resolve(self.api)
-        await self.app(scope, receive, send)
+
+        async def send_with_rate_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and RATE_HEADERS in scope:
+                message["headers"] = [*message.get("headers", ()), *scope[RATE_HEADERS]]
+            await send(message)
+
+        await self.app(scope, receive, send_with_rate_headers)
 
 
 def requirement_of(depends: Any) -> Requirement:
@@ -222,16 +232,14 @@ class Policy:
         found = self.table.get(id(route))
         return found.requirement if found is not None else None
 
-    async def enforce(
-        self, requirement: Requirement, request: Request, response: Response, route: Any
-    ) -> None:
+    async def enforce(self, requirement: Requirement, request: Request, route: Any) -> None:
         who = await self._authenticate(requirement, request, route)
         _principal.set(who)
         rate = self.table[id(route)].rate_limit
         if rate is not None:
             decision = await self.limiter.hit(rate, self._rate_key(rate, who))
             if decision is not None:
-                self._rate_headers(decision, response, routes.template(request.scope))
+                self._rate_headers(decision, request.scope)
 
     async def _authenticate(
         self, requirement: Requirement, request: Request, route: Any
@@ -295,12 +303,16 @@ class Policy:
             return f"{who.scheme}:{who.subject}"
         return f"ip:{context.user_ip if context else 'unknown'}"
 
-    def _rate_headers(self, decision: Decision, response: Response, route: str | None) -> None:
+    def _rate_headers(self, decision: Decision, scope: Scope) -> None:
         if not decision.allowed:
+            route = routes.template(scope)
             if self.telemetry is not None:
                 self.telemetry.rate_limited.add(1, {"http.route": route or ""})
             raise Problem(429, "Too many requests; retry later.", headers=decision.headers())
-        response.headers.update(decision.headers())
+        # PolicyMiddleware adds them to the response, whatever the handler returns.
+        scope[RATE_HEADERS] = [
+            (name.encode(), value.encode()) for name, value in decision.headers().items()
+        ]
 
     def document(self, openapi: dict[str, Any]) -> dict[str, Any]:
         """Write the resolved requirements into an OpenAPI document, in place."""

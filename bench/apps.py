@@ -1,0 +1,173 @@
+"""The variants ``make bench`` compares, each served by its own process.
+
+- ``raw``: a bare ASGI callable, the ceiling.
+- ``fastapi``: a bare FastAPI route.
+- ``kiban``: the same route in the full kiban chassis: context, access log to a file,
+  a span per request at 100% sampling into an exporter that drops, HTTP metrics, an
+  API-key requirement and an in-memory rate limit.
+- ``typical``: what a team assembles today: opentelemetry-instrumentation-fastapi,
+  prometheus-fastapi-instrumentator, asgi-correlation-id, a structlog JSON access line
+  and a FastAPI ``Security`` API-key dependency.
+- ``members``: the sample members service's GET-by-id on SQLite.
+
+``KIBAN_BENCH_OFF`` (comma-separated: telemetry, accesslog, security, ratelimit) turns
+chassis features off one at a time for the cost table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI
+
+PAYLOAD = {"id": 1, "name": "Ada"}
+API_KEY = "bench-key"
+
+
+async def raw(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b'{"id":1,"name":"Ada"}'})
+
+
+def _route(app: FastAPI, dependencies: Sequence[Any] = ()) -> FastAPI:
+    @app.get("/items/{item_id}", dependencies=list(dependencies))
+    async def item(item_id: int) -> dict[str, Any]:
+        return PAYLOAD
+
+    return app
+
+
+fastapi_app = _route(FastAPI())
+
+
+def _kiban() -> FastAPI:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    import kiban
+    from kiban.config import Settings
+    from kiban.ratelimit import RateLimit
+    from kiban.security import APIKey, NoSecurity, Security
+
+    off = set(filter(None, os.environ.get("KIBAN_BENCH_OFF", "").split(",")))
+
+    async def validate(key: str) -> bool:
+        return key == API_KEY
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    app = FastAPI()
+    settings = Settings(
+        service_name="bench",
+        telemetry_exclude_paths=frozenset({"/items/1"}) if "telemetry" in off else frozenset(),
+    )
+    service = kiban.Service(
+        app,
+        settings,
+        security=NoSecurity() if "security" in off else Security(APIKey(validate)),
+        rate_limit=None if "ratelimit" in off else RateLimit("100000000/second"),
+    )
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    if "accesslog" in off:
+        from kiban import accesslog
+
+        accesslog.AccessLogMiddleware._write = lambda *args: None  # type: ignore[method-assign]
+    return _route(app)
+
+
+def _typical() -> FastAPI:
+    import logging
+
+    import structlog
+    from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
+    from fastapi import HTTPException
+    from fastapi import Security as FastAPISecurity
+    from fastapi.security import APIKeyHeader
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    trace.set_tracer_provider(provider)
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", filename=os.environ.get("BENCH_LOG", "/dev/null")
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+    )
+    access = structlog.get_logger("access")
+    header = APIKeyHeader(name="x-api-key")
+
+    async def check(key: str = FastAPISecurity(header)) -> str:
+        if key != API_KEY:
+            raise HTTPException(401)
+        return key
+
+    app = FastAPI(
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    )
+
+    @app.middleware("http")
+    async def access_log(request: Any, call_next: Any) -> Any:
+        response = await call_next(request)
+        access.info(
+            "access",
+            method=request.method,
+            path=request.url.path,
+            status=response.status_code,
+            request_id=correlation_id.get(),
+        )
+        return response
+
+    app.add_middleware(CorrelationIdMiddleware)
+    Instrumentator().instrument(app).expose(app)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    return _route(app, [FastAPISecurity(check)])
+
+
+def _members() -> FastAPI:
+    from services.members.app import MembersSettings, create_app
+
+    return create_app(
+        MembersSettings(
+            database_url=os.environ.get(
+                "BENCH_DATABASE_URL", "sqlite+aiosqlite:///./.run/bench.db"
+            ),
+            rate_limit="100000000/second",
+        )
+    )
+
+
+def load(name: str) -> Any:
+    return {
+        "raw": lambda: raw,
+        "fastapi": lambda: fastapi_app,
+        "kiban": _kiban,
+        "typical": _typical,
+        "members": _members,
+    }[name]()

@@ -1,0 +1,305 @@
+"""``make bench``: kiban against bare FastAPI and the typical stack, side by side.
+
+Each variant runs as one server process pinned to core 0; wrk, pinned to core 1,
+drives it over loopback for a bounded time. Variants are interleaved in rounds and
+medians reported, with each variant's ratio to bare FastAPI measured in the same
+round. Results go to stdout and bench/results.md; the last line says whether kiban's
+overhead budget held (and the exit code is 1 when it did not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.md"
+MAIN = ("raw", "fastapi", "kiban", "typical", "members")
+TICKS = os.sysconf("SC_CLK_TCK")
+API_KEY = {"x-api-key": "bench-key"}
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float
+    rss_mib: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("installing wrk (Debian package)...", flush=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "wrk"], check=True, stdout=subprocess.DEVNULL
+    )
+    return shutil.which("wrk") or "wrk"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def start(
+    variant: str, workdir: Path, workers: int = 1, off: str = ""
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "warning",
+        "HTTP_DRAIN_SECONDS": "0",
+        "KIBAN_BENCH_OFF": off,
+        "BENCH_LOG": str(workdir / f"{variant}-access.log"),
+        "BENCH_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/members.db",
+        "PYTHONPATH": str(ROOT),
+    }
+    cores = "0" if workers == 1 else "0,1"
+    log = (workdir / f"{variant}.log").open("ab")
+    process = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            cores,
+            sys.executable,
+            "-m",
+            "bench.serve",
+            variant,
+            str(port),
+            str(workers),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/items/1", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    else:
+        raise SystemExit(f"{variant} did not start; see {workdir}/{variant}.log")
+    if variant == "members":
+        httpx.post(f"{url}/members", json={"email": "bench@example.com", "name": "Bench"})
+    return process, url
+
+
+def target(variant: str, url: str) -> tuple[str, list[str]]:
+    if variant == "members":
+        from kiban.cli import DEV_KEYS
+        from kiban.security.tokens import mint
+
+        key, issuer = DEV_KEYS["internal"]
+        token = mint((ROOT / key).read_bytes(), "1", issuer=issuer, ttl=3600)
+        return f"{url}/members/1", ["-H", f"x-internal-id-token: {token}"]
+    return f"{url}/items/1", ["-H", "x-api-key: bench-key"]
+
+
+def measure(
+    wrk: str,
+    variant: str,
+    url: str,
+    pid: int,
+    seconds: float,
+    connections: int,
+    wrk_cores: str = "1",
+) -> Run:
+    path, headers = target(variant, url)
+    command = ["taskset", "-c", wrk_cores, wrk, "-t1", f"-c{connections}", "--latency", *headers]
+    subprocess.run([*command, "-d1s", path], capture_output=True, check=True)  # warm-up
+    before = cpu_seconds(pid)
+    output = subprocess.run(
+        [*command, f"-d{int(seconds)}s", path], capture_output=True, text=True, check=True
+    ).stdout
+    used = cpu_seconds(pid) - before
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if errors:
+        raise SystemExit(f"{variant}: {errors.group(1)} non-2xx responses\n{output}")
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.M))
+    return Run(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(latency["50"]),
+        p99_ms=_ms(latency["99"]),
+        cpu_us=used * 1e6 / max(requests, 1),
+        rss_mib=rss_mib(pid),
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def once(
+    wrk: str,
+    variant: str,
+    workdir: Path,
+    seconds: float,
+    connections: int,
+    workers: int = 1,
+    off: str = "",
+) -> Run:
+    process, url = start(variant, workdir, workers, off)
+    try:
+        return measure(
+            wrk, variant, url, process.pid, seconds, connections, "1" if workers == 1 else "0,1"
+        )
+    finally:
+        stop(process)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    wrk = ensure_wrk()
+    workdir = ROOT / ".run" / "bench"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+
+    runs: dict[str, list[Run]] = {name: [] for name in MAIN}
+    ratios: dict[str, list[float]] = {name: [] for name in MAIN}
+    for round_number in range(1, args.rounds + 1):
+        print(f"round {round_number}/{args.rounds}", flush=True)
+        this_round = {}
+        for variant in MAIN:
+            this_round[variant] = once(wrk, variant, workdir, args.seconds, args.connections)
+            runs[variant].append(this_round[variant])
+            print(f"  {variant:8} {this_round[variant].rps:9.0f} req/s", flush=True)
+        for variant in MAIN:
+            ratios[variant].append(this_round[variant].rps / this_round["fastapi"].rps)
+
+    def median(variant: str, field: str) -> float:
+        return statistics.median(getattr(run, field) for run in runs[variant])
+
+    rows = []
+    for variant in MAIN:
+        rows.append(
+            f"| {variant} | {median(variant, 'rps'):,.0f} | {median(variant, 'p50_ms'):.2f} | "
+            f"{median(variant, 'p99_ms'):.2f} | {median(variant, 'cpu_us'):.0f} | "
+            f"{median(variant, 'rss_mib'):.1f} | {statistics.median(ratios[variant]):.2f} |"
+        )
+
+    print("feature costs and scaling...", flush=True)
+    features = []
+    full = median("kiban", "rps")
+    for feature in ("telemetry", "accesslog", "security", "ratelimit"):
+        run = once(wrk, "kiban", workdir, args.seconds, args.connections, off=feature)
+        features.append(
+            f"| {feature} off | {run.rps:,.0f} | {run.cpu_us:.0f} | "
+            f"{(run.rps / full - 1) * 100:+.0f}% |"
+        )
+    scaling = []
+    for variant in ("fastapi", "kiban"):
+        two = once(wrk, variant, workdir, args.seconds, args.connections, workers=2)
+        scaling.append(f"| {variant} | {median(variant, 'rps'):,.0f} | {two.rps:,.0f} |")
+
+    kiban_ratio = statistics.median(ratios["kiban"])
+    over_typical = statistics.median(
+        a.rps / b.rps for a, b in zip(runs["kiban"], runs["typical"], strict=True)
+    )
+    p99_ratio = median("kiban", "p99_ms") / median("fastapi", "p99_ms")
+    rss_extra = median("kiban", "rss_mib") - median("fastapi", "rss_mib")
+    checks = [
+        (f"kiban >= 0.75x bare FastAPI throughput ({kiban_ratio:.2f}x)", kiban_ratio >= 0.75),
+        (f"kiban >= 2x the typical stack ({over_typical:.2f}x)", over_typical >= 2.0),
+        (f"kiban p99 <= 1.5x bare FastAPI ({p99_ratio:.2f}x)", p99_ratio <= 1.5),
+        (f"kiban RSS <= bare FastAPI + 20 MiB (+{rss_extra:.1f} MiB)", rss_extra <= 20),
+    ]
+    held = all(ok for _, ok in checks)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{_cpu_model()}, Python {platform.python_version()}, {platform.system()} "
+        f"{platform.release()}"
+    )
+    report = "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            f"Machine: {machine}. Server pinned to core 0, wrk (1 thread, "
+            f"{args.connections} connections, {args.seconds:g} s) to core 1, on loopback; "
+            f"{args.rounds} interleaved rounds, medians. Generated by `make bench`.",
+            "",
+            "| variant | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB | x bare FastAPI |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            "## What each kiban feature costs (switched off one at a time)",
+            "",
+            "| kiban with | req/s | CPU µs/req | vs full chassis |",
+            "| --- | --- | --- | --- |",
+            *features,
+            "",
+            "## Scaling: one vs two worker processes (both cores serve; wrk shares them)",
+            "",
+            "| variant | 1 worker req/s | 2 workers req/s |",
+            "| --- | --- | --- |",
+            *scaling,
+            "",
+            "## Budget",
+            "",
+            *[f"- {'held' if ok else 'NOT held'}: {text}" for text, ok in checks],
+            "",
+        ]
+    )
+    RESULTS.write_text(report)
+    print()
+    print(report)
+    print(f"budget {'held' if held else 'NOT held'}: " + "; ".join(text for text, _ in checks))
+    return 0 if held else 1
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
