@@ -174,3 +174,13 @@ def test_repeated_forwarded_for_headers_are_joined_in_order() -> None:
     with TestClient(app) as client:
         client.get("/", headers=[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")])
     assert seen == ["1.1.1.1, 2.2.2.2"]
+
+
+def test_every_response_carries_the_security_headers() -> None:
+    app = FastAPI()
+    app.add_middleware(ContextMiddleware)
+    with TestClient(app) as client:
+        response = client.get("/missing")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["referrer-policy"] == "no-referrer"

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kiban.config import ConfigError
 
@@ -27,9 +28,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     token_parser.add_argument("--issuer", help="default: the sample system's issuer")
     token_parser.add_argument("--audience")
     token_parser.add_argument("--ttl", type=float, default=3600.0, help="seconds")
+    check_parser = commands.add_parser("check", help="audit a running service: kiban check URL")
+    check_parser.add_argument("url")
+    check_parser.add_argument("--log", type=Path, help="a file of the service's log output")
+    new_parser = commands.add_parser("new", help="make a new service from the template")
+    new_parser.add_argument("name", help="the service name, e.g. billing")
+    new_parser.add_argument("--dest", type=Path, help="default: ./NAME")
+    new_parser.add_argument("--database", choices=["postgresql", "mysql", "sqlite"])
+    new_parser.add_argument("--api-security", choices=["jwt", "internal_id_token"])
+    new_parser.add_argument("--kiban-source", help="how the service depends on kiban")
+    new_parser.add_argument("--template", help="a copier template (default: kiban's own)")
+    new_parser.add_argument(
+        "--interactive", action="store_true", help="ask every question instead of taking defaults"
+    )
+    update_parser = commands.add_parser("update", help="bring a service up to the template")
+    update_parser.add_argument("--dest", type=Path, default=Path("."))
+    update_parser.add_argument("--vcs-ref", help="template version (default: the newest)")
     args = parser.parse_args(argv)
+    if args.command == "new":
+        from kiban import template
+
+        destination = args.dest or Path(args.name)
+        template.new(
+            args.name,
+            destination,
+            {
+                "database": args.database,
+                "api_security": args.api_security,
+                "kiban_source": args.kiban_source,
+            },
+            args.template,
+            interactive=args.interactive,
+        )
+        print(f"created {destination}: cd {destination} && make test && make run")
+        return 0
+    if args.command == "update":
+        from kiban import template
+
+        return template.report(template.update(args.dest, args.vcs_ref))
     if args.command == "token":
         return _token(args)
+    if args.command == "check":
+        from kiban.check import audit, render
+
+        rows = audit(args.url, args.log)
+        print(render(rows))
+        return 0 if all(row.ok for row in rows) else 1
     if args.command == "run":
         from kiban.server import run
 
@@ -50,8 +94,6 @@ DEV_KEYS = {
 
 
 def _token(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kiban.security.tokens import mint
 
     default_key, default_issuer = DEV_KEYS[args.kind]

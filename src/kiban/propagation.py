@@ -49,6 +49,13 @@ class RequestContext:
     debug: bool = False
 
 
+#: Sent on every response: an API's answers are never sniffed, framed or leak a referrer.
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
 _current: ContextVar[RequestContext | None] = ContextVar("kiban_request_context", default=None)
 
 
@@ -151,7 +158,7 @@ def outbound_headers(
 
 
 class ContextMiddleware:
-    """Reads the request context from the headers and echoes trace and request ids back."""
+    """Reads the request context from the headers; answers carry the ids and safe headers."""
 
     def __init__(self, app: ASGIApp, names: HeaderNames | None = None) -> None:
         self.app = app
@@ -177,6 +184,7 @@ class ContextMiddleware:
         echoed = [
             (self._trace_header, context.trace_id.encode("latin-1")),
             (self._request_header, context.request_id.encode("latin-1")),
+            *SECURITY_HEADERS,
         ]
 
         async def send_with_ids(message: Message) -> None:

@@ -1,0 +1,221 @@
+"""``kiban check URL``: audit a running service against the kiban convention.
+
+Each check prints a row, pass or fail, and the fix for a failure; the exit code is 1
+when anything failed, so the command can gate a pipeline.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+
+from kiban.accesslog import FIELDS
+
+__all__ = ["Row", "audit", "render"]
+
+PROBLEM_JSON = "application/problem+json"
+METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
+
+
+@dataclass(frozen=True)
+class Row:
+    check: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _liveness(client: httpx.Client) -> Iterable[Row]:
+    response = client.get("/health/liveness")
+    ok = response.status_code == 200 and response.headers.get("content-type", "").startswith(
+        "application/json"
+    )
+    yield Row(
+        "liveness",
+        ok,
+        f"GET /health/liveness -> {response.status_code}",
+        "serve GET /health/liveness (kiban.Service does) answering 200 without "
+        "touching dependencies",
+    )
+
+
+def _readiness(client: httpx.Client) -> Iterable[Row]:
+    response = client.get("/health/readiness")
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    ok = response.status_code in (200, 503) and isinstance(body.get("checks"), dict)
+    detail = f"GET /health/readiness -> {response.status_code}"
+    if ok:
+        failing = [name for name, check in body["checks"].items() if check.get("status") != "ok"]
+        detail += f", dependencies: {', '.join(body['checks']) or 'none'}"
+        if failing:
+            detail += f" (failing: {', '.join(failing)})"
+    yield Row(
+        "readiness",
+        ok,
+        detail,
+        "serve GET /health/readiness pinging each dependency (service.add_pinger)",
+    )
+
+
+def _problems(client: httpx.Client) -> Iterable[Row]:
+    path = f"/kiban-check-{uuid.uuid4().hex}"
+    response = client.get(path)
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    ok = (
+        response.status_code == 404
+        and response.headers.get("content-type") == PROBLEM_JSON
+        and body.get("status") == 404
+    )
+    yield Row(
+        "errors are problem+json",
+        ok,
+        f"GET {path[:24]}... -> {response.status_code} {response.headers.get('content-type', '-')}",
+        "install kiban's error handlers (kiban.Service) so every error is RFC 9457",
+    )
+
+
+def _security(client: httpx.Client) -> Iterable[Row]:
+    response = client.get("/openapi.json")
+    if response.status_code != 200:
+        yield Row(
+            "security declared",
+            False,
+            f"GET /openapi.json -> {response.status_code}",
+            "serve the OpenAPI document at /openapi.json",
+        )
+        return
+    document = response.json()
+    undeclared = [
+        f"{method.upper()} {path}"
+        for path, item in document.get("paths", {}).items()
+        for method, operation in item.items()
+        if method in METHODS and "security" not in operation and "security" not in document
+    ]
+    yield Row(
+        "security declared",
+        not undeclared,
+        "every operation declares security"
+        if not undeclared
+        else f"no security on {', '.join(undeclared[:5])}"
+        + (f" and {len(undeclared) - 5} more" if len(undeclared) > 5 else ""),
+        "declare Security(...) or NoSecurity() on each route, router or the API",
+    )
+
+
+def _metrics(client: httpx.Client) -> Iterable[Row]:
+    response = client.get("/metrics")
+    ok = response.status_code == 200 and "http_server_request_duration_seconds" in response.text
+    yield Row(
+        "metrics",
+        ok,
+        f"GET /metrics -> {response.status_code}",
+        "expose Prometheus metrics with http_server_request_duration_seconds",
+    )
+
+
+def _trace(client: httpx.Client) -> Iterable[Row]:
+    trace_id = uuid.uuid4().hex
+    response = client.get("/health/liveness", headers={"x-trace-id": trace_id})
+    echoed = response.headers.get("x-trace-id")
+    yield Row(
+        "trace id propagated",
+        echoed == trace_id,
+        f"sent {trace_id[:8]}..., got {echoed[:8] + '...' if echoed else 'nothing'}",
+        "read x-trace-id into the request context and echo it (ContextMiddleware)",
+    )
+
+
+def _headers(client: httpx.Client) -> Iterable[Row]:
+    response = client.get("/health/liveness")
+    wanted = {
+        "x-content-type-options": "nosniff",
+        "x-frame-options": "DENY",
+        "referrer-policy": "no-referrer",
+    }
+    missing = [name for name, value in wanted.items() if response.headers.get(name) != value]
+    yield Row(
+        "security headers",
+        not missing,
+        "present" if not missing else f"missing {', '.join(missing)}",
+        "send nosniff, frame and referrer headers (kiban.Service does)",
+    )
+
+
+def _access_log(log: Path) -> Iterable[Row]:
+    lines = []
+    for raw in log.read_bytes().splitlines():
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and line.get("log") == "access":
+            lines.append(line)
+    wrong = [line for line in lines if tuple(line) != FIELDS]
+    ok = bool(lines) and not wrong
+    detail = (
+        f"{len(lines)} access lines, all in the schema"
+        if ok
+        else "no access lines"
+        if not lines
+        else f"{len(wrong)} of {len(lines)} lines differ from the schema"
+    )
+    yield Row(
+        "access log schema",
+        ok,
+        detail,
+        "write one access line per request with kiban's fixed fields (AccessLogMiddleware)",
+    )
+
+
+CHECKS: tuple[Callable[[httpx.Client], Iterable[Row]], ...] = (
+    _liveness,
+    _readiness,
+    _problems,
+    _security,
+    _metrics,
+    _trace,
+    _headers,
+)
+
+
+def audit(url: str, log: Path | None = None, timeout: float = 5.0) -> list[Row]:
+    rows: list[Row] = []
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as client:
+        for check in CHECKS:
+            try:
+                rows.extend(check(client))
+            except httpx.HTTPError as exc:
+                rows.append(
+                    Row(
+                        check.__name__.strip("_").replace("_", " "),
+                        False,
+                        f"request failed: {type(exc).__name__}",
+                        "is the service running at this URL?",
+                    )
+                )
+    if log is not None:
+        rows.extend(_access_log(log))
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    width = max(len(row.check) for row in rows)
+    lines = [f"{'check':<{width}}  result  detail", f"{'-' * width}  ------  ------"]
+    for row in rows:
+        lines.append(f"{row.check:<{width}}  {'pass' if row.ok else 'FAIL':<6}  {row.detail}")
+        if not row.ok and row.fix:
+            lines.append(f"{'':<{width}}          fix: {row.fix}")
+    failed = sum(not row.ok for row in rows)
+    lines.append(f"{len(rows) - failed} passed, {failed} failed")
+    return "\n".join(lines)
