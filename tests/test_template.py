@@ -1,0 +1,247 @@
+"""kiban new, update and check, on real generated services."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.conftest import LOGS, ROOT, free_port
+
+pytestmark = pytest.mark.process
+KIBAN = [sys.executable, "-m", "kiban.cli"]
+
+
+def kiban(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*KIBAN, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+
+
+def generate(destination: Path, *options: str) -> Path:
+    result = kiban(
+        "new", "demo-svc", "--dest", str(destination), "--kiban-source", ROOT.as_uri(), *options
+    )
+    assert result.returncode == 0, result.stderr
+    return destination
+
+
+def git(*args: str, cwd: Path) -> None:
+    subprocess.run(
+        ["git", "-c", "user.name=kiban", "-c", "user.email=kiban@example.com", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
+
+
+def wait_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/health/liveness").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(log.read_text())
+
+
+@pytest.mark.integration
+def test_a_new_service_passes_its_own_tests_and_the_audit(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    service = generate(tmp_path / "demo-svc", "--database", "postgresql", "--api-security", "jwt")
+    for expected in (
+        "src/demo_svc/app.py",
+        "src/demo_svc/routes.py",
+        "tests/test_items.py",
+        "src/demo_svc/migrations/versions/0001_items.py",
+        "Dockerfile",
+        "k8s/deployment.yaml",
+        ".ci/run",
+        ".copier-answers.yml",
+    ):
+        assert (service / expected).exists(), expected
+    # Its own `make test`, against SQLite and against the real PostgreSQL.
+    result = subprocess.run(
+        ["make", "test"],
+        cwd=service,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TEST_DATABASE_URL": postgres_url},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "10 passed" in result.stdout
+
+    key = (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    port = free_port()
+    log = tmp_path / "demo-svc.log"
+    LOGS.append(log)
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [str(service / ".venv/bin/kiban"), "run", "demo_svc.app:create_app"],
+            cwd=service,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={
+                **os.environ,
+                "HTTP_PORT": str(port),
+                "JWT_PUBLIC_KEY": key,
+                "LOG_FORMAT": "json",
+                "HTTP_DRAIN_SECONDS": "0",
+                "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/demo.db",
+            },
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_up(url, process, log)
+        audit = kiban("check", url, "--log", str(log))
+        assert audit.returncode == 0, audit.stdout
+        assert "8 passed, 0 failed" in audit.stdout
+    finally:
+        process.terminate()
+        assert process.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize("security", ["jwt", "internal_id_token"])
+def test_manifests_validate_and_fit_the_shutdown_budget(tmp_path: Path, security: str) -> None:
+    import kubernetes_validate
+
+    service = generate(tmp_path / "svc", "--api-security", security, "--database", "mysql")
+    documents = {
+        path.name: yaml.safe_load(path.read_text())
+        for path in sorted((service / "k8s").glob("*.yaml"))
+    }
+    assert set(documents) == {"configmap.yaml", "deployment.yaml", "secret.yaml", "service.yaml"}
+    for document in documents.values():  # raises ValidationError on the first problem
+        kubernetes_validate.validate(document, "1.31", strict=True)
+    deployment = documents["deployment.yaml"]["spec"]["template"]["spec"]
+    container = deployment["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/liveness"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/readiness"
+    config = documents["configmap.yaml"]["data"]
+    budget = (
+        container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        + float(config["HTTP_DRAIN_SECONDS"])
+        + float(config["HTTP_SHUTDOWN_TIMEOUT"])
+    )
+    assert budget < deployment["terminationGracePeriodSeconds"]
+    assert deployment["securityContext"]["runAsNonRoot"] is True
+    assert "USER 10001" in (service / "Dockerfile").read_text()
+
+
+def _template_repository(tmp_path: Path) -> Path:
+    repository = tmp_path / "template-repo"
+    repository.mkdir()
+    shutil.copy(ROOT / "copier.yml", repository)
+    shutil.copytree(ROOT / "template", repository / "template")
+    git("init", "-q", cwd=repository)
+    git("add", "-A", cwd=repository)
+    git("commit", "-qm", "v1", cwd=repository)
+    git("tag", "v1.0.0", cwd=repository)
+    return repository
+
+
+def _release(repository: Path, path: str, old: str, new: str, tag: str) -> None:
+    file = repository / "template" / path
+    file.write_text(file.read_text().replace(old, new))
+    git("commit", "-qam", tag, cwd=repository)
+    git("tag", tag, cwd=repository)
+
+
+def test_update_applies_template_changes_and_reports_conflicts(tmp_path: Path) -> None:
+    repository = _template_repository(tmp_path)
+    service = tmp_path / "svc"
+    result = kiban("new", "demo-svc", "--dest", str(service), "--template", str(repository))
+    assert result.returncode == 0, result.stderr
+    git("init", "-q", cwd=service)
+    git("add", "-A", cwd=service)
+    git("commit", "-qm", "generated", cwd=service)
+
+    _release(
+        repository,
+        "k8s/configmap.yaml.jinja",
+        "LOG_LEVEL: info",
+        'LOG_LEVEL: info\n  TRACE_SAMPLE_RATIO: "0.5"',
+        "v1.1.0",
+    )
+    clean = kiban("update", "--dest", str(service))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "updated cleanly" in clean.stdout
+    assert 'TRACE_SAMPLE_RATIO: "0.5"' in (service / "k8s/configmap.yaml").read_text()
+    git("add", "-A", cwd=service)
+    git("commit", "-qm", "update", cwd=service)
+
+    # The service and the template change the same line: reported, not silently lost.
+    dockerfile = service / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("EXPOSE 8000", "EXPOSE 9000"))
+    git("commit", "-qam", "local port", cwd=service)
+    _release(repository, "Dockerfile.jinja", "EXPOSE 8000", "EXPOSE 8080", "v1.2.0")
+    conflicted = kiban("update", "--dest", str(service))
+    assert conflicted.returncode == 1
+    assert "Dockerfile" in conflicted.stderr
+    assert "need a manual merge" in conflicted.stderr
+
+
+def test_check_fails_a_service_without_the_convention(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "plain.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "tests.apps.plain:app", "--port", str(port)],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/hello")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        audit = kiban("check", url)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert audit.returncode == 1
+    failed = {line.split()[0] for line in audit.stdout.splitlines() if " FAIL " in line}
+    rows = audit.stdout
+    for check in (
+        "liveness",
+        "readiness",
+        "errors are problem+json",
+        "security declared",
+        "metrics",
+        "trace id propagated",
+        "security headers",
+    ):
+        assert any(line.startswith(check) and " FAIL " in line for line in rows.splitlines()), (
+            check,
+            rows,
+        )
+    assert failed
+    assert "fix:" in rows
