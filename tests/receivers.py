@@ -85,32 +85,21 @@ class OTLPReceiver:
         self.grpc_server.add_insecure_port(f"127.0.0.1:{self.grpc_port}")
         self.grpc_server.start()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = _decoded(
-                    self.rfile.read(int(self.headers["content-length"])),
-                    self.headers.get("content-encoding"),
+        def export(method: str, path: str, headers: Any, body: bytes) -> Reply:
+            reply: Any
+            if path == "/v1/traces":
+                receiver._trace_export(
+                    trace_service_pb2.ExportTraceServiceRequest.FromString(body), None
                 )
-                if self.path == "/v1/traces":
-                    request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-                    receiver._trace_export(request, None)
-                    reply = trace_service_pb2.ExportTraceServiceResponse()
-                else:
-                    request = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
-                    receiver._metric_export(request, None)
-                    reply = metrics_service_pb2.ExportMetricsServiceResponse()
-                data = reply.SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply = trace_service_pb2.ExportTraceServiceResponse()
+            else:
+                receiver._metric_export(
+                    metrics_service_pb2.ExportMetricsServiceRequest.FromString(body), None
+                )
+                reply = metrics_service_pb2.ExportMetricsServiceResponse()
+            return 200, "application/x-protobuf", reply.SerializeToString()
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.http_server = ThreadingHTTPServer(("127.0.0.1", self.http_port), Handler)
-        threading.Thread(target=self.http_server.serve_forever, daemon=True).start()
+        self.http_server = serve(export, self.http_port)
 
     def stop(self) -> None:
         self.grpc_server.stop(grace=None)
@@ -156,6 +145,38 @@ class OTLPReceiver:
         raise AssertionError(f"not received within {timeout}s: {self.spans()}")
 
 
+Reply = tuple[int, str, bytes]
+
+
+def serve(handle: Callable[[str, str, Any, bytes], Reply], port: int = 0) -> ThreadingHTTPServer:
+    """A real HTTP server on loopback, in a thread.
+
+    ``handle(method, path, headers, body)`` gives (status, content type, body); the
+    request body arrives decompressed.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = _decoded(self.rfile.read(length), self.headers.get("content-encoding"))
+            status, content_type, data = handle(self.command, self.path, self.headers, body)
+            self.send_response(status)
+            if content_type:
+                self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def _decoded(body: bytes, encoding: str | None) -> bytes:
     if encoding == "gzip":
         return gzip.decompress(body)
@@ -179,27 +200,15 @@ class SentryReceiver:
     def start(self) -> None:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = _decoded(
-                    self.rfile.read(int(self.headers["content-length"])),
-                    self.headers.get("content-encoding"),
+        def envelope(method: str, path: str, headers: Any, body: bytes) -> Reply:
+            items = [json.loads(line) for line in body.splitlines() if line.strip()]
+            with receiver._lock:
+                receiver.events.extend(
+                    item for item in items[1:] if "exception" in item or "tags" in item
                 )
-                items = [json.loads(line) for line in body.splitlines() if line.strip()]
-                with receiver._lock:
-                    receiver.events.extend(
-                        item for item in items[1:] if "exception" in item or "tags" in item
-                    )
-                self.send_response(200)
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
+            return 200, "application/json", b"{}"
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(envelope, self.port)
 
     def stop(self) -> None:
         self.server.shutdown()

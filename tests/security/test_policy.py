@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -32,6 +30,7 @@ from kiban.security import (
 )
 from kiban.security.schemes import Introspection
 from tests.conftest import DEV_KEYS, Lines, free_port, token
+from tests.receivers import Reply, serve
 
 GATEWAY = (DEV_KEYS / "gateway-dev.pub.pem").read_bytes()
 AUTH = (DEV_KEYS / "auth-dev.pub.pem").read_bytes()
@@ -243,33 +242,20 @@ class Introspector:
         self.calls = 0
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                outer.calls += 1
-                length = int(self.headers["content-length"])
-                form = parse_qs(self.rfile.read(length).decode())
-                expected = "Basic " + base64.b64encode(b"kiban:s3cret").decode()
-                if self.headers.get("authorization") != expected:
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                active = form.get("token") == ["good-token"]
-                body = json.dumps(
-                    {"active": True, "sub": "svc-7", "scope": "orders:read"}
-                    if active
-                    else {"active": False}
-                ).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def introspect(method: str, path: str, headers: Any, body: bytes) -> Reply:
+            outer.calls += 1
+            expected = "Basic " + base64.b64encode(b"kiban:s3cret").decode()
+            if headers.get("authorization") != expected:
+                return 401, "", b""
+            active = parse_qs(body.decode()).get("token") == ["good-token"]
+            answer = (
+                {"active": True, "sub": "svc-7", "scope": "orders:read"}
+                if active
+                else {"active": False}
+            )
+            return 200, "application/json", json.dumps(answer).encode()
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(introspect, self.port)
 
 
 def test_oauth2_by_introspection_and_by_jwt() -> None:

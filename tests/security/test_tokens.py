@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -23,6 +21,7 @@ from kiban.config import Settings
 from kiban.security import JWKS, JWT, Security, TokenVerifier
 from kiban.security.tokens import InvalidToken
 from tests.conftest import Lines, free_port, secret
+from tests.receivers import Reply, serve
 
 ISSUER = "https://auth.example"
 AUDIENCE = "shop"
@@ -245,37 +244,22 @@ class JWKSServer:
         self.port = free_port()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests += 1
-                if not server.up:
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                body = json.dumps(
-                    {
-                        "keys": [
-                            {
-                                **json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())),
-                                "kid": kid,
-                                "use": "sig",
-                                "alg": "RS256",
-                            }
-                            for kid, key in server.keys.items()
-                        ]
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def jwks(method: str, path: str, headers: Any, body: bytes) -> Reply:
+            server.requests += 1
+            if not server.up:
+                return 503, "", b""
+            keys = [
+                {
+                    **json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())),
+                    "kid": kid,
+                    "use": "sig",
+                    "alg": "RS256",
+                }
+                for kid, key in server.keys.items()
+            ]
+            return 200, "application/json", json.dumps({"keys": keys}).encode()
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(jwks, self.port)
 
     @property
     def url(self) -> str:
