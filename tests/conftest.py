@@ -85,6 +85,7 @@ class Lines:
         self.stream = stream
 
     def all(self) -> list[dict[str, Any]]:
+        log.sink.flush()
         return [orjson.loads(line) for line in self.stream.getvalue().splitlines() if line]
 
     def access(self) -> list[dict[str, Any]]:
@@ -94,6 +95,7 @@ class Lines:
         return [line for line in self.all() if line.get("log") != "access"]
 
     def text(self) -> str:
+        log.sink.flush()
         return self.stream.getvalue().decode()
 
 
@@ -119,6 +121,7 @@ def lines(session_log: Any) -> Iterator[Lines]:
     stream = io.BytesIO()
     log.configure("info", "json", stream=stream, service="test")
     yield Lines(stream)
+    log.sink.flush()
     session_log.write(stream.getvalue())
     log.configure("info", "json", stream=session_log)
 

@@ -74,7 +74,9 @@ def test_a_route_level_limit_replaces_the_api_one_and_keys_by_ip() -> None:
 
 
 @pytest.mark.integration
-async def test_two_replicas_sharing_redis_admit_exactly_the_limit(redis_url: str) -> None:
+async def test_two_replicas_sharing_redis_admit_exactly_the_limit(
+    redis_url: str, lines: Lines
+) -> None:
     name = f"shared-{uuid.uuid4().hex}"
     replicas = []
     for _ in range(2):
@@ -104,6 +106,7 @@ async def test_two_replicas_sharing_redis_admit_exactly_the_limit(redis_url: str
         for client in clients:
             await client.aclose()
     statuses = [response.status_code for response in responses]
+    assert not [line for line in lines.app() if line["msg"] == "rate limit storage unavailable"]
     assert statuses.count(200) == 10
     assert statuses.count(429) == 30
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from kiban import log
 from tests.conftest import LOGS, SECRETS
 
 
 @pytest.mark.last
 def test_no_secret_reached_any_log() -> None:
+    log.sink.flush()
     leaks = []
     for path in LOGS:
         if not path.exists():

@@ -81,6 +81,7 @@ class Service:
             Limiter(
                 self.settings.redis_url,
                 fail_open=self.settings.ratelimit_fail_open,
+                timeout=self.settings.ratelimit_timeout,
                 telemetry=self.telemetry,
             ),
             self.telemetry,

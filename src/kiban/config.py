@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     #: When the rate-limit storage (Redis) is unreachable: True lets requests through.
     ratelimit_fail_open: bool = True
+    #: Bound on each rate-limit call to Redis; past it the fail policy applies.
+    ratelimit_timeout: float = Field(0.25, gt=0)
 
     #: OTLP collector, e.g. ``http://otel-collector:4317`` (gRPC) or ``:4318`` (HTTP).
     otlp_endpoint: str | None = None

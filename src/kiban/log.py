@@ -8,9 +8,11 @@ The level can be changed while the process runs.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import threading
+import time
 from typing import IO, Any
 
 import orjson
@@ -49,20 +51,63 @@ _METHOD_LEVELS = {
 
 
 class Sink:
-    """Where log lines go: one binary stream, written whole-line under a lock."""
+    """Where log lines go: one binary stream, written in whole lines.
+
+    Lines are buffered and written by a background thread every ``FLUSH_SECONDS`` (or as
+    soon as 64 KiB are waiting), so a request never waits on a write to a slow pipe.
+    Warnings and errors, and every line on a terminal, are written at once; whatever is
+    buffered is written at exit.
+    """
+
+    FLUSH_SECONDS = 0.1
+    MAX_BUFFER = 64 * 1024
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
         self.stream: IO[bytes] = stream if stream is not None else sys.stdout.buffer
         self.json = True
+        self.immediate = False
+        self._buffer: list[bytes] = []
+        self._size = 0
         self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
 
-    def write(self, line: bytes) -> None:
+    def write(self, line: bytes, urgent: bool = False) -> None:
         with self._lock:
-            self.stream.write(line + b"\n")
-            self.stream.flush()
+            self._buffer.append(line + b"\n")
+            self._size += len(line) + 1
+            if not (urgent or self.immediate or self._size >= self.MAX_BUFFER):
+                if self._flusher is None:
+                    self._start_flusher()
+                return
+            self._write_locked()
+
+    def flush(self) -> None:
+        """Write everything buffered now (tests, shutdown)."""
+        with self._lock:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
+        if self._buffer:
+            data, self._buffer, self._size = b"".join(self._buffer), [], 0
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except (ValueError, OSError):  # closed or broken stream: drop, never raise
+                pass
+
+    def _start_flusher(self) -> None:
+        def run() -> None:
+            while True:
+                time.sleep(self.FLUSH_SECONDS)
+                if self._buffer:
+                    self.flush()
+
+        self._flusher = threading.Thread(target=run, name="kiban-log-flush", daemon=True)
+        self._flusher.start()
 
 
 sink = Sink()
+atexit.register(sink.flush)
 
 
 class _State:
@@ -123,7 +168,12 @@ class _SinkLogger:
     def msg(self, message: str | bytes) -> None:
         sink.write(message if isinstance(message, bytes) else message.encode("utf-8"))
 
-    debug = info = warning = warn = error = exception = critical = fatal = log = msg
+    def urgent(self, message: str | bytes) -> None:
+        """Warnings and errors are written at once: they matter most when things go wrong."""
+        sink.write(message if isinstance(message, bytes) else message.encode("utf-8"), True)
+
+    debug = info = log = msg
+    warning = warn = error = exception = critical = fatal = urgent
 
 
 class _StdlibBridge(logging.Handler):
@@ -197,8 +247,11 @@ def configure(
     ``stream`` (binary) replaces where lines go; by default they stay where they went.
     """
     if stream is not None:
+        sink.flush()
         sink.stream = stream
-    sink.json = fmt == "json" or (fmt == "auto" and not _is_terminal(sink.stream))
+    terminal = _is_terminal(sink.stream)
+    sink.json = fmt == "json" or (fmt == "auto" and not terminal)
+    sink.immediate = terminal
     _state.service = service
     root = logging.getLogger()
     if not any(isinstance(handler, _StdlibBridge) for handler in root.handlers):

@@ -229,3 +229,4 @@ def run(target: Any, settings: Settings | None = None) -> None:
     server = Server(config, service.health, settings.http_drain_seconds)
     server.run()
     log.info("stopped")
+    log.sink.flush()
