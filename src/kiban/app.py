@@ -21,13 +21,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from kiban import client as kiban_client
 from kiban import debug, errors, log
 from kiban.accesslog import AccessLogMiddleware
 from kiban.config import ConfigError, Settings, load
@@ -44,6 +41,10 @@ from kiban.security.policy import (
 )
 from kiban.server import DrainMiddleware
 from kiban.telemetry import Telemetry, TelemetryMiddleware
+
+if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
+    import httpx
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["Service"]
 
@@ -150,6 +151,9 @@ class Service:
         self, url: str | None = None, name: str = "database", **options: Any
     ) -> AsyncEngine:
         """A SQLAlchemy async engine that readiness pings and shutdown disposes."""
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        errors.install_dependency_errors(self.app)
         engine = create_async_engine(
             url or self.settings.database_url, pool_pre_ping=True, **options
         )
@@ -159,6 +163,9 @@ class Service:
 
     def http_client(self, base_url: str = "", **options: Any) -> httpx.AsyncClient:
         """An outgoing client that propagates the request context; closed on shutdown."""
+        from kiban import client as kiban_client
+
+        errors.install_dependency_errors(self.app)
         client = kiban_client.create(self.settings, base_url=base_url, **options)
         self.on_shutdown(client.aclose)
         return client

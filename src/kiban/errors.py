@@ -8,16 +8,14 @@ their traceback and answered with a bare 500: no traceback ever reaches the clie
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
-import httpx
 import orjson
-import sentry_sdk
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -161,16 +159,8 @@ async def _on_unavailable(request: Request, exc: Exception) -> Response:
 
 def install(app: FastAPI) -> None:
     """Make every error the app answers with a problem+json response."""
-    # A dependency that is down or unreachable is an outage to report, not a bug: 503.
-    for unavailable in (
-        sa_exc.OperationalError,
-        sa_exc.InterfaceError,
-        sa_exc.TimeoutError,
-        ConnectionError,
-        httpx.TransportError,
-    ):
-        app.add_exception_handler(unavailable, _on_unavailable)
-    app.add_exception_handler(httpx.TimeoutException, _on_downstream_timeout)
+    app.add_exception_handler(ConnectionError, _on_unavailable)
+    install_dependency_errors(app)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -245,6 +235,25 @@ def document(openapi: dict[str, Any]) -> dict[str, Any]:
     return openapi
 
 
+def install_dependency_errors(app: FastAPI) -> None:
+    """A database or service that is down or slow is an outage to report, not a bug.
+
+    SQLAlchemy's and httpx's errors map to 503 (504 for a timeout). Registered for the
+    libraries already imported, and again when the service makes an engine or a client,
+    so a service that uses neither never loads them.
+    """
+    if "sqlalchemy" in sys.modules:
+        from sqlalchemy import exc
+
+        for unavailable in (exc.OperationalError, exc.InterfaceError, exc.TimeoutError):
+            app.add_exception_handler(unavailable, _on_unavailable)
+    if "httpx" in sys.modules:
+        import httpx
+
+        app.add_exception_handler(httpx.TransportError, _on_unavailable)
+        app.add_exception_handler(httpx.TimeoutException, _on_downstream_timeout)
+
+
 def init_sentry(settings: Settings) -> None:
     """Report unhandled exceptions to Sentry when ``SENTRY_DSN`` is set.
 
@@ -253,6 +262,8 @@ def init_sentry(settings: Settings) -> None:
     """
     if settings.sentry_dsn is None:
         return
+    import sentry_sdk
+
     sentry_sdk.init(
         dsn=settings.sentry_dsn.get_secret_value(),
         release=f"{settings.service_name}@{settings.service_version}",
@@ -266,12 +277,15 @@ def init_sentry(settings: Settings) -> None:
 
 
 def sentry_enabled() -> bool:
-    return sentry_sdk.is_initialized()
+    module = sys.modules.get("sentry_sdk")
+    return module is not None and bool(module.is_initialized())
 
 
 def _report(exc: BaseException, scope: Scope) -> None:
-    if not sentry_sdk.is_initialized():
+    if not sentry_enabled():
         return
+    import sentry_sdk
+
     context = propagation.current()
     with sentry_sdk.new_scope() as sentry_scope:
         route = routes.template(scope)

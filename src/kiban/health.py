@@ -14,15 +14,16 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import httpx
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 
 from kiban import log
+
+if TYPE_CHECKING:
+    import httpx
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "Checker",
@@ -56,6 +57,8 @@ class SQLPinger:
         self.name = name
 
     async def ping(self) -> None:
+        from sqlalchemy import text
+
         async with self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
@@ -84,6 +87,8 @@ class HTTPPinger:
         self.client = client
 
     async def ping(self) -> None:
+        import httpx
+
         if self.client is None:
             async with httpx.AsyncClient() as client:
                 response = await client.get(self.url)

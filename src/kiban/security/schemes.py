@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
 from starlette.requests import Request
 
 from kiban import propagation
@@ -276,6 +275,8 @@ class Introspection:
         if cached is not None and cached[0] > now:
             answer = cached[1]
         else:
+            import httpx
+
             try:
                 async with httpx.AsyncClient(timeout=self.timeout) as client:
                     response = await client.post(self.url, data={"token": token}, auth=self.auth)

@@ -19,18 +19,34 @@ import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
-import jwt
-from jwt.algorithms import get_default_algorithms
+from typing import TYPE_CHECKING, Any
 
 from kiban import log
+
+if TYPE_CHECKING:  # PyJWT and cryptography load with the first token check
+    import httpx
+    import jwt
 
 __all__ = ["JWKS", "InvalidToken", "TokenVerifier"]
 
 MAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-_SIGNATURE_ALGORITHMS = frozenset(get_default_algorithms()) - MAC_ALGORITHMS - {"none"}
+_SIGNATURE_ALGORITHMS = frozenset(
+    {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES256K",
+        "ES384",
+        "ES512",
+        "EdDSA",
+        "Ed25519",
+        "Ed448",
+    }
+)
 MAX_TOKEN_BYTES = 8 * 1024
 
 
@@ -92,6 +108,9 @@ class JWKS:
             raise InvalidToken("unknown kid") from None
 
     async def _refresh(self, now: float) -> None:
+        import httpx
+        import jwt
+
         async with self._lock:
             if now - self._attempted_at < self.cooldown:
                 return  # someone just tried: never hammer the JWKS endpoint
@@ -139,6 +158,8 @@ class TokenVerifier:
             raise ValueError("give exactly one of key, keys or jwks")
 
     async def verify(self, token: str) -> dict[str, Any]:
+        import jwt
+
         if len(token) > MAX_TOKEN_BYTES:
             raise InvalidToken("token too large")
         try:
@@ -220,6 +241,7 @@ def mint(
     claims: Mapping[str, Any] | None = None,
 ) -> str:
     """A signed token for development and tests (``kiban token``)."""
+    import jwt
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     key = load_pem_private_key(private_key_pem, password=None)
