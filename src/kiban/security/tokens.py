@@ -156,6 +156,20 @@ class TokenVerifier:
         object.__setattr__(self, "algorithms", check_algorithms(self.algorithms))
         if sum(source is not None for source in (self.key, self.keys, self.jwks)) != 1:
             raise ValueError("give exactly one of key, keys or jwks")
+        object.__setattr__(self, "_prepared", {})
+
+    def _prepare(self, key: Any, algorithm: str) -> Any:
+        """Parse a PEM key once per algorithm, not on every token (it costs more than
+        the signature check)."""
+        import jwt
+
+        if not isinstance(key, str | bytes):
+            return key
+        prepared: dict[tuple[int, str], Any] = self._prepared  # type: ignore[attr-defined]
+        cache_key = (id(key), algorithm)
+        if cache_key not in prepared:
+            prepared[cache_key] = jwt.get_algorithm_by_name(algorithm).prepare_key(key)
+        return prepared[cache_key]
 
     async def verify(self, token: str) -> dict[str, Any]:
         import jwt
@@ -173,6 +187,7 @@ class TokenVerifier:
             raise InvalidToken("unsupported critical header")
         key = await self._key(header.get("kid"))
         try:
+            key = self._prepare(key, algorithm)
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
