@@ -8,9 +8,9 @@ The request path, outermost first::
     drain        Connection: close while shutting down  server.py
     errors       any exception -> problem+json          errors.py
     body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
+    policy       no serving with unresolved security    security/policy.py
     payloads     bodies logged when switched on         debug.py
-    policy       refuse to serve with unresolved security security/policy.py
-    FastAPI      routing, validation, handlers
+    FastAPI      routing, validation, the route's security requirement, handlers
 
 The chain is installed once, in ``Service.__init__``; a second Service on the same app
 is refused, so no request is ever logged or traced twice.
@@ -124,7 +124,7 @@ class Service:
                 path, endpoint, include_in_schema=False, dependencies=[NoSecurity(), Unlimited()]
             )
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
-        self._document_errors(app)
+        self._document_openapi(app)
 
     @classmethod
     def of(cls, target: Any) -> Service:
@@ -171,7 +171,8 @@ class Service:
         return client
 
     @staticmethod
-    def _document_errors(app: FastAPI) -> None:
+    def _document_openapi(app: FastAPI) -> None:
+        """The OpenAPI document shows kiban's problem responses and resolved security."""
         generate = app.openapi
 
         def openapi() -> dict[str, Any]:

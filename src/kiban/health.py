@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -36,8 +37,6 @@ __all__ = [
     "liveness",
     "readiness_endpoint",
 ]
-
-import orjson
 
 
 @runtime_checkable
