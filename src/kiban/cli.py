@@ -36,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     new_parser.add_argument("--dest", type=Path, help="default: ./NAME")
     new_parser.add_argument("--database", choices=["postgresql", "mysql", "sqlite"])
     new_parser.add_argument("--api-security", choices=["jwt", "internal_id_token"])
-    new_parser.add_argument("--kiban-source", help="how the service depends on kiban")
+    new_parser.add_argument(
+        "--kiban-source", help="how the service depends on kiban (default: this checkout)"
+    )
     new_parser.add_argument("--template", help="a copier template (default: kiban's own)")
     new_parser.add_argument(
         "--interactive", action="store_true", help="ask every question instead of taking defaults"
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kiban import template
 
         destination = args.dest or Path(args.name)
+        if args.kiban_source is None and args.template is None:
+            # kiban's own template: depend on this very checkout of kiban.
+            args.kiban_source = template.default_template().as_uri()
         template.new(
             args.name,
             destination,
