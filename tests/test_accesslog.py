@@ -148,3 +148,11 @@ def test_health_probes_and_every_request_log_once_even_with_two_routers(lines: L
         for _ in range(3):
             client.get("/health/liveness")
     assert len(lines.access()) == 3
+
+
+def test_the_access_log_can_be_turned_off(lines: Lines) -> None:
+    app = FastAPI()
+    kiban.Service(app, Settings(access_log=False), security=NoSecurity())
+    with TestClient(app) as client:
+        assert client.get("/health/liveness").status_code == 200
+    assert lines.access() == []

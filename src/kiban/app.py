@@ -107,11 +107,12 @@ class Service:
         app.add_middleware(BodyLimitMiddleware, max_body_bytes=self.settings.http_max_body_bytes)
         app.add_middleware(errors.ErrorMiddleware)
         app.add_middleware(DrainMiddleware, checker=self.health)
-        app.add_middleware(
-            AccessLogMiddleware,
-            service=self.settings.service_name,
-            redact=self.settings.log_redact_params,
-        )
+        if self.settings.access_log:
+            app.add_middleware(
+                AccessLogMiddleware,
+                service=self.settings.service_name,
+                redact=self.settings.log_redact_params,
+            )
         app.add_middleware(TelemetryMiddleware, telemetry=self.telemetry)
         app.add_middleware(ContextMiddleware, names=self.settings.headers)
         # API routes (not plain Starlette ones) so logs and metrics see their route template.

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    #: One access line per request; turn off only where another layer writes them.
+    access_log: bool = True
     #: Query parameters whose values are replaced by ``[REDACTED]`` in the access log,
     #: besides any name containing token, password, secret or key.
     log_redact_params: frozenset[str] = frozenset({"code", "sig", "signature", "auth"})
