@@ -16,6 +16,7 @@ head larger than ``HTTP_MAX_HEADER_BYTES``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import inspect
 import time
@@ -184,6 +185,10 @@ class Server(uvicorn.Server):
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets=sockets)
+        # Everything loaded so far lives as long as the process: keep it out of the
+        # garbage collector's scans, which otherwise show up as tail latency.
+        gc.collect()
+        gc.freeze()
         for server in getattr(self, "servers", []):
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
