@@ -60,14 +60,12 @@ API_KEY = {"x-api-key": "dev-partner-key"}
 
 def token(kind: str, subject: str, *scopes: str, **options: Any) -> str:
     """A token signed with the sample system's development keys."""
+    from kiban.cli import DEV_KEYS as KEYS
     from kiban.security.tokens import mint
 
-    key, issuer = {
-        "internal": ("gateway-dev.pem", "kiban-dev-gateway"),
-        "jwt": ("auth-dev.pem", "kiban-dev-auth"),
-    }[kind]
+    key, issuer = KEYS[kind]
     options.setdefault("issuer", issuer)
-    return secret(mint((DEV_KEYS / key).read_bytes(), subject, scopes=scopes, **options))
+    return secret(mint((ROOT / key).read_bytes(), subject, scopes=scopes, **options))
 
 
 def bearer(subject: str, *scopes: str) -> dict[str, str]:
@@ -175,6 +173,15 @@ def mariadb_url() -> Iterator[str]:
     subprocess.run([*mysql, f"CREATE DATABASE {name}"], check=True)
     yield f"mysql+asyncmy://root@{MARIADB[0]}:{MARIADB[1]}/{name}"
     subprocess.run([*mysql, f"DROP DATABASE IF EXISTS {name}"], check=True)
+
+
+@pytest.fixture
+def otlp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """An OTLP receiver that outlives the services under test; spans batched for 100 ms."""
+    from tests.receivers import OTLPReceiver, running
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    yield from running(OTLPReceiver())
 
 
 @pytest.fixture

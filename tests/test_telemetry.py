@@ -27,13 +27,6 @@ SERVER, CLIENT, INTERNAL = 2, 3, 1  # OTLP span kinds
 
 
 @pytest.fixture
-def otlp(monkeypatch: pytest.MonkeyPatch) -> Iterator[OTLPReceiver]:
-    """A receiver that outlives the services under test; spans are batched for 100 ms."""
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    yield from running(OTLPReceiver())
-
-
-@pytest.fixture
 def sentry() -> Iterator[SentryReceiver]:
     yield from running(SentryReceiver())
 

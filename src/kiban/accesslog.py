@@ -13,11 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban import propagation, routes
-from kiban.log import sink
+from kiban.log import sink, span_id
 
 __all__ = ["FIELDS", "AccessLogMiddleware", "redact_query"]
 
@@ -125,7 +124,7 @@ class AccessLogMiddleware:
             "remote_addr": context.remote_addr if context else None,
             "forwarded_for": context.forwarded_for if context else None,
             "trace_id": context.trace_id if context else None,
-            "span_id": _span_id(),
+            "span_id": span_id(),
             "request_id": context.request_id if context else None,
             "uid": context.uid if context else None,
             "api_client": context.api_client if context else None,
@@ -134,11 +133,6 @@ class AccessLogMiddleware:
             sink.write(orjson.dumps(record))
         else:
             sink.write(_console_line(record).encode("utf-8"))
-
-
-def _span_id() -> str | None:
-    span = trace.get_current_span().get_span_context()
-    return format(span.span_id, "016x") if span.is_valid else None
 
 
 def _console_line(record: dict[str, Any]) -> str:

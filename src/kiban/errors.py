@@ -337,15 +337,4 @@ class ErrorMiddleware:
                 response_started=started,
             )
             if not started:
-                body = problem_body(500)
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", PROBLEM_JSON.encode()),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await problem_response(500)(scope, receive, send)

@@ -145,13 +145,19 @@ def allow_request_debug(allowed: bool) -> None:
     _state.request_debug = allowed
 
 
+def span_id() -> str | None:
+    """The current span's id in W3C form, for log and access lines (None outside a span)."""
+    span = trace.get_current_span().get_span_context()
+    return format(span.span_id, "016x") if span.is_valid else None
+
+
 def _add_request_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     context = propagation.current()
     if context is not None:
         event.setdefault("trace_id", context.trace_id)
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:
-            event.setdefault("span_id", format(span.span_id, "016x"))
+        span = span_id()
+        if span is not None:
+            event.setdefault("span_id", span)
         event.setdefault("request_id", context.request_id)
         if context.uid is not None:
             event.setdefault("uid", context.uid)

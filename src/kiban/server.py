@@ -23,13 +23,13 @@ import time
 from types import FrameType
 from typing import Any
 
-import orjson
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kiban import log
 from kiban.config import Settings
+from kiban.errors import problem_body
 from kiban.health import Checker
 
 __all__ = ["DrainMiddleware", "Server", "run"]
@@ -67,13 +67,7 @@ class Config(uvicorn.Config):
 
 
 def _header_too_large() -> bytes:
-    body = orjson.dumps(
-        {
-            "type": "about:blank",
-            "title": "Request Header Fields Too Large",
-            "status": 431,
-        }
-    )
+    body = problem_body(431)  # outside any request: no trace id to add
     return (
         b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
         b"content-type: application/problem+json\r\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +9,12 @@ import httpx
 import pytest
 
 from tests.conftest import identity
-from tests.receivers import OTLPReceiver, running
+from tests.receivers import OTLPReceiver
 
 pytestmark = pytest.mark.process
 
 SERVER, CLIENT = 2, 3
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-
-
-@pytest.fixture
-def otlp(monkeypatch: pytest.MonkeyPatch) -> Iterator[OTLPReceiver]:
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    yield from running(OTLPReceiver())
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ class Requirement:
     async def __call__(self, request: Request) -> None:
         policy: Policy = request.app.state.kiban.policy
         route = request.scope.get("route")
-        resolved = policy.resolved(request.app, route)
+        resolved = policy.resolved(route)
         if resolved is self:
             await policy.enforce(self, request, route)
 
@@ -226,9 +226,8 @@ class Policy:
     def stale(self, app: FastAPI) -> bool:
         return self._resolved_for != len(app.routes)
 
-    def resolved(self, app: FastAPI, route: Any) -> Requirement | None:
-        if self.stale(app):
-            self.resolve(app)
+    def resolved(self, route: Any) -> Requirement | None:
+        """The route's requirement; PolicyMiddleware resolved the table for this request."""
         found = self.table.get(id(route))
         return found.requirement if found is not None else None
 

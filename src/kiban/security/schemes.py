@@ -12,7 +12,7 @@ import base64
 import binascii
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -332,43 +332,31 @@ class OAuth2(Scheme):
         return {"type": "oauth2", "flows": flows}
 
 
-class InternalIDToken(Scheme):
+class InternalIDToken(JWT):
     """The identity token an API gateway signs and passes to backends in a header.
 
-    Unsigned or wrongly signed tokens are refused; a valid one makes its subject the
-    request's uid, replacing any uid header (which anyone could have sent).
+    Verified as a JWT (the same checks); unsigned or wrongly signed tokens are refused,
+    and a valid one makes its subject the request's uid, replacing any uid header (which
+    anyone could have sent).
     """
 
     def __init__(
         self,
         *,
         algorithms: Sequence[str] = ("EdDSA",),
-        key: Any = None,
-        keys: Mapping[str, Any] | None = None,
-        jwks_url: str | None = None,
-        issuer: str | None = None,
-        audience: str | None = None,
-        leeway: float = 30.0,
-        required_claims: Sequence[str] = ("sub",),
         header: str = "x-internal-id-token",
         name: str = "internal_id_token",
+        **verification: Any,
     ) -> None:
-        self.verifier = _verifier(
-            algorithms, key, keys, jwks_url, issuer, audience, leeway, required_claims
-        )
+        super().__init__(algorithms=algorithms, name=name, **verification)
         self.header = header
-        self.name = name
 
     async def authenticate(self, request: Request) -> Principal | None:
         context = propagation.current()
         token = context.id_token if context else request.headers.get(self.header)
         if token is None:
             return None
-        try:
-            claims = await self.verifier.verify(token)
-        except InvalidToken as exc:
-            raise AuthError(exc.reason) from None
-        principal = Principal(self.name, str(claims["sub"]), _scopes(claims), claims)
+        principal = await self.principal(token)
         propagation.identify(principal.subject)
         return principal
 
@@ -382,7 +370,3 @@ class InternalIDToken(Scheme):
             "name": self.header,
             "description": "Identity token signed by the API gateway.",
         }
-
-
-def names(schemes: Iterable[Scheme]) -> list[str]:
-    return [scheme.name for scheme in schemes]
