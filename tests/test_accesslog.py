@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.accesslog import FIELDS, REDACTED, AccessLogMiddleware, redact_query
+from kiban.accesslog import FIELDS, REDACTED, redact_query
+from kiban.chassis import Chassis
 from kiban.config import Settings
 from kiban.security import NoSecurity
 from tests.conftest import Lines
@@ -129,7 +130,8 @@ def test_client_disconnect_before_response_is_logged_as_499(lines: Lines) -> Non
         "headers": [(b"host", b"svc")],
         "client": ("192.0.2.1", 1234),
     }
-    asyncio.run(AccessLogMiddleware(app, service="svc")(scope, receive, send))
+    service = kiban.Service(FastAPI(), Settings(service_name="svc"), security=NoSecurity())
+    asyncio.run(Chassis(app, service)(scope, receive, send))
     (line,) = lines.access()
     assert line["status"] == 499
     assert line["host"] == "svc"

@@ -10,9 +10,11 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from kiban import log, propagation
+import kiban
+from kiban import log
 from kiban.config import Settings
 from kiban.log import configure, set_level
+from kiban.security import NoSecurity
 from tests.conftest import Lines
 
 
@@ -29,16 +31,16 @@ def test_lines_are_json_with_time_level_and_fields(lines: Lines) -> None:
 
 def test_lines_inside_a_request_carry_trace_request_and_uid(lines: Lines) -> None:
     app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
 
     @app.get("/")
     async def index() -> dict[str, str]:
         log.info("inside")
         return {}
 
-    app.add_middleware(propagation.ContextMiddleware)
     with TestClient(app) as client:
         response = client.get("/", headers={"x-uid": "u-9"})
-    (line,) = [line for line in lines.all() if line["msg"] == "inside"]
+    (line,) = [line for line in lines.app() if line["msg"] == "inside"]
     assert line["trace_id"] == response.headers["x-trace-id"]
     assert line["request_id"] == response.headers["x-request-id"]
     assert line["uid"] == "u-9"

@@ -11,9 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+import kiban
 from kiban import propagation
-from kiban.config import HeaderNames
-from kiban.propagation import ContextMiddleware, from_headers, outbound_headers
+from kiban.config import HeaderNames, Settings
+from kiban.propagation import from_headers, outbound_headers
+from kiban.security import NoSecurity
 
 NAMES = HeaderNames()
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -141,6 +143,7 @@ def test_any_header_values_give_a_safe_context(headers: dict[str, str], peer: st
 
 def test_middleware_sets_context_for_the_request_only_and_echoes_ids() -> None:
     app = FastAPI()
+    kiban.Service(app, Settings(headers=NAMES), security=NoSecurity())
     seen: list[propagation.RequestContext | None] = []
 
     @app.get("/")
@@ -148,7 +151,6 @@ def test_middleware_sets_context_for_the_request_only_and_echoes_ids() -> None:
         seen.append(propagation.current())
         return {}
 
-    app.add_middleware(ContextMiddleware, names=NAMES)
     with TestClient(app) as client:
         response = client.get(
             "/", headers={"x-trace-id": "4bf92f3577b34da6a3ce929d0e0e4736", "x-uid": "u-7"}
@@ -162,6 +164,7 @@ def test_middleware_sets_context_for_the_request_only_and_echoes_ids() -> None:
 
 def test_repeated_forwarded_for_headers_are_joined_in_order() -> None:
     app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
     seen: list[str | None] = []
 
     @app.get("/")
@@ -170,7 +173,6 @@ def test_repeated_forwarded_for_headers_are_joined_in_order() -> None:
         seen.append(context.forwarded_for if context else None)
         return {}
 
-    app.add_middleware(ContextMiddleware)
     with TestClient(app) as client:
         client.get("/", headers=[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")])
     assert seen == ["1.1.1.1, 2.2.2.2"]
@@ -178,7 +180,7 @@ def test_repeated_forwarded_for_headers_are_joined_in_order() -> None:
 
 def test_every_response_carries_the_security_headers() -> None:
     app = FastAPI()
-    app.add_middleware(ContextMiddleware)
+    kiban.Service(app, Settings(), security=NoSecurity())
     with TestClient(app) as client:
         response = client.get("/missing")
     assert response.headers["x-content-type-options"] == "nosniff"

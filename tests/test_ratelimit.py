@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 import uuid
 from typing import Any
+from unittest.mock import patch
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.testclient import TestClient
 
 import kiban
 from kiban.config import Settings
-from kiban.ratelimit import RateLimit
+from kiban.ratelimit import LocalCounter, RateLimit
 from kiban.security import JWT, NoSecurity, RateLimited, Security
 from tests.conftest import DEV_KEYS, Lines, closed_port, token
 
@@ -137,3 +144,38 @@ def test_probes_and_scrapes_are_never_rate_limited() -> None:
     with TestClient(make_app(limit="1/minute")) as client:
         for path in ("/health/liveness", "/health/readiness", "/metrics"):
             assert {client.get(path).status_code for _ in range(5)} == {200}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    gaps=st.lists(st.floats(min_value=0, max_value=3, allow_nan=False), min_size=1, max_size=40),
+    limit=st.sampled_from(["1/second", "3/second", "4/2 seconds", "5/minute"]),
+)
+def test_the_in_memory_counter_decides_as_limits_memory_storage(
+    gaps: list[float], limit: str
+) -> None:
+    """Same allowed/remaining/reset as limits' own sliding window counter, hit for hit."""
+    rate = RateLimit(limit)
+    local = LocalCounter()
+    reference = SlidingWindowCounterRateLimiter(MemoryStorage())
+    # From the real time on: limits' storage also expires keys by the real clock.
+    now = time.time()
+    for gap in gaps:
+        now += gap
+        with patch("time.time", return_value=now):
+            allowed = reference.hit(rate.item, rate.name, "k")
+            reset_at, remaining = reference.get_window_stats(rate.item, rate.name, "k")
+        decision = local.hit(rate, "k", now)
+        assert (decision.allowed, decision.remaining) == (allowed, max(0, remaining))
+        assert abs(decision.reset_seconds - max(1, math.ceil(reset_at - now))) <= 1
+
+
+def test_the_in_memory_counter_forgets_keys_whose_windows_have_passed() -> None:
+    rate = RateLimit("2/second")
+    local = LocalCounter()
+    local.sweep_every = 3
+    local.hit(rate, "a", 100.0)
+    local.hit(rate, "b", 100.1)
+    assert len(local.windows) == 2
+    local.hit(rate, "c", 103.0)  # the third hit sweeps: a and b are two windows behind
+    assert set(key for _, key in local.windows) == {"c"}

@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from kiban import propagation, routes
-from kiban.log import sink, span_id
+from kiban.log import sink
 
-__all__ = ["FIELDS", "AccessLogMiddleware", "redact_query"]
+__all__ = ["FIELDS", "AccessLog", "redact_query"]
 
 #: The access-log schema, in the order fields are written.
 FIELDS = (
@@ -66,65 +66,55 @@ def redact_query(query: str, names: Iterable[str] = ()) -> str:
     return "&".join(parts)
 
 
-class AccessLogMiddleware:
-    """Writes the access line for every HTTP request, whatever happened to it."""
+class AccessLog:
+    """Writes the access line of a request; kiban's request path calls it once per request."""
 
-    def __init__(self, app: ASGIApp, service: str = "", redact: Iterable[str] = ()) -> None:
-        self.app = app
-        self.service = service
+    def __init__(self, service: str = "", redact: Iterable[str] = ()) -> None:
+        self.service = service or None
         self.redact = frozenset(redact)
+        self._second = -1
+        self._prefix = ""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        state = {"status": CLIENT_CLOSED, "request_bytes": 0, "response_bytes": 0}
+    def _time(self) -> str:
+        """RFC 3339 UTC with microseconds; the part up to the second is formatted once."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second = second
+        return f"{self._prefix}{int((now - second) * 1_000_000):06d}Z"
 
-        async def counting_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                state["request_bytes"] += len(message.get("body", b""))
-            return message
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-            elif message["type"] == "http.response.body":
-                state["response_bytes"] += len(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, counting_send)
-        finally:
-            self._write(scope, state, time.perf_counter() - start)
-
-    def _write(self, scope: Scope, state: dict[str, int], latency: float) -> None:
+    def write(
+        self,
+        scope: Scope,
+        host: str | None,
+        status: int,
+        request_bytes: int,
+        response_bytes: int,
+        latency: float,
+        span_id: str | None,
+    ) -> None:
         context = propagation.current()
-        host = None
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value.decode("latin-1")
-                break
+        query = scope["query_string"]
         record: dict[str, Any] = {
-            "time": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "time": self._time(),
             "log": "access",
-            "service": self.service or None,
+            "service": self.service,
             "method": scope["method"],
             "host": host,
             "path": scope["path"],
-            "query": redact_query(scope["query_string"].decode("latin-1"), self.redact) or None,
+            "query": redact_query(query.decode("latin-1"), self.redact) if query else None,
             "route": routes.template(scope),
-            "status": state["status"],
-            "request_bytes": state["request_bytes"],
-            "response_bytes": state["response_bytes"],
+            "status": status,
+            "request_bytes": request_bytes,
+            "response_bytes": response_bytes,
             "latency_s": round(latency, 6),
             "user_agent": context.user_agent if context else None,
             "user_ip": context.user_ip if context else None,
             "remote_addr": context.remote_addr if context else None,
             "forwarded_for": context.forwarded_for if context else None,
             "trace_id": context.trace_id if context else None,
-            "span_id": span_id(),
+            "span_id": span_id,
             "request_id": context.request_id if context else None,
             "uid": context.uid if context else None,
             "api_client": context.api_client if context else None,

@@ -1,6 +1,6 @@
 """``kiban.Service``: one call that puts the whole convention around a FastAPI app.
 
-The request path, outermost first::
+The request path, outermost first (run by one ASGI layer, ``chassis.Chassis``)::
 
     context      inbound headers -> RequestContext      propagation.py
     telemetry    server span, HTTP metrics              telemetry.py
@@ -26,21 +26,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from kiban import debug, errors, log
-from kiban.accesslog import AccessLogMiddleware
+from kiban.chassis import Chassis
 from kiban.config import ConfigError, Settings, load
 from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoint
-from kiban.limits import BodyLimitMiddleware
-from kiban.propagation import ContextMiddleware
 from kiban.ratelimit import Limiter, RateLimit
-from kiban.security.policy import (
-    NoSecurity,
-    Policy,
-    PolicyMiddleware,
-    SecurityConfigError,
-    Unlimited,
-)
-from kiban.server import DrainMiddleware
-from kiban.telemetry import Telemetry, TelemetryMiddleware
+from kiban.security.policy import NoSecurity, Policy, SecurityConfigError, Unlimited
+from kiban.telemetry import Telemetry
 
 if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
     import httpx
@@ -101,20 +92,7 @@ class Service:
                 )
             app.include_router(debug.router(self.payloads, [debug_security, Unlimited()]))
         log.allow_request_debug(self.settings.debug_endpoints)
-        # add_middleware puts the last one added outermost.
-        app.add_middleware(debug.PayloadLogMiddleware, payloads=self.payloads)
-        app.add_middleware(PolicyMiddleware, policy=self.policy, api=app)
-        app.add_middleware(BodyLimitMiddleware, max_body_bytes=self.settings.http_max_body_bytes)
-        app.add_middleware(errors.ErrorMiddleware)
-        app.add_middleware(DrainMiddleware, checker=self.health)
-        if self.settings.access_log:
-            app.add_middleware(
-                AccessLogMiddleware,
-                service=self.settings.service_name,
-                redact=self.settings.log_redact_params,
-            )
-        app.add_middleware(TelemetryMiddleware, telemetry=self.telemetry)
-        app.add_middleware(ContextMiddleware, names=self.settings.headers)
+        app.add_middleware(Chassis, service=self)
         # API routes (not plain Starlette ones) so logs and metrics see their route template.
         for path, endpoint in (
             ("/health/liveness", liveness),

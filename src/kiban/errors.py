@@ -19,12 +19,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from kiban import log, propagation, routes
 from kiban.config import Settings
 
-__all__ = ["PROBLEM_JSON", "ErrorMiddleware", "Problem", "install", "problem_response"]
+__all__ = ["PROBLEM_JSON", "Problem", "answer_escaped", "install", "problem_response"]
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -257,8 +257,9 @@ def install_dependency_errors(app: FastAPI) -> None:
 def init_sentry(settings: Settings) -> None:
     """Report unhandled exceptions to Sentry when ``SENTRY_DSN`` is set.
 
-    Only kiban reports, from ErrorMiddleware: the SDK's automatic integrations are off so
-    nothing is patched into the app and nothing is reported twice or for a 4xx.
+    Only kiban reports, from its request path (``answer_escaped``): the SDK's automatic
+    integrations are off so nothing is patched into the app and nothing is reported
+    twice or for a 4xx.
     """
     if settings.sentry_dsn is None:
         return
@@ -300,41 +301,29 @@ def _report(exc: BaseException, scope: Scope) -> None:
         sentry_sdk.capture_exception(exc)
 
 
-class ErrorMiddleware:
-    """Turns an exception that escaped the app into a logged 500 problem."""
+async def answer_escaped(
+    exc: Exception, scope: Scope, receive: Receive, send: Send, started: bool
+) -> None:
+    """Answer for an exception that escaped the app's own exception handlers.
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except (HTTPException, Problem) as exc:
-            # Raised by middleware outside the app's own exception handlers.
-            if started:
-                raise
-            response = await (_on_problem if isinstance(exc, Problem) else _on_http_exception)(
-                Request(scope), exc
-            )
-            await response(scope, receive, send)
-        except Exception as exc:
-            _report(exc, scope)
-            log.exception(
-                "unhandled exception",
-                method=scope["method"],
-                path=scope["path"],
-                response_started=started,
-            )
-            if not started:
-                await problem_response(500)(scope, receive, send)
+    A Problem or HTTPException raised outside them (by kiban's request path) gets its
+    problem response; anything else is a bug: reported, logged with its traceback and
+    answered with a bare 500. Called from an ``except`` block; once the response has
+    started nothing more can be sent, so a problem is re-raised and a bug only logged.
+    """
+    if isinstance(exc, HTTPException | Problem):
+        if started:
+            raise exc
+        handler = _on_problem if isinstance(exc, Problem) else _on_http_exception
+        response = await handler(Request(scope), exc)
+        await response(scope, receive, send)
+        return
+    _report(exc, scope)
+    log.exception(
+        "unhandled exception",
+        method=scope["method"],
+        path=scope["path"],
+        response_started=started,
+    )
+    if not started:
+        await problem_response(500)(scope, receive, send)

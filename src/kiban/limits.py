@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message
 
-__all__ = ["BodyLimitMiddleware", "has_lone_surrogate"]
+__all__ = ["Body", "BodyTooLarge", "check_length", "has_lone_surrogate"]
 
 _SURROGATE_ESCAPE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
 
@@ -39,49 +39,40 @@ def has_lone_surrogate(body: bytes) -> bool:
     return False
 
 
-def _is_json(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return b"json" in value.lower()
-    return False
-
-
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"The request body is larger than {limit} bytes.")
 
 
-class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.limit = max_body_bytes
+def check_length(content_length: str | None, limit: int) -> None:
+    """Refuse a declared Content-Length over the limit before reading any of the body."""
+    if content_length is None:
+        return
+    if not content_length.isdigit():
+        raise HTTPException(400, "The Content-Length header is not a number.")
+    if int(content_length) > limit:
+        raise BodyTooLarge(limit)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    raise HTTPException(400, "The Content-Length header is not a number.")
-                if int(value) > self.limit:
-                    raise BodyTooLarge(self.limit)
-                break
-        received = 0
-        json_body = bytearray() if _is_json(scope) else None
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                received += len(chunk)
-                if received > self.limit:
-                    raise BodyTooLarge(self.limit)
-                if json_body is not None:
-                    json_body.extend(chunk)
-                    if not message.get("more_body") and has_lone_surrogate(bytes(json_body)):
-                        raise HTTPException(400, "The JSON body has an unpaired surrogate escape.")
-            return message
+class Body:
+    """Counts a request's body as it is received, cut off past the limit.
 
-        await self.app(scope, limited_receive, send)
+    A JSON body is kept until its last chunk to check it for lone surrogates.
+    """
+
+    __slots__ = ("json", "limit", "received")
+
+    def __init__(self, limit: int, content_type: str | None) -> None:
+        self.limit = limit
+        self.received = 0
+        self.json = bytearray() if content_type and "json" in content_type.lower() else None
+
+    def take(self, message: Message) -> None:
+        chunk = message.get("body", b"")
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise BodyTooLarge(self.limit)
+        if self.json is not None:
+            self.json.extend(chunk)
+            if not message.get("more_body") and has_lone_surrogate(bytes(self.json)):
+                raise HTTPException(400, "The JSON body has an unpaired surrogate escape.")

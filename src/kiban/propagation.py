@@ -8,16 +8,23 @@ from there, so handlers never pass these values by hand.
 
 from __future__ import annotations
 
-import os
+import random
 import re
-from contextvars import ContextVar
+from collections.abc import Iterable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban.config import HeaderNames
 
-__all__ = ["ContextMiddleware", "RequestContext", "current", "new_id", "outbound_headers"]
+__all__ = [
+    "Inbound",
+    "RequestContext",
+    "current",
+    "enter",
+    "leave",
+    "new_id",
+    "outbound_headers",
+]
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _TOKEN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -72,8 +79,12 @@ def identify(uid: str) -> None:
 
 
 def new_id() -> str:
-    """A fresh 128-bit id in W3C trace-id form (32 lowercase hex digits)."""
-    return os.urandom(16).hex()
+    """A fresh 128-bit id in W3C trace-id form (32 lowercase hex digits).
+
+    From ``random`` like the OpenTelemetry SDK's ids: unique, not secret, and no
+    system call per request.
+    """
+    return f"{random.getrandbits(128) or 1:032x}"
 
 
 def _clean(value: str | None, limit: int = _MAX_VALUE) -> str | None:
@@ -157,43 +168,49 @@ def outbound_headers(
     return headers
 
 
-class ContextMiddleware:
-    """Reads the request context from the headers; answers carry the ids and safe headers."""
+class Inbound:
+    """Finds the headers kiban reads in one pass over a request's raw header list.
 
-    def __init__(self, app: ASGIApp, names: HeaderNames | None = None) -> None:
-        self.app = app
+    ASGI servers give header names in lower case (Starlette relies on it too), so a
+    header is one dictionary lookup; repeated headers become one comma-separated list
+    (RFC 9110). ``extra`` names other headers the request path wants from the same pass.
+    """
+
+    def __init__(self, names: HeaderNames | None = None, extra: Iterable[str] = ()) -> None:
         self.names = names or HeaderNames()
-        self._wanted = frozenset([*self.names.model_dump().values(), "traceparent", "user-agent"])
+        wanted = {*self.names.model_dump().values(), "traceparent", "user-agent", *extra}
+        self._wanted = {name.encode("latin-1"): name for name in wanted}
         self._trace_header = self.names.trace_id.encode("latin-1")
         self._request_header = self.names.request_id.encode("latin-1")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def read(self, raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         headers: dict[str, str] = {}
-        for raw_name, raw_value in scope["headers"]:
-            name = raw_name.decode("latin-1").lower()
-            if name in self._wanted:
+        wanted = self._wanted
+        for raw_name, raw_value in raw:
+            name = wanted.get(raw_name)
+            if name is not None:
                 value = raw_value.decode("latin-1")
-                if name in headers:  # repeated header: one comma-separated list (RFC 9110)
+                if name in headers:
                     value = f"{headers[name]}, {value}"
                 headers[name] = value
-        client = scope.get("client")
-        context = from_headers(headers, self.names, client[0] if client else None)
-        echoed = [
+        return headers
+
+    def context(self, headers: dict[str, str], remote_addr: str | None) -> RequestContext:
+        return from_headers(headers, self.names, remote_addr)
+
+    def echoed(self, context: RequestContext) -> list[tuple[bytes, bytes]]:
+        """What every answer carries: the request's ids and the security headers."""
+        return [
             (self._trace_header, context.trace_id.encode("latin-1")),
             (self._request_header, context.request_id.encode("latin-1")),
             *SECURITY_HEADERS,
         ]
 
-        async def send_with_ids(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *echoed]
-            await send(message)
 
-        token = _current.set(context)
-        try:
-            await self.app(scope, receive, send_with_ids)
-        finally:
-            _current.reset(token)
+def enter(context: RequestContext) -> Token[RequestContext | None]:
+    """Make ``context`` the current request's; ``leave`` with the token when it ends."""
+    return _current.set(context)
+
+
+def leave(token: Token[RequestContext | None]) -> None:
+    _current.reset(token)

@@ -10,17 +10,21 @@ Redis when ``REDIS_URL`` is set, which makes a limit global across replicas: Red
 applies each hit atomically. When Redis cannot be reached within its short timeout the
 limiter follows ``RATELIMIT_FAIL_OPEN`` (default: let the request through, as Envoy
 does), logging and counting every such failure.
+
+In memory, the same sliding window counter is computed in place by ``LocalCounter``
+(no await, no key strings, no expiry timer on the request path); a property test holds
+it to ``limits``' own memory storage, decision for decision.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import limits
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
@@ -28,7 +32,7 @@ from kiban import log
 from kiban.errors import Problem
 from kiban.telemetry import Telemetry
 
-__all__ = ["Decision", "Limiter", "RateLimit"]
+__all__ = ["Decision", "Limiter", "LocalCounter", "RateLimit"]
 
 KeyKind = Literal["subject", "api_client", "ip"]
 
@@ -40,9 +44,14 @@ class RateLimit:
     limit: str
     key: KeyKind = "subject"
     name: str = "default"
+    amount: int = field(init=False, repr=False)
+    expiry: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_item", limits.parse(self.limit))
+        item = limits.parse(self.limit)
+        object.__setattr__(self, "_item", item)
+        object.__setattr__(self, "amount", item.amount)
+        object.__setattr__(self, "expiry", item.get_expiry())
 
     @property
     def item(self) -> limits.RateLimitItem:
@@ -66,6 +75,77 @@ class Decision:
             headers["retry-after"] = str(self.reset_seconds)
         return headers
 
+    def encoded(self) -> list[tuple[bytes, bytes]]:
+        """The headers of an allowed request, as ASGI wants them."""
+        return [
+            (b"ratelimit-limit", str(self.limit).encode()),
+            (b"ratelimit-remaining", str(self.remaining).encode()),
+            (b"ratelimit-reset", str(self.reset_seconds).encode()),
+        ]
+
+
+class _Window:
+    __slots__ = ("current", "index", "previous")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.current = 0
+        self.previous = 0
+
+
+class LocalCounter:
+    """``limits``' sliding window counter, for one process, computed in place.
+
+    Windows are numbered ``int(now / expiry)`` as ``limits`` numbers its keys; the
+    previous window's count is weighted by how much of it still overlaps the sliding
+    window. Windows two or more behind are dropped every ``sweep_every`` hits.
+    """
+
+    sweep_every = 4096
+
+    def __init__(self) -> None:
+        self.windows: dict[tuple[RateLimit, str], _Window] = {}
+        self._hits = 0
+
+    def hit(self, rate: RateLimit, key: str, now: float) -> Decision:
+        expiry, amount = rate.expiry, rate.amount
+        index = int(now / expiry)
+        window = self.windows.get((rate, key))
+        if window is None:
+            window = self.windows[(rate, key)] = _Window(index)
+        elif window.index != index:
+            window.previous = window.current if window.index == index - 1 else 0
+            window.current = 0
+            window.index = index
+        previous = window.previous
+        previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry if previous else 0.0
+        weighted = previous * previous_ttl / expiry + window.current
+        allowed = math.floor(weighted) + 1 <= amount
+        if allowed:
+            window.current += 1
+            weighted += 1
+        remaining = max(0, amount - math.floor(weighted))
+        reset_in = math.inf
+        if previous:
+            reset_in = previous_ttl % (expiry / previous)
+        if window.current:
+            current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+            reset_in = min(reset_in, current_ttl % expiry)
+        self._hits += 1
+        if self._hits % self.sweep_every == 0:
+            self._sweep(now)
+        reset = 0 if reset_in == math.inf else math.ceil(reset_in)
+        return Decision(allowed, amount, remaining, max(1, reset))
+
+    def _sweep(self, now: float) -> None:
+        stale = [
+            found
+            for found, window in self.windows.items()
+            if int(now / found[0].expiry) - window.index > 1
+        ]
+        for found in stale:
+            del self.windows[found]
+
 
 class Limiter:
     """Counts hits in memory or Redis and decides; the fail policy covers storage errors."""
@@ -78,19 +158,20 @@ class Limiter:
         timeout: float = 0.25,
         telemetry: Telemetry | None = None,
     ) -> None:
+        self.local: LocalCounter | None = None
+        self.strategy: SlidingWindowCounterRateLimiter | None = None
         if redis_url:
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
-            self.storage: Storage = storage_from_string(  # type: ignore[assignment]
+            storage: Storage = storage_from_string(  # type: ignore[assignment]
                 uri,
                 implementation="redispy",
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
             )
-            self.shared = True
+            self.strategy = SlidingWindowCounterRateLimiter(storage)
         else:
-            self.storage = MemoryStorage()
-            self.shared = False
-        self.strategy = SlidingWindowCounterRateLimiter(self.storage)
+            self.local = LocalCounter()
+        self.shared = self.strategy is not None
         self.fail_open = fail_open
         self.telemetry = telemetry
 
@@ -100,6 +181,9 @@ class Limiter:
         None when the storage failed and the policy is to fail open; a 503 problem when
         it is to fail closed.
         """
+        if self.local is not None:
+            return self.local.hit(rate, key, time.time())
+        assert self.strategy is not None
         item = rate.item
         try:
             allowed = await self.strategy.hit(item, rate.name, key)

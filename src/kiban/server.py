@@ -24,7 +24,6 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kiban import log
@@ -32,27 +31,7 @@ from kiban.config import Settings
 from kiban.errors import problem_body
 from kiban.health import Checker
 
-__all__ = ["DrainMiddleware", "Server", "run"]
-
-
-class DrainMiddleware:
-    """While draining, asks every client to close its connection after the response."""
-
-    def __init__(self, app: ASGIApp, checker: Checker) -> None:
-        self.app = app
-        self.checker = checker
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and self.checker.draining:
-                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
-            await send(message)
-
-        await self.app(scope, receive, send_closing)
+__all__ = ["Server", "run"]
 
 
 class Config(uvicorn.Config):

@@ -4,38 +4,57 @@ One server span per request (no per-message spans), its trace id the request
 context's, so the id in every log and access line is the span's. HTTP metrics follow
 the OTel semantic conventions. With no exporter configured spans are still created and
 trace ids logged; setting ``OTLP_ENDPOINT`` exports traces and metrics, no code changed.
+
+The server span and the request-duration histogram are on every request's path, so
+kiban records them with less work than the SDK's general-purpose ones (see
+``ServerSpan`` and ``HTTPDurations``) and hands the result to the SDK's own span
+processors and metric readers, so exporters and ``/metrics`` see ordinary OTel data.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterable, Mapping
+import traceback
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes, AttributeValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import propagation, routes
+from kiban import propagation
 from kiban.config import Settings
 
-__all__ = ["Telemetry", "TelemetryMiddleware", "meter", "tracer"]
+__all__ = ["HTTPDurations", "ServerSpan", "Telemetry", "meter", "tracer"]
 
 #: The OTel semantic-convention buckets for request durations, in seconds.
 DURATION_BUCKETS = (
@@ -99,6 +118,259 @@ class _ScopeHeaders(Getter[Mapping[str, str]]):
 _getter = _ScopeHeaders()
 
 
+class ServerSpan(trace.Span):
+    """The request's server span, recorded with the least work per request.
+
+    The SDK's span takes a lock and cleans each attribute on every call, and is built
+    through the sampler and id generator; the server span's own attributes are known to
+    be clean, so they go into a plain dict. When it ends it becomes the SDK's
+    ``ReadableSpan`` and goes to the same span processors and exporters as any other
+    (processors see it at ``on_end``; ``on_start`` is not called for it). Attributes and
+    events a handler adds go through the SDK's bounded attribute map.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        attributes: dict[str, AttributeValue],
+        owner: _Spans,
+    ) -> None:
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._attributes: dict[str, AttributeValue] | BoundedAttributes = attributes
+        self._events: list[Event] = []
+        self._links: list[Link] = []
+        self._status = Status(StatusCode.UNSET)
+        self._owner = owner
+        self._end: int | None = None
+        self._start = time.time_ns()
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return self._end is None
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._end is not None:
+            return
+        if not isinstance(self._attributes, BoundedAttributes):
+            self._attributes = BoundedAttributes(
+                self._owner.limits.max_span_attributes,
+                self._attributes,
+                immutable=False,
+                max_value_len=self._owner.limits.max_span_attribute_length,
+            )
+        self._attributes[key] = value
+
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
+        if self._end is not None:
+            return
+        limits = self._owner.limits
+        bounded = BoundedAttributes(
+            limits.max_event_attributes,
+            attributes,
+            immutable=True,
+            max_value_len=limits.max_attribute_length,
+        )
+        self._events.append(Event(name, bounded, timestamp))
+
+    def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
+        if self._end is None and context.is_valid:
+            self._links.append(Link(context, attributes))
+
+    def update_name(self, name: str) -> None:
+        if self._end is None:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._end is not None or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        kind = type(exception)
+        module = kind.__module__
+        recorded: dict[str, AttributeValue] = {
+            "exception.type": (
+                f"{module}.{kind.__qualname__}"
+                if module and module != "builtins"
+                else kind.__qualname__
+            ),
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        recorded.update(attributes or {})
+        self.add_event("exception", recorded, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end is not None:
+            return
+        self._end = end_time if end_time is not None else time.time_ns()
+        owner = self._owner
+        owner.processor.on_end(
+            ReadableSpan(
+                name=self._name,
+                context=self._context,
+                parent=self._parent,
+                resource=owner.resource,
+                attributes=self._attributes,
+                events=self._events,
+                links=self._links,
+                kind=SpanKind.SERVER,
+                status=self._status,
+                start_time=self._start,
+                end_time=self._end,
+                instrumentation_scope=owner.scope,
+            )
+        )
+
+
+class _Spans:
+    """What a ServerSpan needs from its tracer provider, looked up once."""
+
+    def __init__(self, provider: TracerProvider, ratio: float) -> None:
+        sdk_tracer = provider.get_tracer("kiban")
+        self.processor: SpanProcessor = sdk_tracer.span_processor  # type: ignore[attr-defined]
+        self.resource = provider.resource
+        self.limits = sdk_tracer._span_limits  # type: ignore[attr-defined]
+        self.scope = InstrumentationScope("kiban")
+        self.bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+
+
+class _Series:
+    __slots__ = ("counts", "max", "min", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+
+class HTTPDurations:
+    """``http.server.request.duration``: an explicit-bucket histogram kept by kiban.
+
+    The SDK's ``Histogram.record`` cleans and hashes the attributes of every
+    measurement; a service has a handful of (method, status, route) series, so kiban
+    keeps one bucket array each and gives the metric readers the same cumulative data
+    points the SDK would. The event loop is the one writer; readers only copy.
+    """
+
+    name = "http.server.request.duration"
+
+    def __init__(self, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.series: dict[tuple[str, int, str | None], _Series] = {}
+        self.start = time.time_ns()
+
+    def record(self, method: str, status: int, route: str | None, seconds: float) -> None:
+        key = (method, status, route)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _Series(len(self.bounds) + 1)
+        series.counts[bisect_left(self.bounds, seconds)] += 1
+        series.sum += seconds
+        if seconds < series.min:
+            series.min = seconds
+        if seconds > series.max:
+            series.max = seconds
+
+    def metric(self) -> Metric | None:
+        now = time.time_ns()
+        points = []
+        for (method, status, route), series in list(self.series.items()):
+            counts = list(series.counts)
+            attributes: dict[str, str | int] = {
+                "http.request.method": method,
+                "http.response.status_code": status,
+            }
+            if route is not None:
+                attributes["http.route"] = route
+            points.append(
+                HistogramDataPoint(
+                    attributes=attributes,
+                    start_time_unix_nano=self.start,
+                    time_unix_nano=now,
+                    count=sum(counts),
+                    sum=series.sum,
+                    bucket_counts=counts,
+                    explicit_bounds=self.bounds,
+                    min=series.min,
+                    max=series.max,
+                )
+            )
+        if not points:
+            return None
+        return Metric(
+            name=self.name,
+            description="Duration of HTTP requests.",
+            unit="s",
+            data=HistogramData(points, AggregationTemporality.CUMULATIVE),
+        )
+
+    def added_to(
+        self, data: MetricsData | None, resource: Resource, scope: InstrumentationScope
+    ) -> MetricsData | None:
+        """``data`` with this histogram in ``scope``'s metrics."""
+        metric = self.metric()
+        if metric is None:
+            return data
+        if data is None or not data.resource_metrics:
+            return MetricsData([ResourceMetrics(resource, [ScopeMetrics(scope, [metric], "")], "")])
+        first, *rest = data.resource_metrics
+        scopes = list(first.scope_metrics)
+        for index, found in enumerate(scopes):
+            if found.scope.name == scope.name:
+                scopes[index] = ScopeMetrics(
+                    found.scope, [*found.metrics, metric], found.schema_url
+                )
+                break
+        else:
+            scopes.append(ScopeMetrics(scope, [metric], ""))
+        return MetricsData([ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
+
+
+class _WithDurations:
+    """A metric reader mixin: what the reader collects, plus kiban's HTTP durations."""
+
+    durations: HTTPDurations
+    resource: Resource
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        data = self.durations.added_to(metrics_data, self.resource, InstrumentationScope("kiban"))
+        super()._receive_metrics(data, timeout_millis, **kwargs)  # type: ignore[misc]
+
+
+class _PrometheusReader(_WithDurations, PrometheusMetricReader):
+    pass
+
+
+class _PeriodicReader(_WithDurations, PeriodicExportingMetricReader):
+    pass
+
+
 def _span_exporter(settings: Settings) -> SpanExporter:
     endpoint = settings.otlp_endpoint
     assert endpoint is not None
@@ -113,7 +385,7 @@ def _span_exporter(settings: Settings) -> SpanExporter:
     return HTTPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
 
 
-def _metric_reader(settings: Settings) -> MetricReader:
+def _metric_reader(settings: Settings) -> PeriodicExportingMetricReader:
     endpoint = settings.otlp_endpoint
     assert endpoint is not None
     interval = int(settings.metrics_export_interval * 1000)
@@ -129,7 +401,7 @@ def _metric_reader(settings: Settings) -> MetricReader:
         )
 
         exporter = HTTPMetricExporter(endpoint=endpoint.rstrip("/") + "/v1/metrics")
-    return PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+    return _PeriodicReader(exporter, export_interval_millis=interval)
 
 
 class Telemetry:
@@ -146,10 +418,14 @@ class Telemetry:
             id_generator=_ContextIds(),
         )
         self.registry = CollectorRegistry()
-        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
+        self.durations = HTTPDurations()
+        readers: list[MetricReader] = [_PrometheusReader(registry=self.registry)]
         if settings.otlp_endpoint:
             self.tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(settings)))
             readers.append(_metric_reader(settings))
+        for reader in readers:
+            reader.durations = self.durations  # type: ignore[attr-defined]
+            reader.resource = resource  # type: ignore[attr-defined]
         self.meter_provider = MeterProvider(
             resource=resource,
             metric_readers=readers,
@@ -169,9 +445,8 @@ class Telemetry:
             metrics.set_meter_provider(self.meter_provider)
         self.tracer = self.tracer_provider.get_tracer("kiban")
         self.meter = self.meter_provider.get_meter("kiban")
-        self.request_duration = self.meter.create_histogram(
-            "http.server.request.duration", unit="s", description="Duration of HTTP requests."
-        )
+        self._spans = _Spans(self.tracer_provider, settings.trace_sample_ratio)
+        self.exclude = settings.telemetry_exclude_paths
         # Counted in a plain int and read at collection: no SDK call on the request path.
         self.active = 0
         self.meter.create_observable_up_down_counter(
@@ -217,71 +492,68 @@ class Telemetry:
             self.tracer_provider.shutdown()
             self.meter_provider.shutdown()
 
+    def start_span(
+        self,
+        method: str,
+        path: str,
+        scheme: str,
+        client: str,
+        trace_id: str,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> trace.Span:
+        """The request's server span, already current; its trace id is the context's.
 
-class TelemetryMiddleware:
-    """One server span and the RED metrics for each HTTP request."""
-
-    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
-        self.app = app
-        self.telemetry = telemetry
-        self.tracer = telemetry.tracer
-        self.exclude = telemetry.settings.telemetry_exclude_paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exclude:
-            await self.app(scope, receive, send)
-            return
-        carrier = _trace_headers(scope["headers"])
-        parent = _tracecontext.extract(carrier, getter=_getter) if carrier else None
-        method = scope["method"]
-        span = self.tracer.start_span(
-            method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            # The semantic conventions' required attributes, and the client: each one
-            # costs on every request.
-            attributes={
-                "http.request.method": method,
-                "url.path": scope["path"],
-                "url.scheme": scope.get("scheme", "http"),
-                "client.address": client[0] if (client := scope.get("client")) else "",
-            },
+        Sampling is the SDK's ``ParentBased(TraceIdRatioBased)``: a remote parent's
+        decision is kept, a root is sampled by its trace id.
+        """
+        parent: SpanContext | None = None
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent}
+            if tracestate is not None:
+                carrier["tracestate"] = tracestate
+            found = trace.get_current_span(_tracecontext.extract(carrier, getter=_getter))
+            if found.get_span_context().is_valid:
+                parent = found.get_span_context()
+        spans = self._spans
+        number = int(trace_id, 16)
+        if parent is not None:
+            sampled = parent.trace_flags.sampled
+        else:
+            sampled = number & TraceIdRatioBased.TRACE_ID_LIMIT < spans.bound
+        context = SpanContext(
+            number,
+            random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+            trace_state=parent.trace_state if parent is not None else None,
         )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        status = 500
-        self.telemetry.active += 1
-        start = time.perf_counter()
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            elapsed = time.perf_counter() - start
-            route = routes.template(scope)
-            attributes: dict[str, str | int] = {
+        if not sampled:
+            return trace.NonRecordingSpan(context)
+        return ServerSpan(
+            method,
+            context,
+            parent,
+            {
                 "http.request.method": method,
-                "http.response.status_code": status,
-            }
+                "url.path": path,
+                "url.scheme": scheme,
+                "client.address": client,
+            },
+            spans,
+        )
+
+    def end_span(
+        self, span: trace.Span, method: str, status: int, route: str | None, seconds: float
+    ) -> None:
+        """Finish the server span and count the request in the duration histogram."""
+        self.durations.record(method, status, route, seconds)
+        if isinstance(span, ServerSpan):
+            attributes = span._attributes
+            attributes["http.response.status_code"] = status
             if route:
                 attributes["http.route"] = route
-                span.update_name(f"{method} {route}")
-            span.set_attributes(attributes)
+                span._name = f"{method} {route}"
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
-            otel_context.detach(token)
-            self.telemetry.request_duration.record(elapsed, attributes)
-            self.telemetry.active -= 1
-
-
-def _trace_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    found = {}
-    for name, value in headers:
-        if name in (b"traceparent", b"tracestate"):
-            found[name.decode("latin-1")] = value.decode("latin-1")
-    return found

@@ -24,7 +24,7 @@ from typing import Any
 
 import fastapi.routing
 from fastapi import FastAPI, Request, params
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from kiban import log, propagation, routes
 from kiban.errors import Problem
@@ -125,33 +125,6 @@ class _RateLimitMarker:
         return None
 
 
-class PolicyMiddleware:
-    """Fails closed: no request is served while the routes' security is unresolved.
-
-    Start-up resolves it; this covers an app served without a lifespan, or routes added
-    later. A bad declaration then makes every request a 500, never a public route.
-    """
-
-    def __init__(self, app: ASGIApp, policy: Policy, api: FastAPI) -> None:
-        self.app = app
-        self.policy = policy
-        self.api = api
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.policy.stale(self.api):
-            self.policy.resolve(self.api)
-
-        async def send_with_rate_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and RATE_HEADERS in scope:
-                message["headers"] = [*message.get("headers", ()), *scope[RATE_HEADERS]]
-            await send(message)
-
-        await self.app(scope, receive, send_with_rate_headers)
-
-
 def requirement_of(depends: Any) -> Requirement:
     """The Requirement inside what Security()/NoSecurity() returned."""
     dependency = getattr(depends, "dependency", depends)
@@ -223,11 +196,17 @@ class Policy:
         self.operations = operations
         self._resolved_for = len(app.routes)
 
-    def stale(self, app: FastAPI) -> bool:
-        return self._resolved_for != len(app.routes)
+    def ensure(self, app: FastAPI) -> None:
+        """Fail closed: no request is served while the routes' security is unresolved.
+
+        Start-up resolves it; this covers an app served without a lifespan, or routes
+        added later. A bad declaration then makes every request a 500, never public.
+        """
+        if self._resolved_for != len(app.routes):
+            self.resolve(app)
 
     def resolved(self, route: Any) -> Requirement | None:
-        """The route's requirement; PolicyMiddleware resolved the table for this request."""
+        """The route's requirement; the request path resolved the table before routing."""
         found = self.table.get(id(route))
         return found.requirement if found is not None else None
 
@@ -308,10 +287,8 @@ class Policy:
             if self.telemetry is not None:
                 self.telemetry.rate_limited.add(1, {"http.route": route or ""})
             raise Problem(429, "Too many requests; retry later.", headers=decision.headers())
-        # PolicyMiddleware adds them to the response, whatever the handler returns.
-        scope[RATE_HEADERS] = [
-            (name.encode(), value.encode()) for name, value in decision.headers().items()
-        ]
+        # The request path adds them to the response, whatever the handler returns.
+        scope[RATE_HEADERS] = decision.encoded()
 
     def document(self, openapi: dict[str, Any]) -> dict[str, Any]:
         """Write the resolved requirements into an OpenAPI document, in place."""

@@ -1,0 +1,146 @@
+"""kiban's request path: one pure ASGI layer around the app, in the chain's order.
+
+    context      inbound headers -> RequestContext      propagation.py
+    telemetry    server span, HTTP duration histogram   telemetry.py
+    access log   one fixed-schema line per request      accesslog.py
+    drain        Connection: close while shutting down  health.py, server.py
+    errors       any exception -> problem+json          errors.py
+    body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
+    policy       no serving with unresolved security    security/policy.py
+    payloads     bodies logged when switched on         debug.py
+
+Each step is written in the module of its concept; this layer runs them in that order
+with one pass over the headers and one wrapper around ``send`` and ``receive``. One
+layer instead of eight middlewares is what keeps the chassis cheap on every request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiban import errors, propagation, routes
+from kiban.accesslog import CLIENT_CLOSED, AccessLog
+from kiban.debug import PayloadLogMiddleware
+from kiban.limits import Body, check_length
+from kiban.security.policy import RATE_HEADERS
+
+if TYPE_CHECKING:
+    from kiban.app import Service
+
+__all__ = ["Chassis"]
+
+_CLOSE = (b"connection", b"close")
+
+
+class Chassis:
+    """The whole of kiban's per-request work for ``service``, around ``app``."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        settings = service.settings
+        self.app = app
+        self.payload_app = PayloadLogMiddleware(app, service.payloads)
+        self.payloads = service.payloads
+        self.api = service.app
+        self.policy = service.policy
+        self.health = service.health
+        self.telemetry = service.telemetry
+        self.access = (
+            AccessLog(settings.service_name, settings.log_redact_params)
+            if settings.access_log
+            else None
+        )
+        self.max_body = settings.http_max_body_bytes
+        self.inbound = propagation.Inbound(
+            settings.headers,
+            extra=("tracestate", "host", "content-length", "content-type"),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = self.inbound.read(scope["headers"])
+        client = scope.get("client")
+        remote = client[0] if client else None
+        context = self.inbound.context(headers, remote)
+        echoed = self.inbound.echoed(context)
+        context_token = propagation.enter(context)
+        method = scope["method"]
+        telemetry = self.telemetry
+        span: trace.Span | None = None
+        span_token = None
+        if scope["path"] not in telemetry.exclude:
+            span = telemetry.start_span(
+                method,
+                scope["path"],
+                scope.get("scheme", "http"),
+                remote or "",
+                context.trace_id,
+                headers.get("traceparent"),
+                headers.get("tracestate"),
+            )
+            span_token = otel_context.attach(trace.set_span_in_context(span))
+        telemetry.active += 1
+        status = CLIENT_CLOSED
+        response_bytes = 0
+        started = False
+        body = Body(self.max_body, headers.get("content-type"))
+        health = self.health
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, response_bytes, started
+            kind = message["type"]
+            if kind == "http.response.start":
+                started = True
+                status = message["status"]
+                answer = [*message.get("headers", ()), *echoed]
+                rate = scope.get(RATE_HEADERS)
+                if rate is not None:
+                    answer.extend(rate)
+                if health.draining:
+                    answer.append(_CLOSE)
+                message["headers"] = answer
+            elif kind == "http.response.body":
+                response_bytes += len(message.get("body", b""))
+            await send(message)
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                body.take(message)
+            return message
+
+        try:
+            check_length(headers.get("content-length"), self.max_body)
+            self.policy.ensure(self.api)
+            app = self.payload_app if self.payloads.enabled else self.app
+            await app(scope, receive_wrapper, send_wrapper)
+        except Exception as exc:
+            await errors.answer_escaped(exc, scope, receive, send_wrapper, started)
+        finally:
+            elapsed = time.perf_counter() - start
+            telemetry.active -= 1
+            if span is not None:
+                telemetry.end_span(span, method, status, routes.template(scope), elapsed)
+            if self.access is not None:
+                span_id = None
+                if span is not None and span.get_span_context().is_valid:
+                    span_id = format(span.get_span_context().span_id, "016x")
+                self.access.write(
+                    scope,
+                    headers.get("host"),
+                    status,
+                    body.received,
+                    response_bytes,
+                    elapsed,
+                    span_id,
+                )
+            if span_token is not None:
+                otel_context.detach(span_token)
+            propagation.leave(context_token)
