@@ -3,12 +3,13 @@
 The request path, outermost first (run by one ASGI layer, ``chassis.Chassis``)::
 
     context      inbound headers -> RequestContext      propagation.py
+    probes       /health/liveness, /health/readiness, /metrics (health.py, telemetry.py)
     telemetry    server span, HTTP metrics              telemetry.py
     access log   one fixed-schema line per request      accesslog.py
     drain        Connection: close while shutting down  server.py
     errors       any exception -> problem+json          errors.py
     body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
-    policy       no serving with unresolved security    security/policy.py
+    policy       the route's security and rate limit    security/policy.py
     payloads     bodies logged when switched on         debug.py
     FastAPI      routing, validation, the route's security requirement, handlers
 
@@ -28,9 +29,9 @@ from fastapi import FastAPI
 from kiban import debug, errors, log
 from kiban.chassis import Chassis
 from kiban.config import ConfigError, Settings, load
-from kiban.health import Checker, Pinger, SQLPinger, liveness, readiness_endpoint
+from kiban.health import Checker, Pinger, SQLPinger
 from kiban.ratelimit import Limiter, RateLimit
-from kiban.security.policy import NoSecurity, Policy, SecurityConfigError, Unlimited
+from kiban.security.policy import Policy, SecurityConfigError, Unlimited
 from kiban.telemetry import Telemetry
 
 if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
@@ -93,15 +94,6 @@ class Service:
             app.include_router(debug.router(self.payloads, [debug_security, Unlimited()]))
         log.allow_request_debug(self.settings.debug_endpoints)
         app.add_middleware(Chassis, service=self)
-        # API routes (not plain Starlette ones) so logs and metrics see their route template.
-        for path, endpoint in (
-            ("/health/liveness", liveness),
-            ("/health/readiness", readiness_endpoint(self.health)),
-            ("/metrics", self.telemetry.metrics_endpoint),
-        ):
-            app.add_api_route(
-                path, endpoint, include_in_schema=False, dependencies=[NoSecurity(), Unlimited()]
-            )
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
         self._document_openapi(app)
 

@@ -1,12 +1,13 @@
 """kiban's request path: one pure ASGI layer around the app, in the chain's order.
 
     context      inbound headers -> RequestContext      propagation.py
+    probes       /health/liveness, /health/readiness, /metrics answered here
     telemetry    server span, HTTP duration histogram   telemetry.py
     access log   one fixed-schema line per request      accesslog.py
     drain        Connection: close while shutting down  health.py, server.py
     errors       any exception -> problem+json          errors.py
     body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
-    policy       no serving with unresolved security    security/policy.py
+    policy       the route's security and rate limit    security/policy.py
     payloads     bodies logged when switched on         debug.py
 
 Each step is written in the module of its concept; this layer runs them in that order
@@ -21,11 +22,14 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from starlette.requests import Request
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban import errors, propagation, routes
 from kiban.accesslog import CLIENT_CLOSED, AccessLog
 from kiban.debug import PayloadLogMiddleware
+from kiban.health import liveness, readiness_endpoint
 from kiban.limits import Body, check_length
 from kiban.security.policy import RATE_HEADERS
 
@@ -55,6 +59,16 @@ class Chassis:
             else None
         )
         self.max_body = settings.http_max_body_bytes
+        # Probes and scrapes are answered here, before routing: public, never rate
+        # limited, and no cost to the app's own routes, which no longer try them first.
+        self.probes = {
+            route.path: route
+            for route in (
+                Route("/health/liveness", liveness, methods=["GET"]),
+                Route("/health/readiness", readiness_endpoint(service.health), methods=["GET"]),
+                Route("/metrics", service.telemetry.metrics_endpoint, methods=["GET"]),
+            )
+        }
         self.inbound = propagation.Inbound(
             settings.headers,
             extra=("tracestate", "host", "content-length", "content-type"),
@@ -118,7 +132,16 @@ class Chassis:
 
         try:
             check_length(headers.get("content-length"), self.max_body)
-            self.policy.ensure(self.api)
+            probe = self.probes.get(scope["path"])
+            if probe is not None:
+                scope["route"] = probe
+                await probe.handle(scope, receive_wrapper, send_wrapper)
+                return
+            policy = self.policy
+            policy.ensure(self.api)
+            entry = policy.admission(scope)
+            if entry is not None and entry.resolved is not None:
+                await policy.admit(entry.resolved, Request(scope), entry.path)
             app = self.payload_app if self.payloads.enabled else self.app
             await app(scope, receive_wrapper, send_wrapper)
         except Exception as exc:

@@ -118,18 +118,19 @@ class _ScopeHeaders(Getter[Mapping[str, str]]):
 _getter = _ScopeHeaders()
 
 
-class ServerSpan(trace.Span):
+class ServerSpan(trace.Span, ReadableSpan):
     """The request's server span, recorded with the least work per request.
 
-    The SDK's span takes a lock and cleans each attribute on every call, and is built
-    through the sampler and id generator; the server span's own attributes are known to
-    be clean, so they go into a plain dict. When it ends it becomes the SDK's
-    ``ReadableSpan`` and goes to the same span processors and exporters as any other
-    (processors see it at ``on_end``; ``on_start`` is not called for it). Attributes and
-    events a handler adds go through the SDK's bounded attribute map.
+    The SDK's span takes a lock and cleans each attribute on every call, is built
+    through the sampler and id generator, and is copied when it ends; the server span's
+    own attributes are known to be clean, so they go into a plain dict, and the span is
+    its own ``ReadableSpan``: once ended it changes no more, and goes as it is to the
+    same span processors and exporters as any other (processors see it at ``on_end``;
+    ``on_start`` is not called for it). Attributes and events a handler adds go through
+    the SDK's bounded attribute map.
     """
 
-    def __init__(
+    def __init__(  # ReadableSpan's fields are set here, without its defaults
         self,
         name: str,
         context: SpanContext,
@@ -138,28 +139,32 @@ class ServerSpan(trace.Span):
         owner: _Spans,
     ) -> None:
         self._name = name
-        self._context = context
+        self._context: SpanContext = context
         self._parent = parent
+        self._kind = SpanKind.SERVER
+        self._resource = owner.resource
+        self._instrumentation_scope = owner.scope
+        self._instrumentation_info = None
         self._attributes: dict[str, AttributeValue] | BoundedAttributes = attributes
         self._events: list[Event] = []
         self._links: list[Link] = []
-        self._status = Status(StatusCode.UNSET)
+        self._status = _UNSET
         self._owner = owner
-        self._end: int | None = None
-        self._start = time.time_ns()
+        self._end_time: int | None = None
+        self._start_time = time.time_ns()
 
     def get_span_context(self) -> SpanContext:
         return self._context
 
     def is_recording(self) -> bool:
-        return self._end is None
+        return self._end_time is None
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         for key, value in attributes.items():
             self.set_attribute(key, value)
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
-        if self._end is not None:
+        if self._end_time is not None:
             return
         if not isinstance(self._attributes, BoundedAttributes):
             self._attributes = BoundedAttributes(
@@ -173,7 +178,7 @@ class ServerSpan(trace.Span):
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
     ) -> None:
-        if self._end is not None:
+        if self._end_time is not None:
             return
         limits = self._owner.limits
         bounded = BoundedAttributes(
@@ -185,15 +190,15 @@ class ServerSpan(trace.Span):
         self._events.append(Event(name, bounded, timestamp))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
-        if self._end is None and context.is_valid:
+        if self._end_time is None and context.is_valid:
             self._links.append(Link(context, attributes))
 
     def update_name(self, name: str) -> None:
-        if self._end is None:
+        if self._end_time is None:
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._end is not None or self._status.status_code is StatusCode.OK:
+        if self._end_time is not None or self._status.status_code is StatusCode.OK:
             return
         if isinstance(status, StatusCode):
             status = Status(status, description)
@@ -223,26 +228,14 @@ class ServerSpan(trace.Span):
         self.add_event("exception", recorded, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._end is not None:
+        if self._end_time is not None:
             return
-        self._end = end_time if end_time is not None else time.time_ns()
-        owner = self._owner
-        owner.processor.on_end(
-            ReadableSpan(
-                name=self._name,
-                context=self._context,
-                parent=self._parent,
-                resource=owner.resource,
-                attributes=self._attributes,
-                events=self._events,
-                links=self._links,
-                kind=SpanKind.SERVER,
-                status=self._status,
-                start_time=self._start,
-                end_time=self._end,
-                instrumentation_scope=owner.scope,
-            )
-        )
+        self._end_time = end_time if end_time is not None else time.time_ns()
+        self._owner.processor.on_end(self)
+
+
+_UNSET = Status(StatusCode.UNSET)
+_ERROR = Status(StatusCode.ERROR)
 
 
 class _Spans:
@@ -555,5 +548,5 @@ class Telemetry:
                 attributes["http.route"] = route
                 span._name = f"{method} {route}"
             if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
+                span.set_status(_ERROR)
             span.end()

@@ -17,6 +17,8 @@ ones 401, valid ones without a scope 403 naming the scope. Every failure is logg
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from typing import Any
 
 import fastapi.routing
 from fastapi import FastAPI, Request, params
+from starlette._utils import get_route_path
+from starlette.routing import Mount
 from starlette.types import Scope
 
 from kiban import log, propagation, routes
@@ -44,6 +48,8 @@ __all__ = [
 ]
 
 RATE_HEADERS = "kiban.ratelimit.headers"
+#: The Resolved requirement the request path already enforced for this request.
+ADMITTED = "kiban.security.admitted"
 _principal: ContextVar[Principal | None] = ContextVar("kiban_principal", default=None)
 
 
@@ -82,11 +88,12 @@ class Requirement:
         return f"Security({' | '.join(parts)})"
 
     async def __call__(self, request: Request) -> None:
+        """Enforce, when this is the route's resolved requirement and not yet enforced."""
         policy: Policy = request.app.state.kiban.policy
-        route = request.scope.get("route")
-        resolved = policy.resolved(route)
-        if resolved is self:
-            await policy.enforce(self, request, route)
+        scope = request.scope
+        resolved = policy.for_route(request.app, scope.get("route"))
+        if resolved.requirement is self and scope.get(ADMITTED) is not resolved:
+            await policy.admit(resolved, request, routes.template(scope) or request.url.path)
 
 
 def Security(*schemes: Scheme | Alternative, scopes: Iterable[str] = ()) -> Any:
@@ -125,6 +132,22 @@ class _RateLimitMarker:
         return None
 
 
+def _strip_markers(route: Any) -> None:
+    """Take kiban's marker dependencies out of a route's FastAPI dependency solving.
+
+    Only an optimisation: where FastAPI keeps its dependencies elsewhere, the markers
+    stay, and a marker whose requirement was already enforced does nothing.
+    """
+    dependant = getattr(route, "dependant", None)
+    dependencies = getattr(dependant, "dependencies", None)
+    if isinstance(dependencies, list):
+        dependencies[:] = [
+            d
+            for d in dependencies
+            if not isinstance(getattr(d, "call", None), Requirement | _RateLimitMarker)
+        ]
+
+
 def requirement_of(depends: Any) -> Requirement:
     """The Requirement inside what Security()/NoSecurity() returned."""
     dependency = getattr(depends, "dependency", depends)
@@ -137,6 +160,36 @@ def requirement_of(depends: Any) -> Requirement:
 class Resolved:
     requirement: Requirement
     rate_limit: RateLimit | None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A route as the request path sees it before routing."""
+
+    regex: re.Pattern[str]
+    methods: frozenset[str] | None
+    resolved: Resolved | None
+    path: str
+    static: bool
+
+    def overlaps(self, other: _Entry) -> bool:
+        """Whether some request could match both (conservatively: when unsure, yes)."""
+        if (
+            self.methods is not None
+            and other.methods is not None
+            and not (self.methods & other.methods)
+        ):
+            return False
+        if self.static:
+            return other.regex.match(self.path) is not None
+        if other.static:
+            return self.regex.match(other.path) is not None
+        mine, theirs = _literal_prefix(self.path), _literal_prefix(other.path)
+        return mine.startswith(theirs) or theirs.startswith(mine)
+
+
+def _literal_prefix(path: str) -> str:
+    return path.split("{", 1)[0]
 
 
 class Policy:
@@ -155,6 +208,7 @@ class Policy:
         self.telemetry = telemetry
         self.table: dict[int, Resolved] = {}
         self.operations: dict[tuple[str, str], Resolved] = {}
+        self.entries: list[_Entry] = []
         self._resolved_for: int | None = None
 
     def api_dependencies(self) -> list[Any]:
@@ -194,7 +248,65 @@ class Policy:
             )
         self.table = table
         self.operations = operations
+        self.entries = self._entries(app)
         self._resolved_for = len(app.routes)
+
+    def _entries(self, app: FastAPI) -> list[_Entry]:
+        """Every route in routing order; the exclusive ones are enforced before routing.
+
+        A route is exclusive when no other route with another requirement (or none,
+        like a mount) could match one of its requests: then the request path knows the
+        route's requirement from the path and method alone, and enforces it before
+        FastAPI routes, solves and validates anything. Its marker dependencies are
+        taken out of FastAPI's dependency solving, which is the costly part. Other
+        routes keep their markers and are enforced as FastAPI dependencies.
+        """
+        found: list[tuple[_Entry, Any]] = []
+        for key, route in routes.effective(app.routes):
+            regex = getattr(route, "path_regex", None)
+            path = getattr(route, "path_format", None) or getattr(route, "path", None)
+            if regex is None or not isinstance(path, str):
+                continue
+            methods = getattr(route, "methods", None)
+            entry = _Entry(
+                regex,
+                frozenset(methods) if methods else None,
+                self.table.get(id(key)) if isinstance(key, fastapi.routing.APIRoute) else None,
+                path,
+                "{" not in path and not isinstance(key, Mount),
+            )
+            found.append((entry, route))
+        entries = []
+        for entry, route in found:
+            exclusive = entry.resolved is not None and not any(
+                other is not entry and other.resolved != entry.resolved and entry.overlaps(other)
+                for other, _ in found
+            )
+            if exclusive:
+                entries.append(entry)
+                _strip_markers(route)
+            else:
+                entries.append(dataclasses.replace(entry, resolved=None))
+        return entries
+
+    def admission(self, scope: Scope) -> _Entry | None:
+        """The exclusive route that will serve this request, if its route is exclusive."""
+        path = get_route_path(scope)
+        method = scope["method"]
+        for entry in self.entries:
+            if entry.regex.match(path) and (entry.methods is None or method in entry.methods):
+                return entry if entry.resolved is not None else None
+        return None
+
+    def for_route(self, app: FastAPI, route: Any) -> Resolved:
+        """The resolved requirement of the route FastAPI matched; never none (fail closed)."""
+        found = self.table.get(id(route))
+        if found is None:  # added after resolution (e.g. to an included router): resolve again
+            self.resolve(app)
+            found = self.table.get(id(route))
+            if found is None:
+                raise SecurityConfigError(f"no resolved security for {route!r}")
+        return found
 
     def ensure(self, app: FastAPI) -> None:
         """Fail closed: no request is served while the routes' security is unresolved.
@@ -206,21 +318,24 @@ class Policy:
             self.resolve(app)
 
     def resolved(self, route: Any) -> Requirement | None:
-        """The route's requirement; the request path resolved the table before routing."""
+        """The route's requirement, as resolved at start-up."""
         found = self.table.get(id(route))
         return found.requirement if found is not None else None
 
-    async def enforce(self, requirement: Requirement, request: Request, route: Any) -> None:
-        who = await self._authenticate(requirement, request, route)
+    async def admit(self, resolved: Resolved, request: Request, path: str) -> None:
+        """Authenticate and count the request against ``resolved``, or raise its problem."""
+        scope = request.scope
+        who = await self._authenticate(resolved.requirement, request, path)
         _principal.set(who)
-        rate = self.table[id(route)].rate_limit
+        rate = resolved.rate_limit
         if rate is not None:
             decision = await self.limiter.hit(rate, self._rate_key(rate, who))
             if decision is not None:
-                self._rate_headers(decision, request.scope)
+                self._rate_headers(decision, scope, path)
+        scope[ADMITTED] = resolved
 
     async def _authenticate(
-        self, requirement: Requirement, request: Request, route: Any
+        self, requirement: Requirement, request: Request, path: str
     ) -> Principal | None:
         if requirement.public:
             return None
@@ -238,7 +353,6 @@ class Policy:
             if not lacking:
                 return who
             missing_scopes.extend(lacking)
-        path = routes.template(request.scope) or request.url.path
         if missing_scopes:
             self._failed(requirement.alternatives[0].scheme.name, "missing scope", path)
             raise Problem(
@@ -281,11 +395,10 @@ class Policy:
             return f"{who.scheme}:{who.subject}"
         return f"ip:{context.user_ip if context else 'unknown'}"
 
-    def _rate_headers(self, decision: Decision, scope: Scope) -> None:
+    def _rate_headers(self, decision: Decision, scope: Scope, path: str) -> None:
         if not decision.allowed:
-            route = routes.template(scope)
             if self.telemetry is not None:
-                self.telemetry.rate_limited.add(1, {"http.route": route or ""})
+                self.telemetry.rate_limited.add(1, {"http.route": path})
             raise Problem(429, "Too many requests; retry later.", headers=decision.headers())
         # The request path adds them to the response, whatever the handler returns.
         scope[RATE_HEADERS] = decision.encoded()
