@@ -54,7 +54,7 @@ fastapi_app = _route(FastAPI())
 
 
 def _kiban() -> FastAPI:
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     import kiban
     from kiban.config import Settings
@@ -82,7 +82,7 @@ def _kiban() -> FastAPI:
         security=NoSecurity() if "security" in off else Security(APIKey(validate)),
         rate_limit=None if "ratelimit" in off else RateLimit("100000000/second"),
     )
-    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    service.telemetry.tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
     return _route(app)
 
 
@@ -97,7 +97,7 @@ def _typical() -> FastAPI:
     from opentelemetry import trace
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
     from prometheus_fastapi_instrumentator import Instrumentator
 
     class Drop(SpanExporter):
@@ -105,7 +105,7 @@ def _typical() -> FastAPI:
             return SpanExportResult.SUCCESS
 
     provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
     trace.set_tracer_provider(provider)
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", filename=os.environ.get("BENCH_LOG", "/dev/null")

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from starlette.types import Scope
 
-from kiban import propagation, routes
+from kiban import propagation
 from kiban.log import sink
 
 __all__ = ["FIELDS", "AccessLog", "redact_query"]
@@ -87,6 +87,7 @@ class AccessLog:
     def write(
         self,
         scope: Scope,
+        route: str | None,
         host: str | None,
         status: int,
         request_bytes: int,
@@ -104,7 +105,7 @@ class AccessLog:
             "host": host,
             "path": scope["path"],
             "query": redact_query(query.decode("latin-1"), self.redact) if query else None,
-            "route": routes.template(scope),
+            "route": route,
             "status": status,
             "request_bytes": request_bytes,
             "response_bytes": response_bytes,
@@ -120,7 +121,7 @@ class AccessLog:
             "api_client": context.api_client if context else None,
         }
         if sink.json:
-            sink.write(orjson.dumps(record))
+            sink.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE), newline=False)
         else:
             sink.write(_console_line(record).encode("utf-8"))
 

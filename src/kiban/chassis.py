@@ -104,7 +104,7 @@ class Chassis:
         status = CLIENT_CLOSED
         response_bytes = 0
         started = False
-        body = Body(self.max_body, headers.get("content-type"))
+        body: Body | None = None
         health = self.health
 
         async def send_wrapper(message: Message) -> None:
@@ -125,8 +125,11 @@ class Chassis:
             await send(message)
 
         async def receive_wrapper() -> Message:
+            nonlocal body
             message = await receive()
             if message["type"] == "http.request":
+                if body is None:
+                    body = Body(self.max_body, headers.get("content-type"))
                 body.take(message)
             return message
 
@@ -149,17 +152,18 @@ class Chassis:
         finally:
             elapsed = time.perf_counter() - start
             telemetry.active -= 1
+            route = routes.template(scope)
+            span_id = None
             if span is not None:
-                telemetry.end_span(span, method, status, routes.template(scope), elapsed)
+                telemetry.end_span(span, method, status, route, elapsed)
+                span_id = f"{span.get_span_context().span_id:016x}"
             if self.access is not None:
-                span_id = None
-                if span is not None and span.get_span_context().is_valid:
-                    span_id = format(span.get_span_context().span_id, "016x")
                 self.access.write(
                     scope,
+                    route,
                     headers.get("host"),
                     status,
-                    body.received,
+                    body.received if body is not None else 0,
                     response_bytes,
                     elapsed,
                     span_id,

@@ -71,10 +71,13 @@ class Sink:
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
 
-    def write(self, line: bytes, urgent: bool = False) -> None:
+    def write(self, line: bytes, urgent: bool = False, newline: bool = True) -> None:
+        """Write one line; ``newline=False`` when it already ends with one."""
+        if newline:
+            line += b"\n"
         with self._lock:
-            self._buffer.append(line + b"\n")
-            self._size += len(line) + 1
+            self._buffer.append(line)
+            self._size += len(line)
             if not (urgent or self.immediate or self._size >= self.MAX_BUFFER):
                 if self._flusher is None:
                     self._start_flusher()

@@ -58,7 +58,7 @@ class RateLimit:
         return self._item  # type: ignore[attr-defined,no-any-return]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     allowed: bool
     limit: int
@@ -78,9 +78,9 @@ class Decision:
     def encoded(self) -> list[tuple[bytes, bytes]]:
         """The headers of an allowed request, as ASGI wants them."""
         return [
-            (b"ratelimit-limit", str(self.limit).encode()),
-            (b"ratelimit-remaining", str(self.remaining).encode()),
-            (b"ratelimit-reset", str(self.reset_seconds).encode()),
+            (b"ratelimit-limit", b"%d" % self.limit),
+            (b"ratelimit-remaining", b"%d" % self.remaining),
+            (b"ratelimit-reset", b"%d" % self.reset_seconds),
         ]
 
 

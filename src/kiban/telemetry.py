@@ -236,6 +236,8 @@ class ServerSpan(trace.Span, ReadableSpan):
 
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 
 
 class _Spans:
@@ -518,7 +520,7 @@ class Telemetry:
             number,
             random.getrandbits(64) or 1,
             is_remote=False,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
             trace_state=parent.trace_state if parent is not None else None,
         )
         if not sampled:

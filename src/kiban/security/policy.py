@@ -349,10 +349,9 @@ class Policy:
                 continue
             if who is None:
                 continue
-            lacking = sorted(alternative.scopes - who.scopes)
-            if not lacking:
+            if alternative.scopes <= who.scopes:
                 return who
-            missing_scopes.extend(lacking)
+            missing_scopes.extend(alternative.scopes - who.scopes)
         if missing_scopes:
             self._failed(requirement.alternatives[0].scheme.name, "missing scope", path)
             raise Problem(
