@@ -146,8 +146,8 @@ class ServerSpan(trace.Span, ReadableSpan):
         self._instrumentation_scope = owner.scope
         self._instrumentation_info = None
         self._attributes: dict[str, AttributeValue] | BoundedAttributes = attributes
-        self._events: list[Event] = []
-        self._links: list[Link] = []
+        self._events: Sequence[Event] = ()  # lists once a handler adds one
+        self._links: Sequence[Link] = ()
         self._status = _UNSET
         self._owner = owner
         self._end_time: int | None = None
@@ -187,11 +187,11 @@ class ServerSpan(trace.Span, ReadableSpan):
             immutable=True,
             max_value_len=limits.max_attribute_length,
         )
-        self._events.append(Event(name, bounded, timestamp))
+        self._events = [*self._events, Event(name, bounded, timestamp)]
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         if self._end_time is None and context.is_valid:
-            self._links.append(Link(context, attributes))
+            self._links = [*self._links, Link(context, attributes)]
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
