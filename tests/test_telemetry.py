@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import time
@@ -12,11 +13,20 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
 import kiban
 from kiban.config import Settings
 from kiban.security import NoSecurity
+from kiban.telemetry import DURATION_BUCKETS, HTTPDurations
 from tests.conftest import IN_CI, free_port
 from tests.receivers import OTLPReceiver, SentryReceiver, running
 
@@ -237,3 +247,70 @@ def test_unhandled_exceptions_reach_sentry_tagged_and_4xx_do_not(
     started = next(line for line in service.lines() if line.get("msg") == "started")
     assert started["sentry"] is True
     assert "publickey" not in service.output.read_text()
+
+
+def test_handlers_add_attributes_events_and_exceptions_to_the_server_span() -> None:
+    exported = InMemorySpanExporter()
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exported))
+
+    @app.get("/orders/{order_id}")
+    async def get(order_id: int) -> dict[str, int]:
+        span = trace.get_current_span()
+        span.set_attribute("order.id", order_id)
+        span.add_event("loaded", {"rows": 1})
+        span.record_exception(ValueError("stale cache"))
+        return {"id": order_id}
+
+    with TestClient(app) as client:
+        client.get("/orders/7")
+    (server,) = [s for s in exported.get_finished_spans() if s.kind is trace.SpanKind.SERVER]
+    assert server.name == "GET /orders/{order_id}"
+    assert server.attributes is not None
+    assert server.attributes["order.id"] == 7
+    assert server.attributes["http.route"] == "/orders/{order_id}"
+    assert [event.name for event in server.events] == ["loaded", "exception"]
+    assert server.events[1].attributes is not None
+    assert server.events[1].attributes["exception.type"] == "ValueError"
+    assert server.end_time is not None
+    assert server.start_time is not None
+    assert server.end_time >= server.start_time
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=20, allow_nan=False), min_size=1, max_size=60))
+def test_the_duration_histogram_holds_what_the_sdks_would(values: list[float]) -> None:
+    """kiban keeps http.server.request.duration itself; the data points are the SDK's."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(
+        metric_readers=[reader],
+        views=[
+            View(
+                instrument_name="d",
+                aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS),
+            )
+        ],
+    )
+    sdk = provider.get_meter("m").create_histogram("d")
+    ours = HTTPDurations()
+    attributes = {
+        "http.request.method": "GET",
+        "http.response.status_code": 200,
+        "http.route": "/x",
+    }
+    for value in values:
+        sdk.record(value, attributes)
+        ours.record("GET", 200, "/x", value)
+    data = reader.get_metrics_data()
+    assert data is not None
+    (theirs,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    metric = ours.metric()
+    assert metric is not None
+    (mine,) = metric.data.data_points
+    assert dict(mine.attributes or {}) == attributes
+    assert list(mine.bucket_counts) == list(theirs.bucket_counts)
+    assert list(mine.explicit_bounds) == list(theirs.explicit_bounds)
+    assert (mine.count, mine.min, mine.max) == (theirs.count, theirs.min, theirs.max)
+    assert math.isclose(mine.sum, theirs.sum)
+    provider.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -12,6 +13,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.staticfiles import StaticFiles
 from starlette.testclient import TestClient
 
 import kiban
@@ -189,6 +191,75 @@ def test_health_and_metrics_stay_public(client: TestClient) -> None:
     assert client.get("/health/liveness").status_code == 200
     assert client.get("/health/readiness").status_code == 200
     assert client.get("/metrics").status_code == 200
+
+
+def overlapping(tmp: Path) -> FastAPI:
+    """Routes another route could shadow: a literal beside a parameter, a mount, methods."""
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=Security(api_key))
+    (tmp / "logo.txt").write_text("kiban")
+    app.mount("/static", StaticFiles(directory=tmp))
+
+    @app.get("/items/me", dependencies=[NoSecurity()])
+    async def me() -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @app.put("/items/{item_id}", dependencies=[NoSecurity()])
+    async def put(item_id: int, body: dict[str, int]) -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @app.post("/orders")
+    async def order(body: dict[str, int]) -> dict[str, Any]:
+        return {"who": getattr(principal(), "subject", None)}
+
+    @app.get("/static/{name}")  # shadowed by the mount, which serves it unsecured
+    async def shadowed(name: str) -> dict[str, str]:
+        return {"served": "route"}
+
+    return app
+
+
+def test_routes_that_could_shadow_each_other_keep_their_own_requirement(
+    tmp_path: Path,
+) -> None:
+    with TestClient(overlapping(tmp_path)) as client:
+        assert client.get("/items/me").json() == {"who": None}
+        assert client.get("/items/7").status_code == 401
+        assert client.get("/items/7", headers=KEY).json() == {"who": "partner"}
+        assert client.put("/items/7", json={"n": 1}).json() == {"who": None}
+        assert client.get("/static/logo.txt").text == "kiban"
+
+
+def test_credentials_are_checked_before_the_body(tmp_path: Path) -> None:
+    """No 422 describing the schema to someone who may not call the route at all."""
+    with TestClient(overlapping(tmp_path)) as client:
+        assert client.post("/orders", json={"n": "not a number"}).status_code == 401
+        assert client.post("/orders", json={"n": "x"}, headers=KEY).status_code == 422
+
+
+def test_a_route_added_to_an_included_router_while_serving_is_secured() -> None:
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=Security(api_key))
+    router = APIRouter(prefix="/r")
+
+    @router.get("/early")
+    async def early() -> dict[str, str]:
+        return {}
+
+    app.include_router(router)
+    with TestClient(app) as client:
+        assert client.get("/r/early").status_code == 401
+
+        @router.get("/late")
+        async def late() -> dict[str, str]:
+            return {"late": "yes"}
+
+        assert client.get("/r/late").status_code == 401
+        assert client.get("/r/late", headers=KEY).json() == {"late": "yes"}
 
 
 @pytest.mark.parametrize("location", ["header", "query", "cookie"])
