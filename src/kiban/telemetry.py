@@ -441,6 +441,7 @@ class Telemetry:
         self.tracer = self.tracer_provider.get_tracer("kiban")
         self.meter = self.meter_provider.get_meter("kiban")
         self._spans = _Spans(self.tracer_provider, settings.trace_sample_ratio)
+        self._names: dict[tuple[str, str], str] = {}  # "GET /items/{id}", made once a route
         self.exclude = settings.telemetry_exclude_paths
         # Counted in a plain int and read at collection: no SDK call on the request path.
         self.active = 0
@@ -548,7 +549,10 @@ class Telemetry:
             attributes["http.response.status_code"] = status
             if route:
                 attributes["http.route"] = route
-                span._name = f"{method} {route}"
+                name = self._names.get((method, route))
+                if name is None:
+                    name = self._names[(method, route)] = f"{method} {route}"
+                span._name = name
             if status >= 500:
                 span.set_status(_ERROR)
             span.end()

@@ -92,7 +92,7 @@ class Requirement:
         policy: Policy = request.app.state.kiban.policy
         scope = request.scope
         resolved = policy.for_route(request.app, scope.get("route"))
-        if resolved.requirement is self and scope.get(ADMITTED) is not resolved:
+        if resolved.requirement is self and scope.get(ADMITTED) != resolved:
             await policy.admit(resolved, request, routes.template(scope) or request.url.path)
 
 
@@ -209,6 +209,8 @@ class Policy:
         self.table: dict[int, Resolved] = {}
         self.operations: dict[tuple[str, str], Resolved] = {}
         self.entries: list[_Entry] = []
+        self._literal: dict[str, list[_Entry]] = {}
+        self._patterns: list[_Entry] = []
         self._resolved_for: int | None = None
 
     def api_dependencies(self) -> list[Any]:
@@ -249,6 +251,11 @@ class Policy:
         self.table = table
         self.operations = operations
         self.entries = self._entries(app)
+        self._literal = {}
+        for entry in self.entries:
+            if entry.static:
+                self._literal.setdefault(entry.path, []).append(entry)
+        self._patterns = [entry for entry in self.entries if not entry.static]
         self._resolved_for = len(app.routes)
 
     def _entries(self, app: FastAPI) -> list[_Entry]:
@@ -290,10 +297,18 @@ class Policy:
         return entries
 
     def admission(self, scope: Scope) -> _Entry | None:
-        """The exclusive route that will serve this request, if its route is exclusive."""
+        """The exclusive route that will serve this request, if its route is exclusive.
+
+        Literal paths are looked up first: an exclusive route shares its requests with
+        no route of another requirement, so which of several matches FastAPI picks
+        does not change the answer, and a non-exclusive one answers None either way.
+        """
         path = get_route_path(scope)
         method = scope["method"]
-        for entry in self.entries:
+        for entry in self._literal.get(path, ()):
+            if entry.methods is None or method in entry.methods:
+                return entry if entry.resolved is not None else None
+        for entry in self._patterns:
             if entry.regex.match(path) and (entry.methods is None or method in entry.methods):
                 return entry if entry.resolved is not None else None
         return None
