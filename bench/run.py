@@ -59,8 +59,16 @@ def ensure_wrk() -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """CPU time of ``pid`` and of its worker processes, as ticks of all their threads."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
 
 
 def rss_mib(pid: int) -> float:
@@ -76,7 +84,7 @@ def _ms(value: str) -> float:
 
 
 def start(
-    variant: str, workdir: Path, workers: int = 1, off: str = ""
+    variant: str, workdir: Path, workers: int = 1, off: str = "", server: str = "uvicorn"
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
@@ -102,6 +110,7 @@ def start(
             variant,
             str(port),
             str(workers),
+            server,
         ],
         cwd=ROOT,
         env=env,
@@ -181,8 +190,9 @@ def once(
     connections: int,
     workers: int = 1,
     off: str = "",
+    server: str = "uvicorn",
 ) -> Run:
-    process, url = start(variant, workdir, workers, off)
+    process, url = start(variant, workdir, workers, off, server)
     try:
         return measure(
             wrk, variant, url, process.pid, seconds, connections, "1" if workers == 1 else "0,1"
@@ -239,6 +249,14 @@ def main() -> int:
         two = once(wrk, variant, workdir, args.seconds, args.connections, workers=2)
         scaling.append(f"| {variant} | {median(variant, 'rps'):,.0f} | {two.rps:,.0f} |")
 
+    servers = []
+    for variant in ("fastapi", "kiban"):
+        on_granian = once(wrk, variant, workdir, args.seconds, args.connections, server="granian")
+        servers.append(
+            f"| {variant} | {median(variant, 'rps'):,.0f} | {median(variant, 'cpu_us'):.0f} | "
+            f"{on_granian.rps:,.0f} | {on_granian.cpu_us:.0f} |"
+        )
+
     kiban_ratio = statistics.median(ratios["kiban"])
     over_typical = statistics.median(
         a.rps / b.rps for a, b in zip(runs["kiban"], runs["typical"], strict=True)
@@ -280,6 +298,15 @@ def main() -> int:
             "| variant | 1 worker req/s | 2 workers req/s |",
             "| --- | --- | --- |",
             *scaling,
+            "",
+            "## Server: uvicorn (uvloop, httptools) and granian, one worker each",
+            "",
+            "kiban serves on uvicorn (`kiban.run`): its read-header deadline, 431 and drain "
+            "are built on uvicorn's protocol. The rows say what granian would change.",
+            "",
+            "| variant | uvicorn req/s | uvicorn CPU µs/req | granian req/s | granian CPU µs/req |",
+            "| --- | --- | --- | --- | --- |",
+            *servers,
             "",
             "## Budget",
             "",

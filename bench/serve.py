@@ -1,4 +1,9 @@
-"""Serve one bench variant: ``python -m bench.serve VARIANT PORT [WORKERS]``."""
+"""Serve one bench variant: ``python -m bench.serve VARIANT PORT [WORKERS] [SERVER]``.
+
+SERVER is ``uvicorn`` (the default, with uvloop and httptools; kiban variants through
+``kiban.run``, its own server settings) or ``granian`` (its ASGI interface, uvloop),
+measured side by side by ``make bench``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,22 @@ from bench.apps import load
 def main() -> None:
     variant, port = sys.argv[1], int(sys.argv[2])
     workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    server = sys.argv[4] if len(sys.argv) > 4 else "uvicorn"
+    if server == "granian":
+        from granian import Granian
+        from granian.constants import Interfaces, Loops
+
+        Granian(
+            f"bench.serve:{variant}_factory",
+            address="127.0.0.1",
+            port=port,
+            interface=Interfaces.ASGI,
+            workers=workers,
+            loop=Loops.uvloop,
+            log_enabled=False,
+            factory=True,
+        ).serve()
+        return
     if workers > 1:
         uvicorn.run(
             f"bench.serve:{variant}_factory",

@@ -132,7 +132,7 @@ def _trace(client: httpx.Client) -> Iterable[Row]:
         "trace id propagated",
         echoed == trace_id,
         f"sent {trace_id[:8]}..., got {echoed[:8] + '...' if echoed else 'nothing'}",
-        "read x-trace-id into the request context and echo it (ContextMiddleware)",
+        "read x-trace-id into the request context and echo it",
     )
 
 
@@ -174,7 +174,7 @@ def _access_log(log: Path) -> Iterable[Row]:
         "access log schema",
         ok,
         detail,
-        "write one access line per request with kiban's fixed fields (AccessLogMiddleware)",
+        "write one access line per request with kiban's fixed fields",
     )
 
 
