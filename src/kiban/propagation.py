@@ -126,22 +126,31 @@ def from_headers(
 ) -> RequestContext:
     """Build the context from lower-cased request headers, dropping unsafe values."""
     get = headers.get
-    request_id = _clean(get(names.request_id))
-    user_agent = _clean(get(names.user_agent)) or _clean(get("user-agent"))
-    user_ip = _clean(get(names.user_ip))
+    # Most requests carry few of these headers: absent ones cost no cleaning call.
+    request_id = get(names.request_id)
+    request_id = _clean(request_id) if request_id is not None else None
+    user_agent = get(names.user_agent)
+    user_agent = _clean(user_agent) if user_agent is not None else None
+    if user_agent is None:
+        user_agent = _clean(get("user-agent"))
+    user_ip = get(names.user_ip)
+    user_ip = _clean(user_ip) if user_ip is not None else None
+    uid = get(names.uid)
+    api_client = get(names.api_client)
     forwarded_for = get(names.forwarded_for)
     id_token = get(names.id_token)
+    debug = get(names.debug)
     return RequestContext(
         _trace_id(get(names.trace_id), get("traceparent")),
         request_id if request_id and _TOKEN.fullmatch(request_id) else new_id(),
-        _clean(get(names.uid)),
+        _clean(uid) if uid is not None else None,
         user_agent,
         user_ip if user_ip and _TOKEN.fullmatch(user_ip) else remote_addr,
         _forwarded_for(forwarded_for) if forwarded_for is not None else None,
         remote_addr,
-        _clean(get(names.api_client)),
+        _clean(api_client) if api_client is not None else None,
         _clean(id_token, _MAX_ID_TOKEN) if id_token is not None else None,
-        get(names.debug, "").strip() in ("1", "true"),
+        debug is not None and debug.strip() in ("1", "true"),
     )
 
 

@@ -74,10 +74,7 @@ class Requirement:
     def __init__(self, alternatives: Sequence[Alternative], rate_limit: RateLimit | None = None):
         self.alternatives = tuple(alternatives)
         self.rate_limit = rate_limit
-
-    @property
-    def public(self) -> bool:
-        return not self.alternatives
+        self.public = not self.alternatives
 
     def __repr__(self) -> str:
         if self.public:
