@@ -50,6 +50,26 @@ def test_liveness_stays_200_and_never_pings_when_dependencies_are_down() -> None
     assert down.calls == 0
 
 
+def test_probes_answer_get_and_head_and_refuse_other_methods_as_problems() -> None:
+    """Probes are answered before routing, yet keep HTTP's method rules and kiban's errors."""
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
+
+    @app.get("/{anything:path}")  # a catch-all route does not swallow the probes
+    async def catch_all(anything: str) -> dict[str, str]:
+        return {"caught": anything}
+
+    with TestClient(app) as client:
+        assert client.get("/health/liveness").json() == {"status": "ok"}
+        assert client.head("/health/readiness").status_code == 200
+        refused = client.post("/health/liveness")
+        assert client.get("/other").json() == {"caught": "other"}
+    assert refused.status_code == 405
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert set(refused.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+    assert refused.headers["x-trace-id"] == refused.json()["trace_id"]
+
+
 def test_readiness_200_when_every_dependency_answers() -> None:
     response = client_with(Counting("database"), Counting("cache")).get("/health/readiness")
     assert response.status_code == 200

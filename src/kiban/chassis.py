@@ -138,7 +138,14 @@ class Chassis:
             probe = self.probes.get(scope["path"])
             if probe is not None:
                 scope["route"] = probe
-                await probe.handle(scope, receive_wrapper, send_wrapper)
+                allowed = probe.methods or set()
+                if method in allowed:
+                    await probe.handle(scope, receive_wrapper, send_wrapper)
+                else:
+                    refusal = errors.problem_response(
+                        405, headers={"allow": ", ".join(sorted(allowed))}
+                    )
+                    await refusal(scope, receive_wrapper, send_wrapper)
                 return
             policy = self.policy
             policy.ensure(self.api)
