@@ -180,6 +180,18 @@ def test_exp_boundaries_with_and_without_leeway() -> None:
     assert status(sign(iat=now + 120), lenient) == 401
 
 
+async def test_a_remembered_token_is_served_from_memory_until_it_expires() -> None:
+    verifier = TokenVerifier(algorithms=["RS256"], key=PUBLIC, issuer=ISSUER, audience=AUDIENCE)
+    token = sign(exp=int(time.time()) + 1)
+    first = await verifier.verify(token)
+    first["sub"] = "someone else"  # a caller's change never reaches what is remembered
+    again = await verifier.verify(token)
+    assert again["sub"] == "user-1"
+    await asyncio.sleep(max(0.0, again["exp"] - time.time()) + 0.05)
+    with pytest.raises(InvalidToken, match="expired"):
+        await verifier.verify(token)
+
+
 def test_a_missing_scope_is_403_naming_it() -> None:
     response = client.get("/orders", headers={"authorization": f"Bearer {sign(scope='x')}"})
     assert response.status_code == 403
