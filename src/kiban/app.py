@@ -3,12 +3,12 @@
 The request path, outermost first (run by one ASGI layer, ``chassis.Chassis``)::
 
     context      inbound headers -> RequestContext      propagation.py
-    probes       /health/liveness, /health/readiness, /metrics (health.py, telemetry.py)
     telemetry    server span, HTTP metrics              telemetry.py
     access log   one fixed-schema line per request      accesslog.py
     drain        Connection: close while shutting down  server.py
     errors       any exception -> problem+json          errors.py
     body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
+    probes       /health/*, /metrics answered here      health.py, telemetry.py
     policy       the route's security and rate limit    security/policy.py
     payloads     bodies logged when switched on         debug.py
     FastAPI      routing, validation, the route's security requirement, handlers

@@ -1,12 +1,12 @@
 """kiban's request path: one pure ASGI layer around the app, in the chain's order.
 
     context      inbound headers -> RequestContext      propagation.py
-    probes       /health/liveness, /health/readiness, /metrics answered here
     telemetry    server span, HTTP duration histogram   telemetry.py
     access log   one fixed-schema line per request      accesslog.py
     drain        Connection: close while shutting down  health.py, server.py
     errors       any exception -> problem+json          errors.py
     body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
+    probes       /health/*, /metrics answered here      health.py, telemetry.py
     policy       the route's security and rate limit    security/policy.py
     payloads     bodies logged when switched on         debug.py
 
