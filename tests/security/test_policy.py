@@ -262,6 +262,49 @@ def test_a_route_added_to_an_included_router_while_serving_is_secured() -> None:
         assert client.get("/r/late", headers=KEY).json() == {"late": "yes"}
 
 
+def test_a_route_shadowed_by_one_added_while_serving_is_still_secured() -> None:
+    """Routes added later can make an exclusive route shared: it goes back to FastAPI's check."""
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=Security(api_key))
+
+    @app.get("/items/{name}")
+    async def item(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    with TestClient(app) as client:
+        assert client.get("/items/7").status_code == 401
+
+        @app.get("/items/open", dependencies=[NoSecurity()])
+        async def also_matched_by_the_first() -> dict[str, str]:
+            return {}
+
+        assert client.get("/items/7").status_code == 401
+        assert client.get("/items/open").status_code == 401  # /items/{name} comes first
+        assert client.get("/items/7", headers=KEY).json() == {"name": "7"}
+
+
+def test_routes_matched_by_host_are_left_to_routing() -> None:
+    """A route that matches on something else than the path: kiban guesses nothing."""
+    static = FastAPI()
+
+    @static.get("/items/{name}")
+    async def asset(name: str) -> dict[str, str]:
+        return {"asset": name}
+
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=Security(api_key))
+    app.host("static.example", static)
+
+    @app.get("/items/{name}")
+    async def item(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    with TestClient(app) as client:
+        assert client.get("/items/a", headers={"host": "static.example"}).json() == {"asset": "a"}
+        assert client.get("/items/a").status_code == 401
+        assert client.get("/items/a", headers=KEY).json() == {"name": "a"}
+
+
 @pytest.mark.parametrize("location", ["header", "query", "cookie"])
 def test_api_keys_in_each_location(location: str) -> None:
     app = FastAPI()

@@ -27,7 +27,7 @@ from typing import Any
 import fastapi.routing
 from fastapi import FastAPI, Request, params
 from starlette._utils import get_route_path
-from starlette.routing import Mount
+from starlette.routing import Route
 from starlette.types import Scope
 
 from kiban import log, propagation, routes
@@ -129,20 +129,22 @@ class _RateLimitMarker:
         return None
 
 
-def _strip_markers(route: Any) -> None:
+def _strip_markers(route: Any) -> tuple[list[Any], list[Any]] | None:
     """Take kiban's marker dependencies out of a route's FastAPI dependency solving.
 
-    Only an optimisation: where FastAPI keeps its dependencies elsewhere, the markers
-    stay, and a marker whose requirement was already enforced does nothing.
+    Returns the dependency list and what it held, to put back if the route stops being
+    exclusive. Only an optimisation: where FastAPI keeps its dependencies elsewhere, the
+    markers stay, and a marker whose requirement was already enforced does nothing.
     """
     dependant = getattr(route, "dependant", None)
     dependencies = getattr(dependant, "dependencies", None)
-    if isinstance(dependencies, list):
-        dependencies[:] = [
-            d
-            for d in dependencies
-            if not isinstance(getattr(d, "call", None), Requirement | _RateLimitMarker)
-        ]
+    if not isinstance(dependencies, list):
+        return None
+    held = list(dependencies)
+    dependencies[:] = [
+        d for d in held if not isinstance(getattr(d, "call", None), Requirement | _RateLimitMarker)
+    ]
+    return dependencies, held
 
 
 def requirement_of(depends: Any) -> Requirement:
@@ -206,6 +208,7 @@ class Policy:
         self.table: dict[int, Resolved] = {}
         self.operations: dict[tuple[str, str], Resolved] = {}
         self.entries: list[_Entry] = []
+        self._stripped: list[tuple[list[Any], list[Any]]] = []
         self._literal: dict[str, list[_Entry]] = {}
         self._patterns: list[_Entry] = []
         self._resolved_for: int | None = None
@@ -265,11 +268,16 @@ class Policy:
         taken out of FastAPI's dependency solving, which is the costly part. Other
         routes keep their markers and are enforced as FastAPI dependencies.
         """
+        for dependencies, held in self._stripped:  # exclusive no more, maybe: start over
+            dependencies[:] = held
+        self._stripped = []
         found: list[tuple[_Entry, Any]] = []
+        opaque = False  # a route matched by something other than its path: trust nothing
         for key, route in routes.effective(app.routes):
             regex = getattr(route, "path_regex", None)
             path = getattr(route, "path_format", None) or getattr(route, "path", None)
             if regex is None or not isinstance(path, str):
+                opaque = True
                 continue
             methods = getattr(route, "methods", None)
             entry = _Entry(
@@ -277,20 +285,26 @@ class Policy:
                 frozenset(methods) if methods else None,
                 self.table.get(id(key)) if isinstance(key, fastapi.routing.APIRoute) else None,
                 path,
-                "{" not in path and not isinstance(key, Mount),
+                # Only plain routes match exactly their path; mounts and others, a prefix.
+                isinstance(key, Route) and "{" not in path,
             )
             found.append((entry, route))
         entries = []
         for entry, route in found:
-            exclusive = entry.resolved is not None and not any(
-                other is not entry and other.resolved != entry.resolved and entry.overlaps(other)
-                for other, _ in found
+            exclusive = (
+                not opaque
+                and entry.resolved is not None
+                and not any(
+                    other is not entry
+                    and other.resolved != entry.resolved
+                    and entry.overlaps(other)
+                    for other, _ in found
+                )
             )
-            if exclusive:
-                entries.append(entry)
-                _strip_markers(route)
-            else:
-                entries.append(dataclasses.replace(entry, resolved=None))
+            stripped = _strip_markers(route) if exclusive else None
+            if stripped is not None:
+                self._stripped.append(stripped)
+            entries.append(entry if exclusive else dataclasses.replace(entry, resolved=None))
         return entries
 
     def admission(self, scope: Scope) -> _Entry | None:
