@@ -11,8 +11,9 @@
     payloads     bodies logged when switched on         debug.py
 
 Each step is written in the module of its concept; this layer runs them in that order
-with one pass over the headers and one wrapper around ``send`` and ``receive``. One
-layer instead of eight middlewares is what keeps the chassis cheap on every request.
+with one pass over the headers and one wrapper around ``send`` and ``receive``, the
+payload log (switched on at runtime) being the one layer inside it. One layer instead
+of eight middlewares is what keeps the chassis cheap on every request.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import errors, propagation, routes
+from kiban import errors, log, propagation, routes
 from kiban.accesslog import CLIENT_CLOSED, AccessLog
 from kiban.debug import PayloadLogMiddleware
 from kiban.health import liveness, readiness_endpoint
@@ -46,9 +46,7 @@ class Chassis:
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         settings = service.settings
-        self.app = app
-        self.payload_app = PayloadLogMiddleware(app, service.payloads)
-        self.payloads = service.payloads
+        self.app = PayloadLogMiddleware(app, service.payloads)
         self.api = service.app
         self.policy = service.policy
         self.health = service.health
@@ -138,32 +136,18 @@ class Chassis:
             probe = self.probes.get(scope["path"])
             if probe is not None:
                 scope["route"] = probe
-                allowed = probe.methods or set()
-                if method in allowed:
-                    await probe.handle(scope, receive_wrapper, send_wrapper)
-                else:
-                    refusal = errors.problem_response(
-                        405, headers={"allow": ", ".join(sorted(allowed))}
-                    )
-                    await refusal(scope, receive_wrapper, send_wrapper)
+                await probe.handle(scope, receive_wrapper, send_wrapper)
                 return
-            policy = self.policy
-            policy.ensure(self.api)
-            entry = policy.admission(scope)
-            if entry is not None and entry.resolved is not None:
-                await policy.admit(entry.resolved, Request(scope), entry.path)
-            app = self.payload_app if self.payloads.enabled else self.app
-            await app(scope, receive_wrapper, send_wrapper)
+            await self.policy.before_routing(self.api, scope)
+            await self.app(scope, receive_wrapper, send_wrapper)
         except Exception as exc:
             await errors.answer_escaped(exc, scope, receive, send_wrapper, started)
         finally:
             elapsed = time.perf_counter() - start
             telemetry.active -= 1
             route = routes.template(scope)
-            span_id = None
             if span is not None:
                 telemetry.end_span(span, method, status, route, elapsed)
-                span_id = f"{span.get_span_context().span_id:016x}"
             if self.access is not None:
                 self.access.write(
                     scope,
@@ -173,7 +157,7 @@ class Chassis:
                     body.received if body is not None else 0,
                     response_bytes,
                     elapsed,
-                    span_id,
+                    log.span_id(),  # the server span's: still current here
                 )
             if span_token is not None:
                 otel_context.detach(span_token)

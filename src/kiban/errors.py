@@ -111,14 +111,17 @@ async def _on_problem(_: Request, exc: Exception) -> Response:
     )
 
 
-def _allowed_methods(request: Request) -> str | None:
-    """Every method some route serves at this path.
+def _allowed_methods(request: Request, headers: Mapping[str, str]) -> str | None:
+    """Every method served at this path: the refusing route's, and every other route's.
 
     Starlette's 405 names only the first route that matched the path, so with
     ``GET /items`` and ``POST /items`` declared apart, ``DELETE /items`` would say
     ``Allow: GET``. RFC 9110 wants them all.
     """
     methods = routes.methods_at(getattr(request.app, "routes", ()), request.scope["path"])
+    for name, value in headers.items():
+        if name.lower() == "allow":
+            methods |= {method.strip() for method in value.split(",") if method.strip()}
     return ", ".join(sorted(methods)) if methods else None
 
 
@@ -127,7 +130,7 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
     detail = exc.detail if exc.detail != _phrase(exc.status_code) else None
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
-        allowed = _allowed_methods(request)
+        allowed = _allowed_methods(request, headers)
         if allowed:
             headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
             headers["allow"] = allowed

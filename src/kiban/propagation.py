@@ -125,32 +125,20 @@ def from_headers(
     headers: dict[str, str], names: HeaderNames, remote_addr: str | None
 ) -> RequestContext:
     """Build the context from lower-cased request headers, dropping unsafe values."""
-    get = headers.get
-    # Most requests carry few of these headers: absent ones cost no cleaning call.
-    request_id = get(names.request_id)
-    request_id = _clean(request_id) if request_id is not None else None
-    user_agent = get(names.user_agent)
-    user_agent = _clean(user_agent) if user_agent is not None else None
-    if user_agent is None:
-        user_agent = _clean(get("user-agent"))
-    user_ip = get(names.user_ip)
-    user_ip = _clean(user_ip) if user_ip is not None else None
-    uid = get(names.uid)
-    api_client = get(names.api_client)
-    forwarded_for = get(names.forwarded_for)
-    id_token = get(names.id_token)
-    debug = get(names.debug)
+    request_id = _clean(headers.get(names.request_id))
+    forwarded_ua = _clean(headers.get(names.user_agent))
+    user_ip = _clean(headers.get(names.user_ip))
     return RequestContext(
-        _trace_id(get(names.trace_id), get("traceparent")),
-        request_id if request_id and _TOKEN.fullmatch(request_id) else new_id(),
-        _clean(uid) if uid is not None else None,
-        user_agent,
-        user_ip if user_ip and _TOKEN.fullmatch(user_ip) else remote_addr,
-        _forwarded_for(forwarded_for) if forwarded_for is not None else None,
-        remote_addr,
-        _clean(api_client) if api_client is not None else None,
-        _clean(id_token, _MAX_ID_TOKEN) if id_token is not None else None,
-        debug is not None and debug.strip() in ("1", "true"),
+        trace_id=_trace_id(headers.get(names.trace_id), headers.get("traceparent")),
+        request_id=request_id if request_id and _TOKEN.fullmatch(request_id) else new_id(),
+        uid=_clean(headers.get(names.uid)),
+        user_agent=forwarded_ua or _clean(headers.get("user-agent")),
+        user_ip=user_ip if user_ip and _TOKEN.fullmatch(user_ip) else remote_addr,
+        forwarded_for=_forwarded_for(headers.get(names.forwarded_for)),
+        remote_addr=remote_addr,
+        api_client=_clean(headers.get(names.api_client)),
+        id_token=_clean(headers.get(names.id_token), _MAX_ID_TOKEN),
+        debug=headers.get(names.debug, "").strip() in ("1", "true"),
     )
 
 

@@ -171,7 +171,6 @@ class Limiter:
             self.strategy = SlidingWindowCounterRateLimiter(storage)
         else:
             self.local = LocalCounter()
-        self.shared = self.strategy is not None
         self.fail_open = fail_open
         self.telemetry = telemetry
 

@@ -143,7 +143,7 @@ class ServerSpan(trace.Span, ReadableSpan):
         self._parent = parent
         self._kind = SpanKind.SERVER
         self._resource = owner.resource
-        self._instrumentation_scope = owner.scope
+        self._instrumentation_scope = _SCOPE
         self._instrumentation_info = None
         self._attributes: dict[str, AttributeValue] | BoundedAttributes = attributes
         self._events: Sequence[Event] = ()  # lists once a handler adds one
@@ -234,6 +234,8 @@ class ServerSpan(trace.Span, ReadableSpan):
         self._owner.processor.on_end(self)
 
 
+#: What kiban's own spans and metrics are recorded under, as its tracer and meter are named.
+_SCOPE = InstrumentationScope("kiban")
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -248,7 +250,6 @@ class _Spans:
         self.processor: SpanProcessor = sdk_tracer.span_processor  # type: ignore[attr-defined]
         self.resource = provider.resource
         self.limits = sdk_tracer._span_limits  # type: ignore[attr-defined]
-        self.scope = InstrumentationScope("kiban")
         self.bound = TraceIdRatioBased.get_bound_for_rate(ratio)
 
 
@@ -354,7 +355,7 @@ class _WithDurations:
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
-        data = self.durations.added_to(metrics_data, self.resource, InstrumentationScope("kiban"))
+        data = self.durations.added_to(metrics_data, self.resource, _SCOPE)
         super()._receive_metrics(data, timeout_millis, **kwargs)  # type: ignore[misc]
 
 

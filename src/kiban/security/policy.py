@@ -207,7 +207,6 @@ class Policy:
         self.telemetry = telemetry
         self.table: dict[int, Resolved] = {}
         self.operations: dict[tuple[str, str], Resolved] = {}
-        self.entries: list[_Entry] = []
         self._stripped: list[tuple[list[Any], list[Any]]] = []
         self._literal: dict[str, list[_Entry]] = {}
         self._patterns: list[_Entry] = []
@@ -250,12 +249,12 @@ class Policy:
             )
         self.table = table
         self.operations = operations
-        self.entries = self._entries(app)
+        entries = self._entries(app)
         self._literal = {}
-        for entry in self.entries:
+        for entry in entries:
             if entry.static:
                 self._literal.setdefault(entry.path, []).append(entry)
-        self._patterns = [entry for entry in self.entries if not entry.static]
+        self._patterns = [entry for entry in entries if not entry.static]
         self._resolved_for = len(app.routes)
 
     def _entries(self, app: FastAPI) -> list[_Entry]:
@@ -307,7 +306,17 @@ class Policy:
             entries.append(entry if exclusive else dataclasses.replace(entry, resolved=None))
         return entries
 
-    def admission(self, scope: Scope) -> _Entry | None:
+    async def before_routing(self, app: FastAPI, scope: Scope) -> None:
+        """Resolve if routes changed (fail closed), then enforce an exclusive route's requirement.
+
+        Routes that are not exclusive are enforced after routing, by their markers.
+        """
+        self.ensure(app)
+        entry = self._admission(scope)
+        if entry is not None and entry.resolved is not None:
+            await self.admit(entry.resolved, Request(scope), entry.path)
+
+    def _admission(self, scope: Scope) -> _Entry | None:
         """The exclusive route that will serve this request, if its route is exclusive.
 
         Literal paths are looked up first: an exclusive route shares its requests with
@@ -342,11 +351,6 @@ class Policy:
         """
         if self._resolved_for != len(app.routes):
             self.resolve(app)
-
-    def resolved(self, route: Any) -> Requirement | None:
-        """The route's requirement, as resolved at start-up."""
-        found = self.table.get(id(route))
-        return found.requirement if found is not None else None
 
     async def admit(self, resolved: Resolved, request: Request, path: str) -> None:
         """Authenticate and count the request against ``resolved``, or raise its problem."""

@@ -160,17 +160,12 @@ class APIKey(Scheme):
         self.name = name
         self.parameter = parameter
         self.location = location
-        self._header = parameter.lower().encode("latin-1")
         #: The principal of each valid key seen lately: a digest is not worth redoing.
         self._principals: dict[str, Principal] = {}
 
     async def authenticate(self, request: Request) -> Principal | None:
-        key: str | None = None
         if self.location == "header":
-            for name, value in request.scope["headers"]:
-                if name == self._header:
-                    key = value.decode("latin-1")
-                    break
+            key = request.headers.get(self.parameter)
         elif self.location == "query":
             key = request.query_params.get(self.parameter)
         else:
