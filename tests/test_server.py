@@ -145,6 +145,51 @@ def test_oversized_request_head_gets_431_problem(spawn: Any) -> None:
     assert httpx.get(f"{service.url}/hello/x", headers={"x-ok": "a" * 1000}).status_code == 200
 
 
+def test_a_head_sent_in_pieces_past_the_limit_gets_431(spawn: Any) -> None:
+    service = spawn(HELLO, HTTP_MAX_HEADER_BYTES="4096")
+    sock = _connect(service.url)
+    sock.sendall(b"GET /hello/x HTTP/1.1\r\nHost: x\r\n")
+    answer = b""
+    for _ in range(20):  # 20 x 500 bytes, never a complete head
+        try:
+            sock.sendall(b"X-Pad: " + b"a" * 491 + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(0.02)
+    sock.settimeout(5)
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+
+
+def test_a_large_body_is_not_counted_as_the_next_request_head(spawn: Any) -> None:
+    """The next request's head can start in the chunk that ends a body over the limit."""
+    service = spawn(HELLO, HTTP_MAX_HEADER_BYTES="4096")
+    sock = _connect(service.url)
+    body = b"x" * 20000
+    sock.sendall(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n"
+        + body
+        + b"GET /hello/next HTTP/1.1\r\nHo"
+    )
+    time.sleep(0.2)
+    sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+    sock.settimeout(5)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    sock.close()
+    assert answer.count(b"HTTP/1.1 200") == 2, answer
+    assert b'{"bytes":20000}' in answer
+
+
 def _raw(url: str, request: bytes) -> bytes:
     sock = _connect(url)
     sock.sendall(request)

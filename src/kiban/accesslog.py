@@ -82,7 +82,7 @@ class AccessLog:
         if second != self._second:
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
             self._second = second
-        return f"{self._prefix}{int((now - second) * 1_000_000):06d}Z"
+        return "%s%06dZ" % (self._prefix, (now - second) * 1_000_000)  # noqa: UP031 (faster)
 
     def write(
         self,
@@ -109,7 +109,8 @@ class AccessLog:
             "status": status,
             "request_bytes": request_bytes,
             "response_bytes": response_bytes,
-            "latency_s": round(latency, 6),
+            # Whole microseconds: round(x, 6) is a decimal conversion, this an int one.
+            "latency_s": round(latency * 1_000_000) / 1_000_000,
             "user_agent": context.user_agent if context else None,
             "user_ip": context.user_ip if context else None,
             "remote_addr": context.remote_addr if context else None,

@@ -26,7 +26,7 @@ from opentelemetry import trace
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import errors, log, propagation, routes
+from kiban import errors, propagation, routes
 from kiban.accesslog import CLIENT_CLOSED, AccessLog
 from kiban.debug import PayloadLogMiddleware
 from kiban.health import liveness, readiness_endpoint
@@ -146,8 +146,10 @@ class Chassis:
             elapsed = time.perf_counter() - start
             telemetry.active -= 1
             route = routes.template(scope)
+            span_id = None
             if span is not None:
                 telemetry.end_span(span, method, status, route, elapsed)
+                span_id = format(span.get_span_context().span_id, "016x")
             if self.access is not None:
                 self.access.write(
                     scope,
@@ -157,7 +159,7 @@ class Chassis:
                     body.received if body is not None else 0,
                     response_bytes,
                     elapsed,
-                    log.span_id(),  # the server span's: still current here
+                    span_id,
                 )
             if span_token is not None:
                 otel_context.detach(span_token)

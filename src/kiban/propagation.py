@@ -125,20 +125,25 @@ def from_headers(
     headers: dict[str, str], names: HeaderNames, remote_addr: str | None
 ) -> RequestContext:
     """Build the context from lower-cased request headers, dropping unsafe values."""
-    request_id = _clean(headers.get(names.request_id))
-    forwarded_ua = _clean(headers.get(names.user_agent))
-    user_ip = _clean(headers.get(names.user_ip))
+    get = headers.get
+    request_id = _clean(get(names.request_id))
+    user_agent = _clean(get(names.user_agent)) or _clean(get("user-agent"))
+    user_ip = _clean(get(names.user_ip))
+    forwarded_for = get(names.forwarded_for)
+    debug = get(names.debug)
+    # Positional: a frozen dataclass sets each keyword through object.__setattr__ anyway,
+    # and this runs on every request.
     return RequestContext(
-        trace_id=_trace_id(headers.get(names.trace_id), headers.get("traceparent")),
-        request_id=request_id if request_id and _TOKEN.fullmatch(request_id) else new_id(),
-        uid=_clean(headers.get(names.uid)),
-        user_agent=forwarded_ua or _clean(headers.get("user-agent")),
-        user_ip=user_ip if user_ip and _TOKEN.fullmatch(user_ip) else remote_addr,
-        forwarded_for=_forwarded_for(headers.get(names.forwarded_for)),
-        remote_addr=remote_addr,
-        api_client=_clean(headers.get(names.api_client)),
-        id_token=_clean(headers.get(names.id_token), _MAX_ID_TOKEN),
-        debug=headers.get(names.debug, "").strip() in ("1", "true"),
+        _trace_id(get(names.trace_id), get("traceparent")),
+        request_id if request_id and _TOKEN.fullmatch(request_id) else new_id(),
+        _clean(get(names.uid)),
+        user_agent,
+        user_ip if user_ip and _TOKEN.fullmatch(user_ip) else remote_addr,
+        _forwarded_for(forwarded_for) if forwarded_for is not None else None,
+        remote_addr,
+        _clean(get(names.api_client)),
+        _clean(get(names.id_token), _MAX_ID_TOKEN),
+        debug is not None and debug.strip() in ("1", "true"),
     )
 
 

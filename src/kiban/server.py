@@ -55,27 +55,31 @@ def _header_too_large() -> bytes:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a request-head deadline and a head size limit."""
+    """uvicorn's httptools protocol with a request-head deadline and a head size limit.
+
+    Both are kept off the per-header path: the deadline is a start time that the
+    server's tick (every 0.1 s) compares, not a timer per request, and the head is
+    measured by the bytes received while it is incomplete, counted exactly (request
+    line and headers) only when its last chunk could have taken it past the limit.
+    """
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.read_header_timeout: float = getattr(config, "read_header_timeout", 10.0)
         self.max_header_bytes: int = getattr(config, "max_header_bytes", 16 * 1024)
-        self._head_deadline: asyncio.TimerHandle | None = None
-        self._head_bytes = 0
+        #: Loop time since which a request head has been awaited; None once it is in.
+        self.head_since: float | None = None
+        self._head_bytes = 0  # of the head being received, as of the last chunk
+        self._chunk = 0  # bytes of the chunk being parsed
+        self._in_head = False  # a request head has begun and is not complete
+        self._began = False  # ... and it began in the chunk being parsed
         self._rejected = False
 
-    def _arm(self) -> None:
-        if self._head_deadline is None:
-            self._head_deadline = self.loop.call_later(self.read_header_timeout, self._expired)
-
-    def _disarm(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _expired(self) -> None:
-        self._head_deadline = None
+    def expire(self, now: float) -> None:
+        """Close the connection if its request head is overdue (called by the server tick)."""
+        if self.head_since is None or now - self.head_since < self.read_header_timeout:
+            return
+        self.head_since = None
         if not self.transport.is_closing():
             log.warning(
                 "request head not received in time, closing connection",
@@ -84,26 +88,35 @@ class HttpProtocol(HttpToolsProtocol):
             )
             self.transport.close()
 
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.max_header_bytes and not self._rejected:
-            self._rejected = True
-            self._disarm()
-            self.transport.write(_header_too_large())
-            self.transport.close()
-            raise ValueError("request head too large")  # stops the parser
+    def _parsed_head_bytes(self) -> int:
+        """The request line and headers parsed so far, as they came in (names, values, CRLFs)."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _reject(self) -> None:
+        self._rejected = True
+        self.head_since = None
+        self.transport.write(_header_too_large())
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+        self.head_since = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
-        if not self._rejected:
-            super().data_received(data)
+        if self._rejected:
+            return
+        self._chunk = len(data)
+        self._began = False
+        super().data_received(data)
+        if self._in_head and not self._rejected:
+            # A head that began in this chunk is measured (the chunk may end a previous
+            # request's body); a head that goes on counts the whole chunk.
+            if self._began:
+                self._head_bytes = self._parsed_head_bytes()
+            else:
+                self._head_bytes += self._chunk
+            if self._head_bytes > self.max_header_bytes:
+                self._reject()
 
     def send_400_response(self, msg: str) -> None:
         if not self._rejected:  # the 431 was sent already
@@ -112,18 +125,20 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        self._arm()
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
+        self._in_head = self._began = True
+        if self.head_since is None:  # a connection's first head is timed from its connect
+            self.head_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self.head_since = None
+        self._in_head = False
+        # Measured only when this chunk could have taken the head past the limit.
+        if (
+            self._head_bytes + self._chunk > self.max_header_bytes
+            and self._parsed_head_bytes() > self.max_header_bytes
+        ):
+            self._reject()
+            raise ValueError("request head too large")  # stops the parser
         super().on_headers_complete()
 
 
@@ -148,6 +163,10 @@ class Server(uvicorn.Server):
             self.force_exit = True
 
     async def on_tick(self, counter: int) -> bool:
+        now = asyncio.get_running_loop().time()
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, HttpProtocol):
+                connection.expire(now)
         if self._drain_until is not None:
             if not self._announced:
                 self._announced = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from opentelemetry import trace
 
 import kiban
@@ -37,6 +37,11 @@ async def hello(name: str) -> dict[str, str]:
         kiban.log.info("greeting", name=name)
     greetings.add(1, {"kind": "hello"})
     return {"hello": name}
+
+
+@app.post("/echo")
+async def echo(request: Request) -> dict[str, int]:
+    return {"bytes": len(await request.body())}
 
 
 @app.get("/slow")
