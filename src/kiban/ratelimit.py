@@ -110,32 +110,41 @@ class LocalCounter:
     def hit(self, rate: RateLimit, key: str, now: float) -> Decision:
         expiry, amount = rate.expiry, rate.amount
         index = int(now / expiry)
-        window = self.windows.get((rate, key))
+        found = (rate, key)
+        window = self.windows.get(found)
         if window is None:
-            window = self.windows[(rate, key)] = _Window(index)
+            window = self.windows[found] = _Window(index)
         elif window.index != index:
             window.previous = window.current if window.index == index - 1 else 0
             window.current = 0
             window.index = index
-        previous = window.previous
-        previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry if previous else 0.0
-        weighted = previous * previous_ttl / expiry + window.current
-        allowed = math.floor(weighted) + 1 <= amount
-        if allowed:
-            window.current += 1
-            weighted += 1
-        remaining = max(0, amount - math.floor(weighted))
-        reset_in = math.inf
+        previous, current = window.previous, window.current
+        # The same float operations as limits, in its order; int() is floor for w >= 0.
         if previous:
+            previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+            weighted = previous * previous_ttl / expiry + current
+        else:
+            weighted = current
+        allowed = int(weighted) < amount
+        if allowed:
+            current += 1
+            window.current = current
+            weighted += 1
+        remaining = amount - int(weighted)
+        if current:
+            reset_in = ((1 - ((now / expiry) % 1)) * expiry + expiry) % expiry
+            if previous:
+                reset_in = min(previous_ttl % (expiry / previous), reset_in)
+        elif previous:
             reset_in = previous_ttl % (expiry / previous)
-        if window.current:
-            current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
-            reset_in = min(reset_in, current_ttl % expiry)
+        else:
+            reset_in = 0.0
         self._hits += 1
         if self._hits % self.sweep_every == 0:
             self._sweep(now)
-        reset = 0 if reset_in == math.inf else math.ceil(reset_in)
-        return Decision(allowed, amount, remaining, max(1, reset))
+        return Decision(
+            allowed, amount, remaining if remaining > 0 else 0, max(1, math.ceil(reset_in))
+        )
 
     def _sweep(self, now: float) -> None:
         stale = [

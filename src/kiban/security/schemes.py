@@ -83,8 +83,18 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     return frozenset()
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    """The first value of a request header (``name`` in lower case, as ASGI servers give
+    names): the raw list is scanned as Starlette's ``Headers`` does, without building one
+    for every scheme a request is checked against."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
+
+
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+    header = _header(request, b"authorization")
     if header is None:
         return None
     kind, _, token = header.partition(" ")
@@ -114,7 +124,7 @@ class BasicAuth(Scheme):
         self.realm = realm
 
     async def authenticate(self, request: Request) -> Principal | None:
-        header = request.headers.get("authorization")
+        header = _header(request, b"authorization")
         if header is None:
             return None
         kind, _, encoded = header.partition(" ")
@@ -160,12 +170,13 @@ class APIKey(Scheme):
         self.name = name
         self.parameter = parameter
         self.location = location
+        self._header = parameter.lower().encode("latin-1")
         #: The principal of each valid key seen lately: a digest is not worth redoing.
         self._principals: dict[str, Principal] = {}
 
     async def authenticate(self, request: Request) -> Principal | None:
         if self.location == "header":
-            key = request.headers.get(self.parameter)
+            key = _header(request, self._header)
         elif self.location == "query":
             key = request.query_params.get(self.parameter)
         else:
@@ -360,7 +371,9 @@ class InternalIDToken(JWT):
 
     async def authenticate(self, request: Request) -> Principal | None:
         context = propagation.current()
-        token = context.id_token if context else request.headers.get(self.header)
+        token = (
+            context.id_token if context else _header(request, self.header.lower().encode("latin-1"))
+        )
         if token is None:
             return None
         principal = await self.principal(token)
