@@ -28,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.md"
 MAIN = ("raw", "fastapi", "kiban", "typical", "members")
+FEATURES = ("telemetry", "accesslog", "security", "ratelimit")
 TICKS = os.sysconf("SC_CLK_TCK")
 API_KEY = {"x-api-key": "bench-key"}
 
@@ -93,12 +94,12 @@ def start(
         "LOG_LEVEL": "warning",
         "HTTP_DRAIN_SECONDS": "0",
         "KIBAN_BENCH_OFF": off,
-        "BENCH_LOG": str(workdir / f"{variant}-access.log"),
+        "BENCH_LOG": str(workdir / f"{variant}{off and '-' + off}-access.log"),
         "BENCH_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/members.db",
         "PYTHONPATH": str(ROOT),
     }
     cores = "0" if workers == 1 else "0,1"
-    log = (workdir / f"{variant}.log").open("ab")
+    log = (workdir / f"{variant}{off and '-' + off}.log").open("ab")
     process = subprocess.Popen(
         [
             "taskset",
@@ -151,10 +152,12 @@ def measure(
     seconds: float,
     connections: int,
     wrk_cores: str = "1",
+    warm_up: bool = True,
 ) -> Run:
     path, headers = target(variant, url)
     command = ["taskset", "-c", wrk_cores, wrk, "-t1", f"-c{connections}", "--latency", *headers]
-    subprocess.run([*command, "-d1s", path], capture_output=True, check=True)  # warm-up
+    if warm_up:
+        subprocess.run([*command, "-d1s", path], capture_output=True, check=True)
     before = cpu_seconds(pid)
     output = subprocess.run(
         [*command, f"-d{int(seconds)}s", path], capture_output=True, text=True, check=True
@@ -203,8 +206,8 @@ def once(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args()
     wrk = ensure_wrk()
@@ -212,55 +215,67 @@ def main() -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
 
-    runs: dict[str, list[Run]] = {name: [] for name in MAIN}
-    ratios: dict[str, list[float]] = {name: [] for name in MAIN}
-    for round_number in range(1, args.rounds + 1):
-        print(f"round {round_number}/{args.rounds}", flush=True)
-        this_round = {}
-        for variant in MAIN:
-            this_round[variant] = once(wrk, variant, workdir, args.seconds, args.connections)
-            runs[variant].append(this_round[variant])
-            print(f"  {variant:8} {this_round[variant].rps:9.0f} req/s", flush=True)
-        for variant in MAIN:
-            ratios[variant].append(this_round[variant].rps / this_round["fastapi"].rps)
+    # Every variant of the main table and of the feature table serves at once (idle
+    # while another is driven), so that a round measures them seconds apart: the
+    # machine's drift then moves a round's variants together, and ratios are taken
+    # within a round.
+    lineup = [(variant, "") for variant in MAIN] + [("kiban", feature) for feature in FEATURES]
+    servers = {key: start(key[0], workdir, off=key[1]) for key in lineup}
+    runs: dict[tuple[str, str], list[Run]] = {key: [] for key in lineup}
+    try:
+        for key, (process, url) in servers.items():
+            measure(wrk, key[0], url, process.pid, 1, args.connections)  # warm-up
+        for round_number in range(1, args.rounds + 1):
+            print(f"round {round_number}/{args.rounds}", flush=True)
+            for key, (process, url) in servers.items():
+                run = measure(
+                    wrk, key[0], url, process.pid, args.seconds, args.connections, warm_up=False
+                )
+                runs[key].append(run)
+                label = f"{key[0]} ({key[1]} off)" if key[1] else key[0]
+                print(f"  {label:24} {run.rps:9.0f} req/s", flush=True)
+    finally:
+        for process, _ in servers.values():
+            stop(process)
 
-    def median(variant: str, field: str) -> float:
-        return statistics.median(getattr(run, field) for run in runs[variant])
+    def median(variant: str, field: str, off: str = "") -> float:
+        return statistics.median(getattr(run, field) for run in runs[(variant, off)])
+
+    def ratio(variant: str, to: str, off: str = "") -> float:
+        """The median over rounds of ``variant``'s throughput over ``to``'s in that round."""
+        pairs = zip(runs[(variant, off)], runs[(to, "")], strict=True)
+        return statistics.median(a.rps / b.rps for a, b in pairs)
 
     rows = []
     for variant in MAIN:
         rows.append(
             f"| {variant} | {median(variant, 'rps'):,.0f} | {median(variant, 'p50_ms'):.2f} | "
             f"{median(variant, 'p99_ms'):.2f} | {median(variant, 'cpu_us'):.0f} | "
-            f"{median(variant, 'rss_mib'):.1f} | {statistics.median(ratios[variant]):.2f} |"
+            f"{median(variant, 'rss_mib'):.1f} | {ratio(variant, 'fastapi'):.2f} |"
         )
+    features = [
+        f"| {feature} off | {median('kiban', 'rps', feature):,.0f} | "
+        f"{median('kiban', 'cpu_us', feature):.0f} | "
+        f"{(ratio('kiban', 'kiban', feature) - 1) * 100:+.0f}% |"
+        for feature in FEATURES
+    ]
 
-    print("feature costs and scaling...", flush=True)
-    features = []
-    full = median("kiban", "rps")
-    for feature in ("telemetry", "accesslog", "security", "ratelimit"):
-        run = once(wrk, "kiban", workdir, args.seconds, args.connections, off=feature)
-        features.append(
-            f"| {feature} off | {run.rps:,.0f} | {run.cpu_us:.0f} | "
-            f"{(run.rps / full - 1) * 100:+.0f}% |"
-        )
+    print("scaling and servers...", flush=True)
     scaling = []
     for variant in ("fastapi", "kiban"):
         two = once(wrk, variant, workdir, args.seconds, args.connections, workers=2)
         scaling.append(f"| {variant} | {median(variant, 'rps'):,.0f} | {two.rps:,.0f} |")
 
-    servers = []
+    on_servers = []
     for variant in ("fastapi", "kiban"):
         on_granian = once(wrk, variant, workdir, args.seconds, args.connections, server="granian")
-        servers.append(
+        on_servers.append(
             f"| {variant} | {median(variant, 'rps'):,.0f} | {median(variant, 'cpu_us'):.0f} | "
             f"{on_granian.rps:,.0f} | {on_granian.cpu_us:.0f} |"
         )
 
-    kiban_ratio = statistics.median(ratios["kiban"])
-    over_typical = statistics.median(
-        a.rps / b.rps for a, b in zip(runs["kiban"], runs["typical"], strict=True)
-    )
+    kiban_ratio = ratio("kiban", "fastapi")
+    over_typical = ratio("kiban", "typical")
     p99_ratio = median("kiban", "p99_ms") / median("fastapi", "p99_ms")
     rss_extra = median("kiban", "rss_mib") - median("fastapi", "rss_mib")
     checks = [
@@ -281,7 +296,8 @@ def main() -> int:
             "",
             f"Machine: {machine}. Server pinned to core 0, wrk (1 thread, "
             f"{args.connections} connections, {args.seconds:g} s) to core 1, on loopback; "
-            f"{args.rounds} interleaved rounds, medians. Generated by `make bench`.",
+            f"{args.rounds} rounds in which every variant's server, started once, is driven in "
+            "turn; medians, and ratios taken within a round. Generated by `make bench`.",
             "",
             "| variant | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB | x bare FastAPI |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -306,7 +322,7 @@ def main() -> int:
             "",
             "| variant | uvicorn req/s | uvicorn CPU µs/req | granian req/s | granian CPU µs/req |",
             "| --- | --- | --- | --- | --- |",
-            *servers,
+            *on_servers,
             "",
             "## Budget",
             "",
