@@ -46,7 +46,10 @@ class Chassis:
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         settings = service.settings
-        self.app = PayloadLogMiddleware(app, service.payloads)
+        self.app = app
+        # Payload logging is a layer of its own, stepped into only while it is switched on.
+        self.payloads = service.payloads
+        self.logged = PayloadLogMiddleware(app, service.payloads)
         self.api = service.app
         self.policy = service.policy
         self.health = service.health
@@ -139,7 +142,8 @@ class Chassis:
                 await probe.handle(scope, receive_wrapper, send_wrapper)
                 return
             await self.policy.before_routing(self.api, scope)
-            await self.app(scope, receive_wrapper, send_wrapper)
+            inner = self.logged if self.payloads.enabled else self.app
+            await inner(scope, receive_wrapper, send_wrapper)
         except Exception as exc:
             await errors.answer_escaped(exc, scope, receive, send_wrapper, started)
         finally:
