@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -309,9 +310,13 @@ class Policy:
     async def before_routing(self, app: FastAPI, scope: Scope) -> None:
         """Resolve if routes changed (fail closed), then enforce an exclusive route's requirement.
 
+        Start-up resolves; resolving here covers an app served without a lifespan, or
+        routes added later: no request is served while the routes' security is
+        unresolved, and a bad declaration makes every request a 500, never public.
         Routes that are not exclusive are enforced after routing, by their markers.
         """
-        self.ensure(app)
+        if self._resolved_for != len(app.routes):
+            self.resolve(app)
         entry = self._admission(scope)
         if entry is not None and entry.resolved is not None:
             await self.admit(entry.resolved, Request(scope), entry.path)
@@ -343,15 +348,6 @@ class Policy:
                 raise SecurityConfigError(f"no resolved security for {route!r}")
         return found
 
-    def ensure(self, app: FastAPI) -> None:
-        """Fail closed: no request is served while the routes' security is unresolved.
-
-        Start-up resolves it; this covers an app served without a lifespan, or routes
-        added later. A bad declaration then makes every request a 500, never public.
-        """
-        if self._resolved_for != len(app.routes):
-            self.resolve(app)
-
     async def admit(self, resolved: Resolved, request: Request, path: str) -> None:
         """Authenticate and count the request against ``resolved``, or raise its problem."""
         scope = request.scope
@@ -359,7 +355,13 @@ class Policy:
         _principal.set(who)
         rate = resolved.rate_limit
         if rate is not None:
-            decision = await self.limiter.hit(rate, self._rate_key(rate, who))
+            key = self._rate_key(rate, who)
+            local = self.limiter.local  # counted in process: no await
+            decision = (
+                local.hit(rate, key, time.time())
+                if local is not None
+                else await self.limiter.hit(rate, key)
+            )
             if decision is not None:
                 self._rate_headers(decision, scope, path)
         scope[ADMITTED] = resolved
