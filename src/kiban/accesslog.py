@@ -66,6 +66,16 @@ def redact_query(query: str, names: Iterable[str] = ()) -> str:
     return "&".join(parts)
 
 
+class _NoContext:
+    """Outside a request context every context field of the line is null."""
+
+    user_agent = user_ip = remote_addr = forwarded_for = None
+    trace_id = request_id = uid = api_client = None
+
+
+_NO_CONTEXT = _NoContext()
+
+
 class AccessLog:
     """Writes the access line of a request; kiban's request path calls it once per request."""
 
@@ -95,7 +105,7 @@ class AccessLog:
         latency: float,
         span_id: str | None,
     ) -> None:
-        context = propagation.current()
+        context = propagation.current() or _NO_CONTEXT
         query = scope["query_string"]
         record: dict[str, Any] = {
             "time": self._time(),
@@ -111,15 +121,15 @@ class AccessLog:
             "response_bytes": response_bytes,
             # Whole microseconds: round(x, 6) is a decimal conversion, this an int one.
             "latency_s": round(latency * 1_000_000) / 1_000_000,
-            "user_agent": context.user_agent if context else None,
-            "user_ip": context.user_ip if context else None,
-            "remote_addr": context.remote_addr if context else None,
-            "forwarded_for": context.forwarded_for if context else None,
-            "trace_id": context.trace_id if context else None,
+            "user_agent": context.user_agent,
+            "user_ip": context.user_ip,
+            "remote_addr": context.remote_addr,
+            "forwarded_for": context.forwarded_for,
+            "trace_id": context.trace_id,
             "span_id": span_id,
-            "request_id": context.request_id if context else None,
-            "uid": context.uid if context else None,
-            "api_client": context.api_client if context else None,
+            "request_id": context.request_id,
+            "uid": context.uid,
+            "api_client": context.api_client,
         }
         if sink.json:
             sink.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE), newline=False)
