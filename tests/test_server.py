@@ -93,6 +93,19 @@ def _connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=5)
 
 
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or 5 s of silence)."""
+    sock.settimeout(5)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    sock.close()
+    return b"".join(chunks)
+
+
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
     sock.settimeout(seconds)
     try:
@@ -149,20 +162,13 @@ def test_a_head_sent_in_pieces_past_the_limit_gets_431(spawn: Any) -> None:
     service = spawn(HELLO, HTTP_MAX_HEADER_BYTES="4096")
     sock = _connect(service.url)
     sock.sendall(b"GET /hello/x HTTP/1.1\r\nHost: x\r\n")
-    answer = b""
     for _ in range(20):  # 20 x 500 bytes, never a complete head
         try:
             sock.sendall(b"X-Pad: " + b"a" * 491 + b"\r\n")
         except (BrokenPipeError, ConnectionResetError):
             break
         time.sleep(0.02)
-    sock.settimeout(5)
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    sock.close()
+    answer = _read_all(sock)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
 
 
@@ -178,14 +184,7 @@ def test_a_large_body_is_not_counted_as_the_next_request_head(spawn: Any) -> Non
     )
     time.sleep(0.2)
     sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
-    sock.settimeout(5)
-    answer = b""
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    sock.close()
+    answer = _read_all(sock)
     assert answer.count(b"HTTP/1.1 200") == 2, answer
     assert b'{"bytes":20000}' in answer
 
@@ -193,15 +192,7 @@ def test_a_large_body_is_not_counted_as_the_next_request_head(spawn: Any) -> Non
 def _raw(url: str, request: bytes) -> bytes:
     sock = _connect(url)
     sock.sendall(request)
-    sock.settimeout(5)
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except (TimeoutError, ConnectionResetError):
-        pass
-    sock.close()
-    return b"".join(chunks)
+    return _read_all(sock)
 
 
 def test_header_injection_and_path_traversal_are_refused(spawn: Any) -> None:
