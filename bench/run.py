@@ -1,10 +1,10 @@
 """``make bench``: kiban against bare FastAPI and the typical stack, side by side.
 
-Each variant runs as one server process pinned to core 0; wrk, pinned to core 1,
-drives it over loopback for a bounded time. Variants are interleaved in rounds and
-medians reported, with each variant's ratio to bare FastAPI measured in the same
-round. Results go to stdout and bench/results.md; the last line says whether kiban's
-overhead budget held (and the exit code is 1 when it did not).
+Each variant runs as one server process pinned to core 0, all started at once; in
+each round wrk, pinned to core 1, drives every server in turn over loopback for a
+bounded time. Medians over rounds are reported, with each variant's ratio to bare
+FastAPI taken within a round. Results go to stdout and bench/results.md; the last
+line says whether kiban's overhead budget held (and the exit code is 1 when it did not).
 """
 
 from __future__ import annotations
