@@ -71,8 +71,7 @@ class HttpProtocol(HttpToolsProtocol):
         self.head_since: float | None = None
         self._head_bytes = 0  # of the head being received, as of the last chunk
         self._chunk = 0  # bytes of the chunk being parsed
-        self._in_head = False  # a request head has begun and is not complete
-        self._began = False  # ... and it began in the chunk being parsed
+        self._began = False  # a request head began in the chunk being parsed
         self._rejected = False
 
     def expire(self, now: float) -> None:
@@ -108,7 +107,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._chunk = len(data)
         self._began = False
         super().data_received(data)
-        if self._in_head and not self._rejected:
+        if self.head_since is not None and not self._rejected:  # a head is still incomplete
             # A head that began in this chunk is measured (the chunk may end a previous
             # request's body); a head that goes on counts the whole chunk.
             if self._began:
@@ -125,13 +124,12 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        self._in_head = self._began = True
+        self._began = True
         if self.head_since is None:  # a connection's first head is timed from its connect
             self.head_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
         self.head_since = None
-        self._in_head = False
         # Measured only when this chunk could have taken the head past the limit.
         if (
             self._head_bytes + self._chunk > self.max_header_bytes
