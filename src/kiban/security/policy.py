@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -356,11 +355,11 @@ class Policy:
         rate = resolved.rate_limit
         if rate is not None:
             key = self._rate_key(rate, who)
-            local = self.limiter.local  # counted in process: no await
+            limiter = self.limiter
             decision = (
-                local.hit(rate, key, time.time())
-                if local is not None
-                else await self.limiter.hit(rate, key)
+                limiter.hit_in_process(rate, key)
+                if limiter.local is not None
+                else await limiter.hit(rate, key)
             )
             if decision is not None:
                 self._rate_headers(decision, scope, path)

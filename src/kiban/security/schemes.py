@@ -170,13 +170,13 @@ class APIKey(Scheme):
         self.name = name
         self.parameter = parameter
         self.location = location
-        self._header = parameter.lower().encode("latin-1")
+        self._raw_name = parameter.lower().encode("latin-1")
         #: The principal of each valid key seen lately: a digest is not worth redoing.
         self._principals: dict[str, Principal] = {}
 
     async def authenticate(self, request: Request) -> Principal | None:
         if self.location == "header":
-            key = _header(request, self._header)
+            key = _header(request, self._raw_name)
         elif self.location == "query":
             key = request.query_params.get(self.parameter)
         else:
@@ -368,12 +368,11 @@ class InternalIDToken(JWT):
     ) -> None:
         super().__init__(algorithms=algorithms, name=name, **verification)
         self.header = header
+        self._raw_name = header.lower().encode("latin-1")
 
     async def authenticate(self, request: Request) -> Principal | None:
         context = propagation.current()
-        token = (
-            context.id_token if context else _header(request, self.header.lower().encode("latin-1"))
-        )
+        token = context.id_token if context else _header(request, self._raw_name)
         if token is None:
             return None
         principal = await self.principal(token)
