@@ -278,6 +278,39 @@ def test_handlers_add_attributes_events_and_exceptions_to_the_server_span() -> N
     assert server.end_time >= server.start_time
 
 
+def test_the_server_span_is_current_in_handlers_with_the_apis_own_context() -> None:
+    """The span the request path makes current is the one exported, and its context is
+    what the API's constructor makes of the same ids: valid, local, sampled."""
+    exported = InMemorySpanExporter()
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exported))
+    seen: list[trace.SpanContext] = []
+
+    @app.get("/")
+    async def index() -> dict[str, str]:
+        seen.append(trace.get_current_span().get_span_context())
+        return {}
+
+    with TestClient(app) as client:
+        for headers in ({}, {"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"}):
+            client.get("/", headers=headers)
+    assert trace.get_current_span() is trace.INVALID_SPAN  # deactivated after each request
+    for context, span in zip(seen, exported.get_finished_spans(), strict=True):
+        rebuilt = trace.SpanContext(
+            context.trace_id, context.span_id, False, context.trace_flags, context.trace_state
+        )
+        assert context == rebuilt
+        assert context.is_valid
+        assert not context.is_remote
+        assert context.trace_flags.sampled
+        assert span.context == context
+    assert seen[1].trace_id == int(PARENT_TRACE, 16)
+    parent = exported.get_finished_spans()[1].parent
+    assert parent is not None
+    assert parent.span_id == int(PARENT_SPAN, 16)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(min_value=0, max_value=20, allow_nan=False), min_size=1, max_size=60))
 def test_the_duration_histogram_holds_what_the_sdks_would(values: list[float]) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +31,7 @@ from kiban.debug import PayloadLogMiddleware
 from kiban.health import liveness, readiness_endpoint
 from kiban.limits import Body, check_length
 from kiban.security.policy import RATE_HEADERS
+from kiban.telemetry import activate, deactivate
 
 if TYPE_CHECKING:
     from kiban.app import Service
@@ -100,7 +100,7 @@ class Chassis:
                 headers.get("traceparent"),
                 headers.get("tracestate"),
             )
-            span_token = otel_context.attach(trace.set_span_in_context(span))
+            span_token = activate(span)
         telemetry.active += 1
         status = CLIENT_CLOSED
         response_bytes = 0
@@ -166,5 +166,5 @@ class Chassis:
                     span_id,
                 )
             if span_token is not None:
-                otel_context.detach(span_token)
+                deactivate(span_token)
             propagation.leave(context_token)

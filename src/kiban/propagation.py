@@ -12,7 +12,8 @@ import random
 import re
 from collections.abc import Iterable
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field, replace
+from dataclasses import FrozenInstanceError
+from typing import NamedTuple
 
 from kiban.config import HeaderNames
 
@@ -34,9 +35,12 @@ _MAX_FORWARDED_FOR = 2048
 _MAX_ID_TOKEN = 16 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class RequestContext:
-    """What kiban knows about the request being served. Immutable: one per request."""
+class RequestContext(NamedTuple):
+    """What kiban knows about the request being served. Immutable: one per request.
+
+    A named tuple rather than a frozen dataclass: it is built on every request, and a
+    tuple is made in one step where a frozen dataclass sets each field in turn.
+    """
 
     trace_id: str
     request_id: str
@@ -51,9 +55,20 @@ class RequestContext:
     remote_addr: str | None = None
     api_client: str | None = None
     #: The gateway-issued internal identity token, forwarded to internal services only.
-    id_token: str | None = field(default=None, repr=False)
+    id_token: str | None = None
     #: The request asked for debug logs (honoured only when debug is enabled).
     debug: bool = False
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={value!r}"
+            for name, value in zip(self._fields, self, strict=True)
+            if name != "id_token"
+        )
+        return f"RequestContext({fields})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
 
 
 #: Sent on every response: an API's answers are never sniffed, framed or leak a referrer.
@@ -75,7 +90,7 @@ def identify(uid: str) -> None:
     """Make ``uid`` the request's user: a verified identity replaces a claimed one."""
     context = _current.get()
     if context is not None and context.uid != uid:
-        _current.set(replace(context, uid=uid))
+        _current.set(context._replace(uid=uid))
 
 
 def new_id() -> str:
@@ -124,25 +139,44 @@ def _forwarded_for(value: str | None) -> str | None:
 def from_headers(
     headers: dict[str, str], names: HeaderNames, remote_addr: str | None
 ) -> RequestContext:
-    """Build the context from lower-cased request headers, dropping unsafe values."""
+    """Build the context from lower-cased request headers, dropping unsafe values.
+
+    Most headers are absent on most requests: each is cleaned only when present.
+    """
     get = headers.get
-    request_id = _clean(get(names.request_id))
-    user_agent = _clean(get(names.user_agent)) or _clean(get("user-agent"))
-    user_ip = _clean(get(names.user_ip))
+    trace, parent = get(names.trace_id), get("traceparent")
+    request_id = get(names.request_id)
+    if request_id is not None:
+        request_id = _clean(request_id)
+        if request_id is not None and not _TOKEN.fullmatch(request_id):
+            request_id = None
+    uid = get(names.uid)
+    user_agent = get(names.user_agent)
+    if user_agent is not None:
+        user_agent = _clean(user_agent)
+    if user_agent is None:
+        user_agent = get("user-agent")
+        if user_agent is not None:
+            user_agent = _clean(user_agent)
+    user_ip = get(names.user_ip)
+    if user_ip is not None:
+        user_ip = _clean(user_ip)
+        if user_ip is not None and not _TOKEN.fullmatch(user_ip):
+            user_ip = None
     forwarded_for = get(names.forwarded_for)
+    api_client = get(names.api_client)
+    id_token = get(names.id_token)
     debug = get(names.debug)
-    # Positional: a frozen dataclass sets each keyword through object.__setattr__ anyway,
-    # and this runs on every request.
     return RequestContext(
-        _trace_id(get(names.trace_id), get("traceparent")),
-        request_id if request_id and _TOKEN.fullmatch(request_id) else new_id(),
-        _clean(get(names.uid)),
+        _trace_id(trace, parent) if trace or parent else new_id(),
+        request_id or new_id(),
+        _clean(uid) if uid is not None else None,
         user_agent,
-        user_ip if user_ip and _TOKEN.fullmatch(user_ip) else remote_addr,
+        user_ip or remote_addr,
         _forwarded_for(forwarded_for) if forwarded_for is not None else None,
         remote_addr,
-        _clean(get(names.api_client)),
-        _clean(get(names.id_token), _MAX_ID_TOKEN),
+        _clean(api_client) if api_client is not None else None,
+        _clean(id_token, _MAX_ID_TOKEN) if id_token is not None else None,
         debug is not None and debug.strip() in ("1", "true"),
     )
 

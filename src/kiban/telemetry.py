@@ -18,10 +18,14 @@ import time
 import traceback
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Observation
 from opentelemetry.propagators.textmap import Getter
@@ -45,7 +49,9 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util.types import Attributes, AttributeValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.requests import Request
@@ -118,6 +124,50 @@ class _ScopeHeaders(Getter[Mapping[str, str]]):
 _getter = _ScopeHeaders()
 
 
+def _runtime_context_var() -> ContextVar[Context] | None:
+    """The contextvar behind the OTel API's current context, when it is the SDK default's."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    found = getattr(runtime, "_current_context", None)
+    if isinstance(runtime, ContextVarsRuntimeContext) and isinstance(found, ContextVar):
+        return found
+    return None
+
+
+_CURRENT = _runtime_context_var()
+
+
+def activate(span: trace.Span) -> object:
+    """Make ``span`` current in the OTel context; ``deactivate`` with what it returns.
+
+    ``context.attach(trace.set_span_in_context(span))`` through six API calls, or as one
+    contextvar set when the runtime context is the default contextvars one.
+    """
+    if _CURRENT is None:
+        return otel_context.attach(trace.set_span_in_context(span))
+    return _CURRENT.set(Context({**_CURRENT.get(), _SPAN_KEY: span}))
+
+
+def deactivate(token: object) -> None:
+    if _CURRENT is None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+    else:
+        _CURRENT.reset(token)  # type: ignore[arg-type]
+
+
+def _span_context(trace_id: int, span_id: int, flags: TraceFlags, state: Any) -> SpanContext:
+    """``SpanContext(trace_id, span_id, False, flags, state)`` for ids known to be valid.
+
+    A SpanContext is a tuple whose constructor checks the ids; kiban's ids are valid by
+    construction, so the tuple is made directly (a test holds it to the constructor).
+    """
+    return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, True))
+
+
+#: What kiban's own spans and metrics are recorded under, as its tracer and meter are named.
+_SCOPE = InstrumentationScope("kiban")
+_UNSET = Status(StatusCode.UNSET)
+
+
 class ServerSpan(trace.Span, ReadableSpan):
     """The request's server span, recorded with the least work per request.
 
@@ -130,6 +180,16 @@ class ServerSpan(trace.Span, ReadableSpan):
     the SDK's bounded attribute map.
     """
 
+    # What every server span shares is read from the class; a request sets the rest.
+    _kind = SpanKind.SERVER
+    _instrumentation_scope = _SCOPE
+    _instrumentation_info = None
+    _status = _UNSET
+    _parent: SpanContext | None = None
+    _events: Sequence[Event] = ()  # lists once a handler adds one
+    _links: Sequence[Link] = ()
+    _end_time: int | None = None
+
     def __init__(  # ReadableSpan's fields are set here, without its defaults
         self,
         name: str,
@@ -140,18 +200,15 @@ class ServerSpan(trace.Span, ReadableSpan):
     ) -> None:
         self._name = name
         self._context: SpanContext = context
-        self._parent = parent
-        self._kind = SpanKind.SERVER
-        self._resource = owner.resource
-        self._instrumentation_scope = _SCOPE
-        self._instrumentation_info = None
+        if parent is not None:
+            self._parent = parent
         self._attributes: dict[str, AttributeValue] | BoundedAttributes = attributes
-        self._events: Sequence[Event] = ()  # lists once a handler adds one
-        self._links: Sequence[Link] = ()
-        self._status = _UNSET
         self._owner = owner
-        self._end_time: int | None = None
         self._start_time = time.time_ns()
+
+    @property
+    def _resource(self) -> Resource:  # type: ignore[override]
+        return self._owner.resource
 
     def get_span_context(self) -> SpanContext:
         return self._context
@@ -234,9 +291,6 @@ class ServerSpan(trace.Span, ReadableSpan):
         self._owner.processor.on_end(self)
 
 
-#: What kiban's own spans and metrics are recorded under, as its tracer and meter are named.
-_SCOPE = InstrumentationScope("kiban")
-_UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
@@ -518,12 +572,11 @@ class Telemetry:
             sampled = parent.trace_flags.sampled
         else:
             sampled = number & TraceIdRatioBased.TRACE_ID_LIMIT < spans.bound
-        context = SpanContext(
+        context = _span_context(
             number,
             random.getrandbits(64) or 1,
-            is_remote=False,
-            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
-            trace_state=parent.trace_state if parent is not None else None,
+            _SAMPLED if sampled else _NOT_SAMPLED,
+            parent.trace_state if parent is not None else DEFAULT_TRACE_STATE,
         )
         if not sampled:
             return trace.NonRecordingSpan(context)
