@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 from starlette.types import Scope
 
-from kiban import propagation
 from kiban.log import sink
+from kiban.propagation import RequestContext
 
 __all__ = ["FIELDS", "AccessLog", "redact_query"]
 
@@ -66,16 +66,6 @@ def redact_query(query: str, names: Iterable[str] = ()) -> str:
     return "&".join(parts)
 
 
-class _NoContext:
-    """Outside a request context every context field of the line is null."""
-
-    user_agent = user_ip = remote_addr = forwarded_for = None
-    trace_id = request_id = uid = api_client = None
-
-
-_NO_CONTEXT = _NoContext()
-
-
 class AccessLog:
     """Writes the access line of a request; kiban's request path calls it once per request."""
 
@@ -96,6 +86,7 @@ class AccessLog:
 
     def write(
         self,
+        context: RequestContext,
         scope: Scope,
         route: str | None,
         host: str | None,
@@ -105,7 +96,6 @@ class AccessLog:
         latency: float,
         span_id: str | None,
     ) -> None:
-        context = propagation.current() or _NO_CONTEXT
         query = scope["query_string"]
         record: dict[str, Any] = {
             "time": self._time(),

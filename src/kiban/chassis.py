@@ -18,7 +18,7 @@ of eight middlewares is what keeps the chassis cheap on every request.
 
 from __future__ import annotations
 
-import time
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
@@ -79,21 +79,22 @@ class Chassis:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
-        headers = self.inbound.read(scope["headers"])
+        start = perf_counter()
+        inbound = self.inbound
+        headers = inbound.read(scope["headers"])
         client = scope.get("client")
         remote = client[0] if client else None
-        context = self.inbound.context(headers, remote)
-        echoed = self.inbound.echoed(context)
+        context = inbound.context(headers, remote)
         context_token = propagation.enter(context)
         method = scope["method"]
+        path = scope["path"]
         telemetry = self.telemetry
         span: trace.Span | None = None
         span_token = None
-        if scope["path"] not in telemetry.exclude:
+        if path not in telemetry.exclude:
             span = telemetry.start_span(
                 method,
-                scope["path"],
+                path,
                 scope.get("scheme", "http"),
                 remote or "",
                 context.trace_id,
@@ -102,26 +103,23 @@ class Chassis:
             )
             span_token = activate(span)
         telemetry.active += 1
-        status = CLIENT_CLOSED
+        status: int | None = None  # until the response starts
         response_bytes = 0
-        started = False
         body: Body | None = None
         health = self.health
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, response_bytes, started
-            kind = message["type"]
-            if kind == "http.response.start":
-                started = True
+            nonlocal status, response_bytes
+            if message["type"] == "http.response.start":
                 status = message["status"]
-                answer = [*message.get("headers", ()), *echoed]
+                answer = [*message.get("headers", ()), *inbound.echoed(context)]
                 rate = scope.get(RATE_HEADERS)
                 if rate is not None:
                     answer.extend(rate)
                 if health.draining:
                     answer.append(_CLOSE)
                 message["headers"] = answer
-            elif kind == "http.response.body":
+            else:
                 response_bytes += len(message.get("body", b""))
             await send(message)
 
@@ -135,36 +133,38 @@ class Chassis:
             return message
 
         try:
-            check_length(headers.get("content-length"), self.max_body)
-            probe = self.probes.get(scope["path"])
+            length = headers.get("content-length")
+            if length is not None:
+                check_length(length, self.max_body)
+            probe = self.probes.get(path)
             if probe is not None:
                 scope["route"] = probe
                 await probe.handle(scope, receive_wrapper, send_wrapper)
                 return
-            await self.policy.before_routing(self.api, scope)
+            await self.policy.before_routing(self.api, scope, context)
             inner = self.logged if self.payloads.enabled else self.app
             await inner(scope, receive_wrapper, send_wrapper)
         except Exception as exc:
-            await errors.answer_escaped(exc, scope, receive, send_wrapper, started)
+            await errors.answer_escaped(exc, scope, receive, send_wrapper, status is not None)
         finally:
-            elapsed = time.perf_counter() - start
+            elapsed = perf_counter() - start
             telemetry.active -= 1
             route = routes.template(scope)
+            final = CLIENT_CLOSED if status is None else status
             span_id = None
             if span is not None:
-                telemetry.end_span(span, method, status, route, elapsed)
-                span_id = format(span.get_span_context().span_id, "016x")
+                span_id = telemetry.end_span(span, method, final, route, elapsed)
+                deactivate(span_token)
             if self.access is not None:
                 self.access.write(
+                    propagation.current() or context,  # a verified identity may have replaced it
                     scope,
                     route,
                     headers.get("host"),
-                    status,
+                    final,
                     body.received if body is not None else 0,
                     response_bytes,
                     elapsed,
                     span_id,
                 )
-            if span_token is not None:
-                deactivate(span_token)
             propagation.leave(context_token)

@@ -183,11 +183,6 @@ class Limiter:
         self.fail_open = fail_open
         self.telemetry = telemetry
 
-    def hit_in_process(self, rate: RateLimit, key: str) -> Decision:
-        """Count one request for ``key`` in this process's counter: no await (``local`` set)."""
-        assert self.local is not None
-        return self.local.hit(rate, key, time.time())
-
     async def hit(self, rate: RateLimit, key: str) -> Decision | None:
         """Count one request for ``key``.
 
@@ -195,7 +190,7 @@ class Limiter:
         it is to fail closed.
         """
         if self.local is not None:
-            return self.hit_in_process(rate, key)
+            return self.local.hit(rate, key, time.time())
         assert self.strategy is not None
         item = rate.item
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from starlette.types import Scope
 
 from kiban import log, propagation, routes
 from kiban.errors import Problem
-from kiban.ratelimit import Decision, Limiter, RateLimit
+from kiban.ratelimit import Limiter, RateLimit
 from kiban.security.schemes import AuthError, Principal, Scheme
 from kiban.telemetry import Telemetry
 
@@ -187,6 +188,17 @@ class _Entry:
         return mine.startswith(theirs) or theirs.startswith(mine)
 
 
+def _rate_key(
+    rate: RateLimit, who: Principal | None, context: propagation.RequestContext | None
+) -> str:
+    """What a request is counted under: its API client, its principal, or its user IP."""
+    if rate.key == "api_client" and context is not None and context.api_client:
+        return f"client:{context.api_client}"
+    if rate.key != "ip" and who is not None:
+        return f"{who.scheme}:{who.subject}"
+    return f"ip:{context.user_ip if context else 'unknown'}"
+
+
 def _literal_prefix(path: str) -> str:
     return path.split("{", 1)[0]
 
@@ -306,7 +318,9 @@ class Policy:
             entries.append(entry if exclusive else dataclasses.replace(entry, resolved=None))
         return entries
 
-    async def before_routing(self, app: FastAPI, scope: Scope) -> None:
+    async def before_routing(
+        self, app: FastAPI, scope: Scope, context: propagation.RequestContext | None = None
+    ) -> None:
         """Resolve if routes changed (fail closed), then enforce an exclusive route's requirement.
 
         Start-up resolves; resolving here covers an app served without a lifespan, or
@@ -318,7 +332,7 @@ class Policy:
             self.resolve(app)
         entry = self._admission(scope)
         if entry is not None and entry.resolved is not None:
-            await self.admit(entry.resolved, Request(scope), entry.path)
+            await self.admit(entry.resolved, Request(scope), entry.path, context)
 
     def _admission(self, scope: Scope) -> _Entry | None:
         """The exclusive route that will serve this request, if its route is exclusive.
@@ -327,11 +341,13 @@ class Policy:
         no route of another requirement, so which of several matches FastAPI picks
         does not change the answer, and a non-exclusive one answers None either way.
         """
-        path = get_route_path(scope)
+        path = get_route_path(scope) if scope.get("root_path") else scope["path"]
         method = scope["method"]
-        for entry in self._literal.get(path, ()):
-            if entry.methods is None or method in entry.methods:
-                return entry if entry.resolved is not None else None
+        literal = self._literal.get(path)
+        if literal is not None:
+            for entry in literal:
+                if entry.methods is None or method in entry.methods:
+                    return entry if entry.resolved is not None else None
         for entry in self._patterns:
             if entry.regex.match(path) and (entry.methods is None or method in entry.methods):
                 return entry if entry.resolved is not None else None
@@ -347,29 +363,46 @@ class Policy:
                 raise SecurityConfigError(f"no resolved security for {route!r}")
         return found
 
-    async def admit(self, resolved: Resolved, request: Request, path: str) -> None:
-        """Authenticate and count the request against ``resolved``, or raise its problem."""
+    async def admit(
+        self,
+        resolved: Resolved,
+        request: Request,
+        path: str,
+        context: propagation.RequestContext | None = None,
+    ) -> None:
+        """Authenticate and count the request against ``resolved``, or raise its problem.
+
+        ``context`` is the request's, when the caller has it at hand.
+        """
         scope = request.scope
-        who = await self._authenticate(resolved.requirement, request, path)
+        requirement = resolved.requirement
+        who = None if requirement.public else await self._authenticate(requirement, request, path)
         _principal.set(who)
         rate = resolved.rate_limit
         if rate is not None:
-            key = self._rate_key(rate, who)
-            limiter = self.limiter
+            if context is None:
+                context = propagation.current()
+            key = _rate_key(rate, who, context)
+            local = self.limiter.local
             decision = (
-                limiter.hit_in_process(rate, key)
-                if limiter.local is not None
-                else await limiter.hit(rate, key)
+                local.hit(rate, key, time.time())
+                if local is not None
+                else await self.limiter.hit(rate, key)
             )
             if decision is not None:
-                self._rate_headers(decision, scope, path)
+                if not decision.allowed:
+                    if self.telemetry is not None:
+                        self.telemetry.rate_limited.add(1, {"http.route": path})
+                    raise Problem(
+                        429, "Too many requests; retry later.", headers=decision.headers()
+                    )
+                # The request path adds them to the response, whatever the handler returns.
+                scope[RATE_HEADERS] = decision.encoded()
         scope[ADMITTED] = resolved
 
     async def _authenticate(
         self, requirement: Requirement, request: Request, path: str
     ) -> Principal | None:
-        if requirement.public:
-            return None
         failures: list[tuple[Scheme, str]] = []
         missing_scopes: list[str] = []
         for alternative in requirement.alternatives:
@@ -415,23 +448,6 @@ class Policy:
         )
         if self.telemetry is not None:
             self.telemetry.auth_failures.add(1, {"scheme": scheme, "reason": reason})
-
-    @staticmethod
-    def _rate_key(rate: RateLimit, who: Principal | None) -> str:
-        context = propagation.current()
-        if rate.key == "api_client" and context is not None and context.api_client:
-            return f"client:{context.api_client}"
-        if rate.key in ("subject", "api_client") and who is not None:
-            return f"{who.scheme}:{who.subject}"
-        return f"ip:{context.user_ip if context else 'unknown'}"
-
-    def _rate_headers(self, decision: Decision, scope: Scope, path: str) -> None:
-        if not decision.allowed:
-            if self.telemetry is not None:
-                self.telemetry.rate_limited.add(1, {"http.route": path})
-            raise Problem(429, "Too many requests; retry later.", headers=decision.headers())
-        # The request path adds them to the response, whatever the handler returns.
-        scope[RATE_HEADERS] = decision.encoded()
 
     def document(self, openapi: dict[str, Any]) -> dict[str, Any]:
         """Write the resolved requirements into an OpenAPI document, in place."""
