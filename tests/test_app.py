@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 import kiban
+from kiban.config import Settings
+from kiban.security import NoSecurity
 from tests.conftest import ROOT, Lines
 
 
@@ -55,3 +58,34 @@ def test_the_readme_example_runs(lines: Lines, tmp_path: Path) -> None:
         assert client.get("/health/readiness").json()["checks"]["database"]["status"] == "ok"
     greeting = next(line for line in lines.app() if line.get("msg") == "greeting")
     assert greeting["trace_id"] == lines.access()[0]["trace_id"]
+
+
+def test_fastapis_own_body_limit_still_holds_under_kiban() -> None:
+    """kiban leaves out FastAPI's outer layers only when they have nothing to do."""
+    app = FastAPI(max_body_size=16)
+    kiban.Service(app, Settings(), security=NoSecurity())
+
+    @app.post("/echo")
+    async def echo(body: dict[str, str]) -> dict[str, str]:
+        return body
+
+    with TestClient(app) as client:
+        assert client.post("/echo", json={"a": "b"}).status_code == 200
+        refused = client.post("/echo", json={"text": "x" * 64})
+    assert refused.status_code == 413
+
+
+def test_unhandled_errors_are_problems_with_or_without_fastapis_outer_layers() -> None:
+    for limit in (None, 1024):
+        app = FastAPI(max_body_size=limit)
+        kiban.Service(app, Settings(), security=NoSecurity())
+
+        @app.get("/boom")
+        async def boom() -> None:
+            raise RuntimeError("bug")
+
+        with TestClient(app, raise_server_exceptions=False) as client:
+            response = client.get("/boom")
+        assert response.status_code == 500
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["trace_id"] == response.headers["x-trace-id"]

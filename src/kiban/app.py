@@ -94,6 +94,7 @@ class Service:
             app.include_router(debug.router(self.payloads, [debug_security, Unlimited()]))
         log.allow_request_debug(self.settings.debug_endpoints)
         app.add_middleware(Chassis, service=self)
+        _chassis_outermost(app)
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
         self._document_openapi(app)
 
@@ -189,6 +190,35 @@ class Service:
                 await asyncio.to_thread(self.telemetry.shutdown)
 
         return lifespan
+
+
+#: FastAPI's layers outside the user's middleware. Under kiban's request path none has
+#: work to do: the chassis answers every exception, FastAPI's telemetry is off, and its
+#: body limit is unset unless the app sets ``max_body_size``.
+_OUTER = frozenset(
+    {"ServerErrorMiddleware", "ExceptionTelemetryMiddleware", "AppBodyLimitMiddleware"}
+)
+
+
+def _chassis_outermost(app: FastAPI) -> None:
+    """Serve the request path as the app's outermost layer when nothing is lost by it.
+
+    FastAPI puts three layers around the user's middleware, each a call per request
+    and one more per message sent. They are left out when they are all that stands
+    outside the chassis and the app sets no ``max_body_size`` of FastAPI's own.
+    """
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> Any:
+        stack = build()
+        if getattr(app, "max_body_size", None) is not None:
+            return stack
+        layer: Any = stack
+        while type(layer).__name__ in _OUTER:
+            layer = getattr(layer, "app", None)
+        return layer if isinstance(layer, Chassis) else stack
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
 def _disable_native_telemetry(app: FastAPI) -> None:
