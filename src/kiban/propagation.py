@@ -139,34 +139,57 @@ def _forwarded_for(value: str | None) -> str | None:
 def from_headers(
     headers: dict[str, str], names: HeaderNames, remote_addr: str | None
 ) -> RequestContext:
-    """Build the context from lower-cased request headers, dropping unsafe values.
+    """Build the context from lower-cased request headers, dropping unsafe values."""
+    return _from_values(map(headers.get, _order(names)), remote_addr)
 
-    Most headers are absent on most requests: each is cleaned only when present.
+
+def _order(names: HeaderNames) -> tuple[str, ...]:
+    """The header names ``_from_values`` reads, in its order."""
+    return (
+        names.trace_id,
+        "traceparent",
+        names.request_id,
+        names.uid,
+        names.user_agent,
+        "user-agent",
+        names.user_ip,
+        names.forwarded_for,
+        names.api_client,
+        names.id_token,
+        names.debug,
+    )
+
+
+def _from_values(values: Iterable[str | None], remote_addr: str | None) -> RequestContext:
+    """The context from the headers ``_order`` names, each None when absent.
+
+    Most are absent on most requests: each is cleaned only when present.
     """
-    get = headers.get
-    trace, parent = get(names.trace_id), get("traceparent")
-    request_id = get(names.request_id)
+    (
+        trace,
+        parent,
+        request_id,
+        uid,
+        user_agent,
+        own_agent,
+        user_ip,
+        forwarded_for,
+        api_client,
+        id_token,
+        debug,
+    ) = values
     if request_id is not None:
         request_id = _clean(request_id)
         if request_id is not None and not _TOKEN.fullmatch(request_id):
             request_id = None
-    uid = get(names.uid)
-    user_agent = get(names.user_agent)
     if user_agent is not None:
         user_agent = _clean(user_agent)
-    if user_agent is None:
-        user_agent = get("user-agent")
-        if user_agent is not None:
-            user_agent = _clean(user_agent)
-    user_ip = get(names.user_ip)
+    if user_agent is None and own_agent is not None:
+        user_agent = _clean(own_agent)
     if user_ip is not None:
         user_ip = _clean(user_ip)
         if user_ip is not None and not _TOKEN.fullmatch(user_ip):
             user_ip = None
-    forwarded_for = get(names.forwarded_for)
-    api_client = get(names.api_client)
-    id_token = get(names.id_token)
-    debug = get(names.debug)
     return RequestContext(
         _trace_id(trace, parent) if trace or parent else new_id(),
         request_id or new_id(),
@@ -221,6 +244,7 @@ class Inbound:
         self._wanted = {name.encode("latin-1"): name for name in wanted}
         self._trace_header = self.names.trace_id.encode("latin-1")
         self._request_header = self.names.request_id.encode("latin-1")
+        self._order = _order(self.names)
 
     def read(self, raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -235,7 +259,7 @@ class Inbound:
         return headers
 
     def context(self, headers: dict[str, str], remote_addr: str | None) -> RequestContext:
-        return from_headers(headers, self.names, remote_addr)
+        return _from_values(map(headers.get, self._order), remote_addr)
 
     def echoed(self, context: RequestContext) -> list[tuple[bytes, bytes]]:
         """What every answer carries: the request's ids and the security headers."""
