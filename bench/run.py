@@ -53,9 +53,11 @@ def ensure_wrk() -> str:
     if found:
         return found
     print("installing wrk (Debian package)...", flush=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "wrk"], check=True, stdout=subprocess.DEVNULL
-    )
+    install = ["apt-get", "install", "-y", "-qq", "wrk"]
+    if subprocess.run(install, stdout=subprocess.DEVNULL).returncode != 0:
+        # A fresh machine has no package lists yet.
+        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(install, check=True, stdout=subprocess.DEVNULL)
     return shutil.which("wrk") or "wrk"
 
 
