@@ -179,6 +179,19 @@ def measure(
     )
 
 
+def in_process(variant: str, off: str = "") -> float:
+    """µs per request of ``variant``'s app driven without a server (bench/inprocess.py)."""
+    output = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-m", "bench.inprocess", variant],
+        cwd=ROOT,
+        env={**os.environ, "KIBAN_BENCH_OFF": off, "LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(output.split()[-1])
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -276,6 +289,14 @@ def main() -> int:
             f"{on_granian.rps:,.0f} | {on_granian.cpu_us:.0f} |"
         )
 
+    print("request path in process...", flush=True)
+    bare = in_process("fastapi")
+    in_process_rows = [f"| bare FastAPI | {bare:.1f} | |"]
+    for off in ("", *FEATURES):
+        cost = in_process("kiban", off)
+        label = f"kiban, {off} off" if off else "kiban, full chassis"
+        in_process_rows.append(f"| {label} | {cost:.1f} | {cost - bare:+.1f} |")
+
     kiban_ratio = ratio("kiban", "fastapi")
     over_typical = ratio("kiban", "typical")
     p99_ratio = median("kiban", "p99_ms") / median("fastapi", "p99_ms")
@@ -325,6 +346,17 @@ def main() -> int:
             "| variant | uvicorn req/s | uvicorn CPU µs/req | granian req/s | granian CPU µs/req |",
             "| --- | --- | --- | --- | --- |",
             *on_servers,
+            "",
+            "## The request path in process (no server, no network)",
+            "",
+            "The same apps driven directly, one request after another on one event loop "
+            "(`python -m bench.inprocess`): steady to about a microsecond where the served "
+            "numbers above move by several percent between runs, so the figure to watch when "
+            "changing the request path. Served, every microsecond here costs about 1.5 to 2.",
+            "",
+            "| app | µs/request | over bare FastAPI |",
+            "| --- | --- | --- |",
+            *in_process_rows,
             "",
             "## Budget",
             "",
