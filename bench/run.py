@@ -348,8 +348,8 @@ def main() -> int:
             "On a two-core machine the two workers and wrk are three busy processes on two "
             "cores, and where the scheduler puts them moves the two-worker figure between "
             "about 1.05x and 1.6x of one worker from one start to the next (the median of five "
-            "runs of one start is shown): read it as an upper bound on what a second worker "
-            "adds here, not as a measure of kiban against bare FastAPI.",
+            "runs of one start is shown). It shows that a second worker adds throughput; "
+            "how much needs a machine with a core to spare for the load generator.",
             "",
             "| variant | 1 worker req/s | 2 workers req/s |",
             "| --- | --- | --- |",
