@@ -150,7 +150,7 @@ def router(payloads: PayloadLog, dependencies: list[Any]) -> APIRouter:
 
     @routes.get("/log-level")
     async def get_log_level() -> LogLevel:
-        return LogLevel(level=log.get_level())
+        return LogLevel.model_validate({"level": log.get_level()})
 
     @routes.put("/log-level")
     async def set_log_level(body: LogLevel) -> LogLevel:

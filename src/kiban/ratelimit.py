@@ -44,8 +44,10 @@ class RateLimit:
     limit: str
     key: KeyKind = "subject"
     name: str = "default"
-    amount: int = field(init=False, repr=False)
-    expiry: int = field(init=False, repr=False)
+    # Parsed from ``limit`` once, in __post_init__.
+    _item: limits.RateLimitItem | None = field(init=False, repr=False, default=None)
+    amount: int = field(init=False, repr=False, default=0)
+    expiry: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         item = limits.parse(self.limit)
@@ -55,7 +57,8 @@ class RateLimit:
 
     @property
     def item(self) -> limits.RateLimitItem:
-        return self._item  # type: ignore[attr-defined,no-any-return]
+        assert self._item is not None  # set in __post_init__
+        return self._item
 
 
 @dataclass(slots=True)
@@ -124,7 +127,7 @@ class LocalCounter:
             previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
             weighted = previous * previous_ttl / expiry + current
         else:
-            weighted = current
+            weighted = float(current)
         allowed = int(weighted) < amount
         if allowed:
             current += 1

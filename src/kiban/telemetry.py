@@ -406,11 +406,9 @@ class _WithDurations:
     durations: HTTPDurations
     resource: Resource
 
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
+    def _receive_metrics(self, metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
         data = self.durations.added_to(metrics_data, self.resource, _SCOPE)
-        super()._receive_metrics(data, timeout_millis, **kwargs)  # type: ignore[misc]
+        super()._receive_metrics(data, *args, **kwargs)  # type: ignore[misc]
 
 
 class _PrometheusReader(_WithDurations, PrometheusMetricReader):
