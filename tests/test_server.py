@@ -212,3 +212,53 @@ def test_header_injection_and_path_traversal_are_refused(spawn: Any) -> None:
     assert not [
         line for line in service.lines() if line.get("log") == "access" and line["status"] >= 500
     ]
+
+
+def _responses(raw: bytes) -> list[tuple[bytes, list[tuple[bytes, bytes]], bytes]]:
+    """(status line, headers, body) of each response in ``raw`` (all with content-length)."""
+    found = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        headers = [tuple(line.split(b": ", 1)) for line in lines]
+        assert all(len(pair) == 2 for pair in headers), head
+        length = int(dict(headers)[b"content-length"])  # type: ignore[arg-type]
+        found.append((status, headers, rest[:length]))  # type: ignore[arg-type]
+        raw = rest[length:]
+    return found
+
+
+def test_kibans_headers_go_out_once_each_on_every_answer_of_a_connection(spawn: Any) -> None:
+    """kiban's server writes the request path's checked header lines as they are."""
+    service = spawn(HELLO)
+    answer = _raw(
+        service.url,
+        # Two requests pipelined in one write, then a third that closes the connection.
+        b"GET /hello/a HTTP/1.1\r\nHost: x\r\nX-Request-Id: first-1\r\n\r\n"
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /hello/c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    responses = _responses(answer)
+    assert [status for status, _, _ in responses] == [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 404 Not Found",
+        b"HTTP/1.1 200 OK",
+    ]
+    trace_ids = []
+    for _, headers, _ in responses:
+        names = [name for name, _ in headers]
+        for name in (
+            b"x-trace-id",
+            b"x-request-id",
+            b"x-content-type-options",
+            b"x-frame-options",
+            b"referrer-policy",
+            b"content-type",
+        ):
+            assert names.count(name) == 1, (name, headers)
+        trace_ids.append(dict(headers)[b"x-trace-id"])
+    assert dict(responses[0][1])[b"x-request-id"] == b"first-1"
+    assert responses[0][2] == b'{"hello":"a"}'
+    assert b"application/problem+json" in dict(responses[1][1])[b"content-type"]
+    assert len(set(trace_ids)) == 3
+    assert (b"connection", b"close") in responses[2][1]

@@ -30,7 +30,8 @@ from kiban.accesslog import CLIENT_CLOSED, AccessLog
 from kiban.debug import PayloadLogMiddleware
 from kiban.health import liveness, readiness_endpoint
 from kiban.limits import Body, check_length
-from kiban.security.policy import RATE_HEADERS
+from kiban.ratelimit import Decision
+from kiban.security.policy import RATE_DECISION
 from kiban.telemetry import activate, deactivate
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 __all__ = ["Chassis"]
 
 _CLOSE = (b"connection", b"close")
+#: The ASGI extension of kiban's server (``kiban.run``): a response start message may
+#: carry, under this key, header lines the request path has already checked, which the
+#: server writes as they are instead of checking each header again.
+ENCODED_HEADERS = "kiban.encoded_headers"
 
 
 class Chassis:
@@ -107,18 +112,25 @@ class Chassis:
         response_bytes = 0
         body: Body | None = None
         health = self.health
+        encoded = ENCODED_HEADERS in scope.get("extensions", ())
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_bytes
             if message["type"] == "http.response.start":
                 status = message["status"]
-                answer = [*message.get("headers", ()), *inbound.echoed(context)]
-                rate = scope.get(RATE_HEADERS)
-                if rate is not None:
-                    answer.extend(rate)
-                if health.draining:
-                    answer.append(_CLOSE)
-                message["headers"] = answer
+                rate: Decision | None = scope.get(RATE_DECISION)
+                if encoded:
+                    lines = inbound.lines(context)
+                    message[ENCODED_HEADERS] = lines if rate is None else lines + rate.lines()
+                    if health.draining:  # the server must see it, to close the connection
+                        message["headers"] = [*message.get("headers", ()), _CLOSE]
+                else:
+                    answer = [*message.get("headers", ()), *inbound.echoed(context)]
+                    if rate is not None:
+                        answer.extend(rate.encoded())
+                    if health.draining:
+                        answer.append(_CLOSE)
+                    message["headers"] = answer
             else:
                 response_bytes += len(message.get("body", b""))
             await send(message)

@@ -86,6 +86,14 @@ class Decision:
             (b"ratelimit-reset", b"%d" % self.reset_seconds),
         ]
 
+    def lines(self) -> bytes:
+        """The same headers as HTTP/1.1 header lines (``kiban.server.ENCODED_HEADERS``)."""
+        return b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n" % (
+            self.limit,
+            self.remaining,
+            self.reset_seconds,
+        )
+
 
 class _Window:
     __slots__ = ("current", "index", "previous")

@@ -24,9 +24,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from kiban import log
+from kiban.chassis import ENCODED_HEADERS
 from kiban.config import Settings
 from kiban.errors import problem_body
 from kiban.health import Checker
@@ -52,6 +53,52 @@ def _header_too_large() -> bytes:
         b"content-type: application/problem+json\r\n"
         b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
     )
+
+
+class _HeadWriter:
+    """A transport whose next response head gains ``lines`` before its closing blank line.
+
+    uvicorn writes a response's status line and headers in one piece, ending in a blank
+    line (the first in the response); writes after that one pass through.
+    """
+
+    __slots__ = ("lines", "transport")
+
+    def __init__(self, transport: asyncio.Transport, lines: bytes) -> None:
+        self.transport = transport
+        self.lines = lines
+
+    def write(self, data: bytes) -> None:
+        if self.lines:
+            end = data.find(b"\r\n\r\n") + 2  # the head's last header line ends here
+            if end > 1:
+                data = data[:end] + self.lines + data[end:]
+                self.lines = b""
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class _Cycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, writing kiban's checked header lines as they are.
+
+    uvicorn checks every response header against the HTTP grammar; the ids, security
+    and rate-limit headers kiban adds to every answer are known to pass, and come as
+    ready lines under ``ENCODED_HEADERS`` (see ``kiban.chassis``).
+    """
+
+    async def send(self, message: Any) -> None:
+        lines = message.get(ENCODED_HEADERS)
+        if lines is None or self.response_started:
+            await super().send(message)
+            return
+        transport = self.transport
+        self.transport = _HeadWriter(transport, lines)  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -127,6 +174,12 @@ class HttpProtocol(HttpToolsProtocol):
         self._began = True
         if self.head_since is None:  # a connection's first head is timed from its connect
             self.head_since = self.loop.time()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # uvicorn makes the cycle inline; it becomes kiban's, which offers the extension.
+        cycle.__class__ = _Cycle
+        cycle.scope.setdefault("extensions", {})[ENCODED_HEADERS] = {}
+        super()._start_asgi_task(cycle, app)
 
     def on_headers_complete(self) -> None:
         self.head_since = None

@@ -48,7 +48,8 @@ __all__ = [
     "principal",
 ]
 
-RATE_HEADERS = "kiban.ratelimit.headers"
+#: The rate-limit Decision of an admitted request, whose headers every answer carries.
+RATE_DECISION = "kiban.ratelimit.decision"
 #: The Resolved requirement the request path already enforced for this request.
 ADMITTED = "kiban.security.admitted"
 _principal: ContextVar[Principal | None] = ContextVar("kiban_principal", default=None)
@@ -397,7 +398,7 @@ class Policy:
                         429, "Too many requests; retry later.", headers=decision.headers()
                     )
                 # The request path adds them to the response, whatever the handler returns.
-                scope[RATE_HEADERS] = decision.encoded()
+                scope[RATE_DECISION] = decision
         scope[ADMITTED] = resolved
 
     async def _authenticate(
