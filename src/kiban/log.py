@@ -66,19 +66,20 @@ class Sink:
         self.stream: IO[bytes] = stream if stream is not None else sys.stdout.buffer
         self.json = True
         self.immediate = False
-        self._buffer: list[bytes] = []
-        self._size = 0
+        # One growing bytearray, not a list of lines: each line's bytes are copied in and
+        # freed at once, so the next line reuses memory still in cache.
+        self._buffer = bytearray()
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
 
     def write(self, line: bytes, urgent: bool = False, newline: bool = True) -> None:
         """Write one line; ``newline=False`` when it already ends with one."""
-        if newline:
-            line += b"\n"
         with self._lock:
-            self._buffer.append(line)
-            self._size += len(line)
-            if not (urgent or self.immediate or self._size >= self.MAX_BUFFER):
+            buffer = self._buffer
+            buffer += line
+            if newline:
+                buffer += b"\n"
+            if not (urgent or self.immediate or len(buffer) >= self.MAX_BUFFER):
                 if self._flusher is None:
                     self._start_flusher()
                 return
@@ -91,7 +92,7 @@ class Sink:
 
     def _write_locked(self) -> None:
         if self._buffer:
-            data, self._buffer, self._size = b"".join(self._buffer), [], 0
+            data, self._buffer = self._buffer, bytearray()
             try:
                 self.stream.write(data)
                 self.stream.flush()
