@@ -119,18 +119,18 @@ class Chassis:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 rate: Decision | None = scope.get(RATE_DECISION)
+                added: list[tuple[bytes, bytes]] = []
                 if encoded:
                     lines = inbound.lines(context)
                     message[ENCODED_HEADERS] = lines if rate is None else lines + rate.lines()
-                    if health.draining:  # the server must see it, to close the connection
-                        message["headers"] = [*message.get("headers", ()), _CLOSE]
                 else:
-                    answer = [*message.get("headers", ()), *inbound.echoed(context)]
+                    added = inbound.echoed(context)
                     if rate is not None:
-                        answer.extend(rate.encoded())
-                    if health.draining:
-                        answer.append(_CLOSE)
-                    message["headers"] = answer
+                        added.extend(rate.encoded())
+                if health.draining:  # a header, not a line: the server must see it to close
+                    added.append(_CLOSE)
+                if added:
+                    message["headers"] = [*message.get("headers", ()), *added]
             else:
                 response_bytes += len(message.get("body", b""))
             await send(message)

@@ -35,6 +35,10 @@ from kiban.telemetry import Telemetry
 __all__ = ["Decision", "Limiter", "LocalCounter", "RateLimit"]
 
 KeyKind = Literal["subject", "api_client", "ip"]
+#: The headers every admitted request's answer carries: limit, remaining, reset.
+_NAMES = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+_ENCODED_NAMES = tuple(name.encode() for name in _NAMES)
+_LINES = b"".join(name + b": %d\r\n" for name in _ENCODED_NAMES)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,12 +72,11 @@ class Decision:
     remaining: int
     reset_seconds: int
 
+    def _values(self) -> tuple[int, int, int]:
+        return self.limit, self.remaining, self.reset_seconds
+
     def headers(self) -> dict[str, str]:
-        headers = {
-            "ratelimit-limit": str(self.limit),
-            "ratelimit-remaining": str(self.remaining),
-            "ratelimit-reset": str(self.reset_seconds),
-        }
+        headers = {name: str(value) for name, value in zip(_NAMES, self._values(), strict=True)}
         if not self.allowed:
             headers["retry-after"] = str(self.reset_seconds)
         return headers
@@ -81,18 +84,13 @@ class Decision:
     def encoded(self) -> list[tuple[bytes, bytes]]:
         """The headers of an allowed request, as ASGI wants them."""
         return [
-            (b"ratelimit-limit", b"%d" % self.limit),
-            (b"ratelimit-remaining", b"%d" % self.remaining),
-            (b"ratelimit-reset", b"%d" % self.reset_seconds),
+            (name, b"%d" % value)
+            for name, value in zip(_ENCODED_NAMES, self._values(), strict=True)
         ]
 
     def lines(self) -> bytes:
-        """The same headers as HTTP/1.1 header lines (``kiban.server.ENCODED_HEADERS``)."""
-        return b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n" % (
-            self.limit,
-            self.remaining,
-            self.reset_seconds,
-        )
+        """The same headers as HTTP/1.1 header lines (``kiban.chassis.ENCODED_HEADERS``)."""
+        return _LINES % self._values()
 
 
 class _Window:
