@@ -54,7 +54,7 @@ fastapi_app = _route(FastAPI())
 
 
 def _kiban() -> FastAPI:
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     import kiban
     from kiban.config import Settings
@@ -82,7 +82,7 @@ def _kiban() -> FastAPI:
         security=NoSecurity() if "security" in off else Security(APIKey(validate)),
         rate_limit=None if "ratelimit" in off else RateLimit("100000000/second"),
     )
-    service.telemetry.tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
+    service.telemetry.export_spans(Drop())  # as OTLP's exporter is given its spans
     return _route(app)
 
 

@@ -180,7 +180,7 @@ def otlp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """An OTLP receiver that outlives the services under test; spans batched for 100 ms."""
     from tests.receivers import OTLPReceiver, running
 
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.setenv("TRACE_EXPORT_DELAY", "0.1")
     yield from running(OTLPReceiver())
 
 

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     #: Share of new traces sampled (parent-based: an upstream decision is followed).
     trace_sample_ratio: float = Field(1.0, ge=0, le=1)
     metrics_export_interval: float = Field(10.0, gt=0)
+    #: Spans go to the exporter in batches of this many, or after this many seconds.
+    trace_export_batch: int = Field(512, ge=1)
+    trace_export_delay: float = Field(5.0, gt=0)
+    #: Spans waiting for a slow exporter past this are dropped (and counted in a warning).
+    trace_export_queue: int = Field(2048, ge=1)
     #: Requests to these paths make no span and no HTTP metrics (probes and scrapes).
     telemetry_exclude_paths: frozenset[str] = frozenset(
         {"/health/liveness", "/health/readiness", "/metrics"}

@@ -44,7 +44,7 @@ from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -59,6 +59,7 @@ from starlette.responses import Response
 
 from kiban import propagation
 from kiban.config import Settings
+from kiban.export import SpanBatcher
 
 __all__ = ["HTTPDurations", "ServerSpan", "Telemetry", "meter", "tracer"]
 
@@ -469,7 +470,7 @@ class Telemetry:
         self.durations = HTTPDurations()
         readers: list[MetricReader] = [_PrometheusReader(registry=self.registry)]
         if settings.otlp_endpoint:
-            self.tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(settings)))
+            self.export_spans(_span_exporter(settings))
             readers.append(_metric_reader(settings))
         for reader in readers:
             reader.durations = self.durations  # type: ignore[attr-defined]
@@ -515,6 +516,18 @@ class Telemetry:
             unit="{error}",
             description="Rate-limit checks that could not reach their storage.",
         )
+
+    def export_spans(self, exporter: SpanExporter) -> SpanBatcher:
+        """Send every sampled span to ``exporter`` too, in batches, as OTLP's are sent."""
+        settings = self.settings
+        batcher = SpanBatcher(
+            exporter,
+            max_batch=settings.trace_export_batch,
+            max_queue=settings.trace_export_queue,
+            delay=settings.trace_export_delay,
+        )
+        self.tracer_provider.add_span_processor(batcher)
+        return batcher
 
     def _observe_active(self, _: Any) -> Iterable[Observation]:
         yield Observation(self.active)
