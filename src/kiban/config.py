@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     #: Spans go to the exporter in batches of this many, or after this many seconds.
     trace_export_batch: int = Field(512, ge=1)
     trace_export_delay: float = Field(5.0, gt=0)
-    #: Spans waiting for a slow exporter past this are dropped (and counted in a warning).
+    #: Spans held for a slow exporter; past this the oldest are dropped (and counted).
     trace_export_queue: int = Field(2048, ge=1)
     #: Requests to these paths make no span and no HTTP metrics (probes and scrapes).
     telemetry_exclude_paths: frozenset[str] = frozenset(

@@ -8,9 +8,8 @@ at-fork hook, a shutdown by the deque it leaves behind, which keeps nothing.
 
 It keeps the SDK's contract: batches of at most ``max_batch`` spans, a partial batch
 exported after ``delay`` seconds, at most ``max_queue`` spans waiting for the exporter
-besides the batch being filled (past that, new batches are dropped and counted),
-instrumentation suppressed while exporting, and ``force_flush`` and ``shutdown``
-export what is held.
+(past that, each new span pushes out the oldest, counted), instrumentation suppressed
+while exporting, and ``force_flush`` and ``shutdown`` export what is held.
 """
 
 from __future__ import annotations
