@@ -52,7 +52,7 @@ class SpanBatcher(SpanProcessor):
 
         def after_fork() -> None:
             found = batcher()
-            if found is not None:
+            if found is not None and not found._closed:
                 found._start()  # the child has no worker thread and must not export the parent's
 
         os.register_at_fork(after_in_child=after_fork)
@@ -62,7 +62,6 @@ class SpanBatcher(SpanProcessor):
         self._spans: deque[ReadableSpan] = deque(maxlen=self.max_queue)
         self._wake = threading.Event()
         self._woken = False  # the worker has been woken for the batch being taken
-        self._stopping = False
         self._export_lock = threading.Lock()
         self._warned = 0.0
         self._worker = threading.Thread(target=self._work, name="kiban-span-export", daemon=True)
@@ -85,8 +84,6 @@ class SpanBatcher(SpanProcessor):
 
     def _drop(self) -> None:
         """Count a span the exporter could not keep up with; say so at most every delay."""
-        if self._closed:  # after shutdown the deque keeps nothing: nothing is dropped
-            return
         self.dropped += 1
         now = time.monotonic()
         if now - self._warned >= self.delay:
@@ -98,7 +95,7 @@ class SpanBatcher(SpanProcessor):
             full = self._wake.wait(self.delay)
             self._wake.clear()
             self._woken = False
-            if self._stopping:
+            if self._closed:  # shutdown exports what is held, once the worker has stopped
                 return
             # Woken for a full batch: export full batches; after the delay, all there is.
             self._export(self._spans, full_only=full)
@@ -128,8 +125,7 @@ class SpanBatcher(SpanProcessor):
         if self._closed:
             return
         self._closed = True
-        held, self._spans = self._spans, deque(maxlen=0)
-        self._stopping = True
+        held, self._spans = self._spans, deque(maxlen=0)  # keeps nothing from now on
         self._wake.set()
         self._worker.join(30)
         self._export(held)
