@@ -2,9 +2,10 @@
 
 Drives the variant's ASGI app directly, one request after another on one event loop,
 and prints the best of five timings in µs per request. With no sockets, no server and
-no client in the measurement it is steady to about a microsecond, where wrk's numbers
-move by several percent between runs: the figure to watch when changing the request
-path. ``KIBAN_BENCH_OFF`` switches features off as for the served variants.
+no client in the measurement it moves by a microsecond or two between runs (more on a
+busy shared host), where wrk's numbers move by several percent: the figure to watch when
+changing the request path, comparing builds side by side in alternating runs.
+``KIBAN_BENCH_OFF`` switches features off as for the served variants.
 """
 
 from __future__ import annotations

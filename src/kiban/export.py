@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from kiban import log
+from kiban.spans import ServerSpan
 
 __all__ = ["SpanBatcher"]
 
@@ -71,9 +72,10 @@ class SpanBatcher(SpanProcessor):
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if context is None or not context.trace_flags.sampled:
-            return
+        if type(span) is not ServerSpan:  # which is sampled, or it would not be one
+            context = span.context
+            if context is None or not context.trace_flags.sampled:
+                return
         spans = self._spans
         if len(spans) == self.max_queue:
             self._drop()

@@ -7,7 +7,7 @@ trace ids logged; setting ``OTLP_ENDPOINT`` exports traces and metrics, no code 
 
 The server span and the request-duration histogram are on every request's path, so
 kiban records them with less work than the SDK's general-purpose ones (see
-``ServerSpan`` and ``HTTPDurations``) and hands the result to the SDK's own span
+``kiban.spans.ServerSpan`` and ``HTTPDurations``) and hands the result to the SDK's own span
 processors and metric readers, so exporters and ``/metrics`` see ordinary OTel data.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -23,7 +22,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context.context import Context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -43,16 +41,15 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
-from opentelemetry.util.types import Attributes, AttributeValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -60,6 +57,7 @@ from starlette.responses import Response
 from kiban import propagation
 from kiban.config import Settings
 from kiban.export import SpanBatcher
+from kiban.spans import NOT_SAMPLED, SCOPE, ServerSpan, Spans, span_context
 
 __all__ = ["HTTPDurations", "ServerSpan", "Telemetry", "meter", "tracer"]
 
@@ -153,159 +151,6 @@ def deactivate(token: object) -> None:
         otel_context.detach(token)  # type: ignore[arg-type]
     else:
         _CURRENT.reset(token)  # type: ignore[arg-type]
-
-
-def _span_context(trace_id: int, span_id: int, flags: TraceFlags, state: Any) -> SpanContext:
-    """``SpanContext(trace_id, span_id, False, flags, state)`` for ids known to be valid.
-
-    A SpanContext is a tuple whose constructor checks the ids; kiban's ids are valid by
-    construction, so the tuple is made directly (a test holds it to the constructor).
-    """
-    return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, True))
-
-
-#: What kiban's own spans and metrics are recorded under, as its tracer and meter are named.
-_SCOPE = InstrumentationScope("kiban")
-_UNSET = Status(StatusCode.UNSET)
-
-
-class ServerSpan(trace.Span, ReadableSpan):
-    """The request's server span, recorded with the least work per request.
-
-    The SDK's span takes a lock and cleans each attribute on every call, is built
-    through the sampler and id generator, and is copied when it ends; the server span's
-    own attributes are known to be clean, so they go into a plain dict, and the span is
-    its own ``ReadableSpan``: once ended it changes no more, and goes as it is to the
-    same span processors and exporters as any other (processors see it at ``on_end``;
-    ``on_start`` is not called for it). Attributes and events a handler adds go through
-    the SDK's bounded attribute map.
-    """
-
-    # What every server span shares is read from the class; a request sets the rest.
-    _kind = SpanKind.SERVER
-    _instrumentation_scope = _SCOPE
-    _instrumentation_info = None
-    _status = _UNSET
-    _parent: SpanContext | None = None
-    _events: Sequence[Event] = ()  # lists once a handler adds one
-    _links: Sequence[Link] = ()
-    _end_time: int | None = None
-
-    def __init__(  # ReadableSpan's fields are set here, without its defaults
-        self,
-        name: str,
-        context: SpanContext,
-        parent: SpanContext | None,
-        attributes: dict[str, AttributeValue],
-        owner: _Spans,
-    ) -> None:
-        self._name = name
-        self._context: SpanContext = context
-        if parent is not None:
-            self._parent = parent
-        self._attributes: dict[str, AttributeValue] | BoundedAttributes = attributes
-        self._owner = owner
-        self._start_time = time.time_ns()
-
-    @property
-    def _resource(self) -> Resource:  # type: ignore[override]
-        return self._owner.resource
-
-    def get_span_context(self) -> SpanContext:
-        return self._context
-
-    def is_recording(self) -> bool:
-        return self._end_time is None
-
-    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        for key, value in attributes.items():
-            self.set_attribute(key, value)
-
-    def set_attribute(self, key: str, value: AttributeValue) -> None:
-        if self._end_time is not None:
-            return
-        if not isinstance(self._attributes, BoundedAttributes):
-            self._attributes = BoundedAttributes(
-                self._owner.limits.max_span_attributes,
-                self._attributes,
-                immutable=False,
-                max_value_len=self._owner.limits.max_span_attribute_length,
-            )
-        self._attributes[key] = value
-
-    def add_event(
-        self, name: str, attributes: Attributes = None, timestamp: int | None = None
-    ) -> None:
-        if self._end_time is not None:
-            return
-        limits = self._owner.limits
-        bounded = BoundedAttributes(
-            limits.max_event_attributes,
-            attributes,
-            immutable=True,
-            max_value_len=limits.max_attribute_length,
-        )
-        self._events = [*self._events, Event(name, bounded, timestamp)]
-
-    def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
-        if self._end_time is None and context.is_valid:
-            self._links = [*self._links, Link(context, attributes)]
-
-    def update_name(self, name: str) -> None:
-        if self._end_time is None:
-            self._name = name
-
-    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._end_time is not None or self._status.status_code is StatusCode.OK:
-            return
-        if isinstance(status, StatusCode):
-            status = Status(status, description)
-        if status.status_code is not StatusCode.UNSET:
-            self._status = status
-
-    def record_exception(
-        self,
-        exception: BaseException,
-        attributes: Attributes = None,
-        timestamp: int | None = None,
-        escaped: bool = False,
-    ) -> None:
-        kind = type(exception)
-        module = kind.__module__
-        recorded: dict[str, AttributeValue] = {
-            "exception.type": (
-                f"{module}.{kind.__qualname__}"
-                if module and module != "builtins"
-                else kind.__qualname__
-            ),
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped),
-        }
-        recorded.update(attributes or {})
-        self.add_event("exception", recorded, timestamp)
-
-    def end(self, end_time: int | None = None) -> None:
-        if self._end_time is not None:
-            return
-        self._end_time = end_time if end_time is not None else time.time_ns()
-        self._owner.processor.on_end(self)
-
-
-_ERROR = Status(StatusCode.ERROR)
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-
-
-class _Spans:
-    """What a ServerSpan needs from its tracer provider, looked up once."""
-
-    def __init__(self, provider: TracerProvider, ratio: float) -> None:
-        sdk_tracer = provider.get_tracer("kiban")
-        self.processor: SpanProcessor = sdk_tracer.span_processor  # type: ignore[attr-defined]
-        self.resource = provider.resource
-        self.limits = sdk_tracer._span_limits  # type: ignore[attr-defined]
-        self.bound = TraceIdRatioBased.get_bound_for_rate(ratio)
 
 
 class _Series:
@@ -408,7 +253,7 @@ class _WithDurations:
     resource: Resource
 
     def _receive_metrics(self, metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
-        data = self.durations.added_to(metrics_data, self.resource, _SCOPE)
+        data = self.durations.added_to(metrics_data, self.resource, SCOPE)
         super()._receive_metrics(data, *args, **kwargs)  # type: ignore[misc]
 
 
@@ -494,7 +339,7 @@ class Telemetry:
             metrics.set_meter_provider(self.meter_provider)
         self.tracer = self.tracer_provider.get_tracer("kiban")
         self.meter = self.meter_provider.get_meter("kiban")
-        self._spans = _Spans(self.tracer_provider, settings.trace_sample_ratio)
+        self._spans = Spans(self.tracer_provider, settings.trace_sample_ratio)
         self._names: dict[tuple[str, str], str] = {}  # "GET /items/{id}", made once a route
         self.exclude = settings.telemetry_exclude_paths
         # Counted in a plain int and read at collection: no SDK call on the request path.
@@ -577,32 +422,16 @@ class Telemetry:
             found = trace.get_current_span(_tracecontext.extract(carrier, getter=_getter))
             if found.get_span_context().is_valid:
                 parent = found.get_span_context()
-        spans = self._spans
         number = int(trace_id, 16)
         if parent is not None:
             sampled = parent.trace_flags.sampled
         else:
-            sampled = number & TraceIdRatioBased.TRACE_ID_LIMIT < spans.bound
-        context = _span_context(
-            number,
-            random.getrandbits(64) or 1,
-            _SAMPLED if sampled else _NOT_SAMPLED,
-            parent.trace_state if parent is not None else DEFAULT_TRACE_STATE,
-        )
+            sampled = number & TraceIdRatioBased.TRACE_ID_LIMIT < self._spans.bound
+        span_id = random.getrandbits(64) or 1
         if not sampled:
-            return trace.NonRecordingSpan(context)
-        return ServerSpan(
-            method,
-            context,
-            parent,
-            {
-                "http.request.method": method,
-                "url.path": path,
-                "url.scheme": scheme,
-                "client.address": client,
-            },
-            spans,
-        )
+            state = parent.trace_state if parent is not None else DEFAULT_TRACE_STATE
+            return trace.NonRecordingSpan(span_context(number, span_id, NOT_SAMPLED, state))
+        return ServerSpan(method, path, scheme, client, number, span_id, parent, self._spans)
 
     def end_span(
         self, span: trace.Span, method: str, status: int, route: str | None, seconds: float
@@ -613,15 +442,11 @@ class Telemetry:
         """
         self.durations.record(method, status, route, seconds)
         if isinstance(span, ServerSpan):
-            attributes = span._attributes
-            attributes["http.response.status_code"] = status
+            name = None
             if route:
-                attributes["http.route"] = route
                 name = self._names.get((method, route))
                 if name is None:
                     name = self._names[(method, route)] = f"{method} {route}"
-                span._name = name
-            if status >= 500:
-                span.set_status(_ERROR)
-            span.end()
+            span.finish(status, route, name)
+            return "%016x" % span._span_id  # noqa: UP031 (faster)
         return "%016x" % span.get_span_context().span_id  # noqa: UP031 (faster)
