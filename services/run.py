@@ -51,10 +51,18 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 30)
     raise SystemExit(f"service on port {port} was not ready within {timeout}s")
 
 
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops the system as Ctrl+C does, so no service is left running."""
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     (ROOT / ".run").mkdir(exist_ok=True)
-    processes = {name: start(name, target, port) for name, (target, port) in SERVICES.items()}
+    signal.signal(signal.SIGTERM, interrupt)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
+        for name, (target, port) in SERVICES.items():
+            processes[name] = start(name, target, port)
         for name, (_, port) in SERVICES.items():
             wait_ready(port, processes[name])
         members = f"http://127.0.0.1:{SERVICES['members'][1]}"

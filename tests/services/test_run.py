@@ -16,8 +16,7 @@ from tests.conftest import API_KEY, ROOT, free_port, identity
 pytestmark = pytest.mark.process
 
 
-def test_sample_system_starts_serves_and_stops_cleanly() -> None:
-    port, orders_port = free_port(), free_port()
+def start(port: int, orders_port: int) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "MEMBERS_PORT": str(port),
@@ -26,7 +25,7 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
     }
     env.pop("DATABASE_URL", None)
     env.pop("MEMBERS_URL", None)
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "services.run"],
         cwd=ROOT,
         env=env,
@@ -34,15 +33,36 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def read_banner(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    banner = ""
+    deadline = time.monotonic() + 60
+    while "a problem+json 401" not in banner and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        banner += line
+    return banner
+
+
+def stop(process: subprocess.Popen[str], signum: signal.Signals) -> int:
+    """The runner's exit code; a runner that does not stop is killed and fails the test."""
+    process.send_signal(signum)
     try:
-        assert process.stdout is not None
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "a problem+json 401" not in banner and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            banner += line
+        return process.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"services.run did not stop within 45 s of {signum.name}")
+
+
+def test_sample_system_starts_serves_and_stops_cleanly() -> None:
+    port, orders_port = free_port(), free_port()
+    process = start(port, orders_port)
+    try:
+        banner = read_banner(process)
         assert f"http://127.0.0.1:{port}" in banner
         assert "curl" in banner
         url = f"http://127.0.0.1:{port}"
@@ -61,5 +81,16 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
         )
         assert order.status_code == 201, order.text
     finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+        assert stop(process, signal.SIGINT) == 0
+
+
+def test_sigterm_stops_the_services_too() -> None:
+    port, orders_port = free_port(), free_port()
+    process = start(port, orders_port)
+    try:
+        assert "a problem+json 401" in read_banner(process)
+    finally:
+        assert stop(process, signal.SIGTERM) == 0
+    for service_port in (port, orders_port):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{service_port}/health/liveness")
