@@ -262,3 +262,30 @@ def test_kibans_headers_go_out_once_each_on_every_answer_of_a_connection(spawn: 
     assert b"application/problem+json" in dict(responses[1][1])[b"content-type"]
     assert len(set(trace_ids)) == 3
     assert (b"connection", b"close") in responses[2][1]
+
+
+def test_a_100_continue_stays_bare_and_the_answer_after_it_carries_kibans_headers(
+    spawn: Any,
+) -> None:
+    """The interim 100 is written before the response head; only the head gains lines."""
+    service = spawn(HELLO)
+    sock = _connect(service.url)
+    sock.sendall(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1024)
+        assert chunk, interim
+        interim += chunk
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.sendall(b"hello")
+    sock.sendall(b"GET /hello/after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    responses = _responses(_read_all(sock))
+    assert [status for status, _, _ in responses] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"]
+    assert responses[0][2] == b'{"bytes":5}'
+    for _, headers, _ in responses:
+        names = [name for name, _ in headers]
+        assert names.count(b"x-trace-id") == 1, headers
+        assert names.count(b"x-request-id") == 1, headers

@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 __all__ = ["Chassis"]
 
 _CLOSE = (b"connection", b"close")
-#: The ASGI extension of kiban's server (``kiban.run``): a response start message may
-#: carry, under this key, header lines the request path has already checked, which the
-#: server writes as they are instead of checking each header again.
+#: The ASGI extension of kiban's server (``kiban.run``): under ``"lines"`` in this
+#: extension the request path puts, just before it sends the response start, header
+#: lines it has already checked; the server writes them into that response's head as
+#: they are instead of checking each header again.
 ENCODED_HEADERS = "kiban.encoded_headers"
 
 
@@ -112,7 +113,8 @@ class Chassis:
         response_bytes = 0
         body: Body | None = None
         health = self.health
-        encoded = ENCODED_HEADERS in scope.get("extensions", ())
+        extensions = scope.get("extensions")
+        head = extensions.get(ENCODED_HEADERS) if extensions is not None else None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_bytes
@@ -120,9 +122,9 @@ class Chassis:
                 status = message["status"]
                 rate: Decision | None = scope.get(RATE_DECISION)
                 added: list[tuple[bytes, bytes]] = []
-                if encoded:
+                if head is not None:
                     lines = inbound.lines(context)
-                    message[ENCODED_HEADERS] = lines if rate is None else lines + rate.lines()
+                    head["lines"] = lines if rate is None else lines + rate.lines()
                 else:
                     added = inbound.echoed(context)
                     if rate is not None:

@@ -56,49 +56,35 @@ def _header_too_large() -> bytes:
 
 
 class _HeadWriter:
-    """A transport whose next response head gains ``lines`` before its closing blank line.
+    """A request's transport until its response head is written: the head gains lines.
 
-    uvicorn writes a response's status line and headers in one piece, ending in a blank
-    line (the first in the response); writes after that one pass through.
+    ``extension`` is the request's ``ENCODED_HEADERS`` extension: the request path puts
+    header lines it has already checked under its ``"lines"`` just before it sends the
+    response start, and they are written before the head's closing blank line (uvicorn
+    writes a status line and headers in one piece). With the head, the cycle gets the
+    real transport back, so the body is written straight to the socket.
     """
 
-    __slots__ = ("lines", "transport")
+    __slots__ = ("cycle", "extension", "transport")
 
-    def __init__(self, transport: asyncio.Transport, lines: bytes) -> None:
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
         self.transport = transport
-        self.lines = lines
+        self.cycle: RequestResponseCycle | None = cycle
+        self.extension: dict[object, object] = {}
 
     def write(self, data: bytes) -> None:
-        if self.lines:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:  # the head (not a 100 Continue)
+            cycle.transport = self.transport
+            self.cycle = None
+            lines = self.extension.get("lines")
             end = data.find(b"\r\n\r\n") + 2  # the head's last header line ends here
-            if end > 1:
-                data = data[:end] + self.lines + data[end:]
-                self.lines = b""
+            if isinstance(lines, bytes) and end > 1:
+                data = data[:end] + lines + data[end:]
         self.transport.write(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
-
-
-class _Cycle(RequestResponseCycle):
-    """uvicorn's request-response cycle, writing kiban's checked header lines as they are.
-
-    uvicorn checks every response header against the HTTP grammar; the ids, security
-    and rate-limit headers kiban adds to every answer are known to pass, and come as
-    ready lines under ``ENCODED_HEADERS`` (see ``kiban.chassis``).
-    """
-
-    async def send(self, message: Any) -> None:
-        lines = message.get(ENCODED_HEADERS)
-        if lines is None or self.response_started:
-            await super().send(message)
-            return
-        transport = self.transport
-        self.transport = _HeadWriter(transport, lines)  # type: ignore[assignment]
-        try:
-            await super().send(message)
-        finally:
-            self.transport = transport
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -175,12 +161,6 @@ class HttpProtocol(HttpToolsProtocol):
         if self.head_since is None:  # a connection's first head is timed from its connect
             self.head_since = self.loop.time()
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        # uvicorn makes the cycle inline; it becomes kiban's, which offers the extension.
-        cycle.__class__ = _Cycle
-        cycle.scope.setdefault("extensions", {})[ENCODED_HEADERS] = {}
-        super()._start_asgi_task(cycle, app)
-
     def on_headers_complete(self) -> None:
         self.head_since = None
         # Measured only when this chunk could have taken the head past the limit.
@@ -191,6 +171,13 @@ class HttpProtocol(HttpToolsProtocol):
             self._reject()
             raise ValueError("request head too large")  # stops the parser
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # not an upgrade: a new cycle
+            # Its task has not run yet. (The cycle stays uvicorn's own class: giving it
+            # another would slow every one of its attribute lookups.)
+            head = _HeadWriter(self.transport, cycle)
+            cycle.transport = head  # type: ignore[assignment]
+            self.scope["extensions"] = {ENCODED_HEADERS: head.extension}
 
 
 class Server(uvicorn.Server):
