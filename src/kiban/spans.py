@@ -16,7 +16,13 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -224,7 +230,14 @@ class ServerSpan(trace.Span, ReadableSpan):
         if self._end_time is not None:
             return
         self._end_time = end_time if end_time is not None else time.time_ns()
-        self._owner.processor.on_end(self)
+        owner = self._owner
+        if owner.synchronous is None:
+            owner.processor.on_end(self)
+            return
+        # The provider's processors in turn, as its own processor would call them, minus
+        # an interpreted loop; its tuple is replaced, not changed, when one is added.
+        for processor in owner.synchronous._span_processors:
+            processor.on_end(self)
 
 
 class Spans:
@@ -233,6 +246,9 @@ class Spans:
     def __init__(self, provider: TracerProvider, ratio: float) -> None:
         sdk_tracer = provider.get_tracer("kiban")
         self.processor: SpanProcessor = sdk_tracer.span_processor  # type: ignore[attr-defined]
+        self.synchronous = (
+            self.processor if type(self.processor) is SynchronousMultiSpanProcessor else None
+        )
         self.resource = provider.resource
         self.limits = sdk_tracer._span_limits  # type: ignore[attr-defined]
         self.bound = TraceIdRatioBased.get_bound_for_rate(ratio)
