@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
@@ -32,12 +31,16 @@ from opentelemetry.util.types import Attributes, AttributeValue
 __all__ = ["NOT_SAMPLED", "SCOPE", "ServerSpan", "Spans", "span_context"]
 
 
-def span_context(trace_id: int, span_id: int, flags: TraceFlags, state: Any) -> SpanContext:
-    """``SpanContext(trace_id, span_id, False, flags, state)`` for ids known to be valid.
+def span_context(
+    trace_id: int, span_id: int, flags: TraceFlags, parent: SpanContext | None
+) -> SpanContext:
+    """``SpanContext(trace_id, span_id, False, flags, state)`` for ids known to be valid,
+    with the trace state of ``parent`` (a remote parent's is kept) or none.
 
     A SpanContext is a tuple whose constructor checks the ids; kiban's ids are valid by
     construction, so the tuple is made directly (a test holds it to the constructor).
     """
+    state = parent.trace_state if parent is not None else DEFAULT_TRACE_STATE
     return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, True))
 
 
@@ -105,9 +108,7 @@ class ServerSpan(trace.Span, ReadableSpan):
     def _context(self) -> SpanContext:  # type: ignore[override]
         context = self._made_context
         if context is None:
-            parent = self._parent
-            state = parent.trace_state if parent is not None else DEFAULT_TRACE_STATE
-            context = span_context(self._trace_id, self._span_id, _SAMPLED, state)
+            context = span_context(self._trace_id, self._span_id, _SAMPLED, self._parent)
             self._made_context = context
         return context
 

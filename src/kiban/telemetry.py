@@ -49,7 +49,6 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -429,8 +428,7 @@ class Telemetry:
             sampled = number & TraceIdRatioBased.TRACE_ID_LIMIT < self._spans.bound
         span_id = random.getrandbits(64) or 1
         if not sampled:
-            state = parent.trace_state if parent is not None else DEFAULT_TRACE_STATE
-            return trace.NonRecordingSpan(span_context(number, span_id, NOT_SAMPLED, state))
+            return trace.NonRecordingSpan(span_context(number, span_id, NOT_SAMPLED, parent))
         return ServerSpan(method, path, scheme, client, number, span_id, parent, self._spans)
 
     def end_span(
