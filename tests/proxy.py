@@ -1,17 +1,22 @@
-"""A TCP forwarder on loopback that a test can cut and restore: a dependency that blinks."""
+"""A TCP forwarder on loopback that a test can slow, stall, cut and restore: a dependency
+that blinks, drags or hangs."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
 
 from tests.conftest import free_port
 
 
 class Proxy:
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], delay: float = 0.0) -> None:
         self.upstream = upstream
+        #: Seconds each chunk waits before it is passed on, either way.
+        self.delay = delay
+        self._stalled = threading.Event()
         self.port = free_port()
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -44,6 +49,10 @@ class Proxy:
     def _pipe(self, source: socket.socket, target: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                if self.delay:
+                    time.sleep(self.delay)
+                while self._stalled.is_set():  # accepted, read, never answered
+                    time.sleep(0.05)
                 target.sendall(data)
         except OSError:
             pass
@@ -67,5 +76,11 @@ class Proxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def stall(self) -> None:
+        """Keep every connection open and pass nothing on: a server that hangs."""
+        self._stalled.set()
+
     def restore(self) -> None:
-        self.start()
+        self._stalled.clear()
+        if self._listener is None:
+            self.start()

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from kiban.server import EXIT_ABANDONED
+
 pytestmark = pytest.mark.process
 
 HELLO = "tests.apps.hello:app"
@@ -69,17 +71,97 @@ def test_after_the_drain_new_connections_are_refused(spawn: Any) -> None:
     assert service.popen.wait(timeout=15) == 0
 
 
-def test_shutdown_is_bounded_by_the_shutdown_timeout(spawn: Any) -> None:
-    service = spawn(HELLO, HTTP_DRAIN_SECONDS="0", HTTP_SHUTDOWN_TIMEOUT="1")
-    stuck, _result = _in_thread(lambda: httpx.get(f"{service.url}/slow?seconds=60", timeout=30))
+def test_requests_running_at_the_shutdown_timeout_get_503_problem_and_exit_is_bounded(
+    spawn: Any,
+) -> None:
+    """A request cut by the shutdown is one a client or load balancer can retry elsewhere:
+    503 problem+json with Retry-After and Connection: close, never a plain 500."""
+    service = spawn(
+        HELLO, HTTP_DRAIN_SECONDS="0", HTTP_SHUTDOWN_TIMEOUT="1", SHUTDOWN_CLEANUP_TIMEOUT="1"
+    )
+    stuck, result = _in_thread(lambda: httpx.get(f"{service.url}/slow?seconds=60", timeout=30))
     time.sleep(0.3)
     started = time.monotonic()
     service.popen.send_signal(signal.SIGTERM)
-    assert service.popen.wait(timeout=10) == 0
-    assert time.monotonic() - started < 5
+    assert service.popen.wait(timeout=10) == EXIT_ABANDONED  # it had to cut a request
+    assert time.monotonic() - started < 1 + 1 + 2  # shutdown timeout + cleanups + margin
     stuck.join(timeout=10)
-    messages = [line.get("msg") for line in service.lines()]
+    response = result["value"]
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["connection"] == "close"
+    assert response.json()["trace_id"] == response.headers["x-trace-id"]
+    lines = service.lines()
+    [access] = [line for line in lines if line.get("log") == "access" and line["path"] == "/slow"]
+    assert access["status"] == 503
+    assert access["interrupted"] == "shutdown"
+    assert access["trace_id"] == response.headers["x-trace-id"]
+    messages = [line.get("msg") for line in lines]
     assert "pools closed" in messages  # cleanup still ran
+    assert "Exception in ASGI application" not in service.output.read_text()
+    [stopped] = [line for line in lines if line.get("msg") == "stopped"]
+    assert stopped["exit_status"] == EXIT_ABANDONED
+    assert stopped["abandoned"] == ["1 request(s) cut at the shutdown timeout"]
+
+
+def test_a_started_response_is_cut_by_closing_its_connection(spawn: Any) -> None:
+    service = spawn(
+        HELLO, HTTP_DRAIN_SECONDS="0", HTTP_SHUTDOWN_TIMEOUT="1", SHUTDOWN_CLEANUP_TIMEOUT="1"
+    )
+    received: list[bytes] = []
+
+    def read() -> None:
+        with httpx.stream("GET", f"{service.url}/stream", timeout=30) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                received.append(chunk)
+
+    streaming, result = _in_thread(read)
+    time.sleep(0.5)
+    service.popen.send_signal(signal.SIGTERM)
+    streaming.join(timeout=10)
+    assert not streaming.is_alive()
+    assert isinstance(result.get("error"), httpx.RemoteProtocolError)  # cut, not completed
+    assert b"".join(received) == b"first chunk\n"
+    assert service.popen.wait(timeout=10) == EXIT_ABANDONED
+    [access] = [
+        line
+        for line in service.lines()
+        if line.get("log") == "access" and line["path"] == "/stream"
+    ]
+    assert access["status"] == 200
+    assert access["interrupted"] == "shutdown"
+
+
+def test_a_hung_cleanup_is_abandoned_within_its_timeout(spawn: Any) -> None:
+    service = spawn(HELLO, HELLO_HANG_CLEANUP="1", SHUTDOWN_CLEANUP_TIMEOUT="1")
+    started = time.monotonic()
+    service.popen.send_signal(signal.SIGTERM)
+    assert service.popen.wait(timeout=10) == EXIT_ABANDONED
+    assert time.monotonic() - started < 1 + 2
+    lines = service.lines()
+    [abandoned] = [line for line in lines if line.get("msg", "").startswith("cleanup abandoned")]
+    assert abandoned["cleanup"] == "_hang"
+    assert "pools closed" in [line.get("msg") for line in lines]  # the others still ran
+    assert lines[-1]["msg"] == "stopped"
+
+
+def test_a_handler_deaf_to_cancellation_cannot_hold_the_process(spawn: Any) -> None:
+    """Whatever the app does, the process is gone by drain + shutdown + cleanup + 2 s."""
+    service = spawn(
+        HELLO, HTTP_DRAIN_SECONDS="0", HTTP_SHUTDOWN_TIMEOUT="1", SHUTDOWN_CLEANUP_TIMEOUT="1"
+    )
+    stuck, result = _in_thread(lambda: httpx.get(f"{service.url}/stubborn?seconds=60", timeout=30))
+    time.sleep(0.3)
+    started = time.monotonic()
+    service.popen.send_signal(signal.SIGTERM)
+    assert service.popen.wait(timeout=10) == EXIT_ABANDONED
+    assert time.monotonic() - started < 0 + 1 + 1 + 2 + 1  # the bound, and a second to exit
+    stuck.join(timeout=10)
+    assert result["value"].status_code == 503
+    messages = [line.get("msg") for line in service.lines()]
+    assert "shutdown exceeded its bound, exiting" in messages
 
 
 def test_sigint_is_graceful_too(spawn: Any) -> None:

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import kiban
 from kiban.ratelimit import RateLimit
@@ -35,7 +34,7 @@ def create_app(settings: MembersSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_start:
-            await migrate(engine)
+            await migrate(database.engine)
         yield
 
     app = FastAPI(
@@ -51,7 +50,6 @@ def create_app(settings: MembersSettings | None = None) -> FastAPI:
         security=Security(schemes.jwt, scopes=["members:admin"]),
         rate_limit=RateLimit(settings.rate_limit),
     )
-    engine = service.database()
-    app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+    database = service.database()
     app.include_router(router(schemes, settings.registration_rate_limit))
     return app

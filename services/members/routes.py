@@ -8,23 +8,21 @@ everything else falls back to the API default, an admin JWT (``members:admin``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from fastapi import APIRouter, Depends, Path, Query
 
 import kiban
+from kiban.database import Session
 from kiban.security import NoSecurity, RateLimited, Security, principal
 from services.common import Schemes
 from services.members.repository import EmailTaken, MemberRepository
 from services.members.schemas import MemberIn, MemberOut, MemberPage, MemberPatch
 
 
-async def repository(request: Request) -> AsyncIterator[MemberRepository]:
-    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
-    async with sessions.begin() as session:
-        yield MemberRepository(session)
+def repository(session: Session) -> MemberRepository:
+    """The repository in the request's transaction, committed before the response starts."""
+    return MemberRepository(session)
 
 
 Repo = Annotated[MemberRepository, Depends(repository)]

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import kiban
 from kiban.ratelimit import RateLimit
@@ -35,7 +34,7 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_start:
-            await migrate(engine)
+            await migrate(database.engine)
         yield
 
     app = FastAPI(
@@ -52,8 +51,7 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         security=Security(schemes.internal),
         rate_limit=RateLimit(settings.rate_limit),
     )
-    engine = service.database()
-    app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+    database = service.database()
     app.state.members = Members(service.http_client(settings.members_url), settings.members_url)
     # Reported, not critical: a members outage must not take every orders pod out of rotation.
     service.add_pinger(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import kiban
+from kiban.database import Session
 from services.orders.members import Members
 from services.orders.repository import OrderRepository
 from services.orders.schemas import OrderIn, OrderOut, OrderPage
@@ -23,10 +22,9 @@ order_latency = _meter.create_histogram(
 )
 
 
-async def repository(request: Request) -> AsyncIterator[OrderRepository]:
-    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
-    async with sessions.begin() as session:
-        yield OrderRepository(session)
+def repository(session: Session) -> OrderRepository:
+    """The repository in the request's transaction, committed before the response starts."""
+    return OrderRepository(session)
 
 
 def members(request: Request) -> Members:

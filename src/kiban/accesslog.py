@@ -31,6 +31,7 @@ FIELDS = (
     "query",
     "route",
     "status",
+    "interrupted",
     "request_bytes",
     "response_bytes",
     "latency_s",
@@ -95,6 +96,7 @@ class AccessLog:
         response_bytes: int,
         latency: float,
         span_id: str | None,
+        interrupted: str | None = None,
     ) -> None:
         query = scope["query_string"]
         record: dict[str, Any] = {
@@ -107,6 +109,8 @@ class AccessLog:
             "query": redact_query(query.decode("latin-1"), self.redact) if query else None,
             "route": route,
             "status": status,
+            #: Why kiban cut the request short (``"shutdown"``), else null.
+            "interrupted": interrupted,
             "request_bytes": request_bytes,
             "response_bytes": response_bytes,
             # Whole microseconds: round(x, 6) is a decimal conversion, this an int one.

@@ -20,6 +20,8 @@ is refused, so no request is ever logged or traced twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -36,7 +38,9 @@ from kiban.telemetry import Telemetry
 
 if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
     import httpx
-    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from kiban.chassis import Exchange
+    from kiban.database import Database
 
 __all__ = ["Service"]
 
@@ -63,6 +67,11 @@ class Service:
             timeout=self.settings.health_timeout, cache_seconds=self.settings.health_cache_seconds
         )
         self._cleanups: list[Cleanup] = []
+        #: What shutdown had to give up on (requests cut, cleanups past their time).
+        self.abandoned: list[str] = []
+        self.default_database: Database | None = None
+        #: The requests being served (``chassis.Exchange``), for the shutdown to cut.
+        self.inflight: set[Exchange] = set()
         log.configure(
             self.settings.log_level, self.settings.log_format, service=self.settings.service_name
         )
@@ -119,19 +128,26 @@ class Service:
         """Run ``cleanup`` after the server has drained, newest first."""
         self._cleanups.append(cleanup)
 
-    def database(
-        self, url: str | None = None, name: str = "database", **options: Any
-    ) -> AsyncEngine:
-        """A SQLAlchemy async engine that readiness pings and shutdown disposes."""
+    def database(self, url: str | None = None, name: str = "database", **options: Any) -> Database:
+        """A database that readiness pings and shutdown disposes (``kiban.database``).
+
+        Handlers take its sessions through ``kiban.database.Session`` (the first
+        database made) or ``db.session``: they commit before the response starts.
+        """
         from sqlalchemy.ext.asyncio import create_async_engine
+
+        from kiban.database import Database
 
         errors.install_dependency_errors(self.app)
         engine = create_async_engine(
             url or self.settings.database_url, pool_pre_ping=True, **options
         )
+        database = Database(engine, name)
         self.add_pinger(SQLPinger(engine, name))
-        self.on_shutdown(engine.dispose)
-        return engine
+        self.on_shutdown(database.dispose)
+        if self.default_database is None:
+            self.default_database = database
+        return database
 
     def http_client(self, base_url: str = "", **options: Any) -> httpx.AsyncClient:
         """An outgoing client that propagates the request context; closed on shutdown."""
@@ -156,14 +172,59 @@ class Service:
 
         app.openapi = openapi  # type: ignore[method-assign]
 
-    async def aclose(self) -> None:
-        """Release what the service holds (pools, clients), newest first, each at most once."""
+    async def aclose(self, deadline: float | None = None) -> None:
+        """Release what the service holds (pools, clients), newest first.
+
+        Each cleanup runs at most once, and all of them together by ``deadline`` (loop
+        time; ``SHUTDOWN_CLEANUP_TIMEOUT`` from now by default): a cleanup still running
+        then (a pool closing a connection to a database that stopped answering) is
+        abandoned with a log line and named in ``abandoned``, so a hung dependency never
+        holds the process.
+        """
+        if deadline is None:
+            deadline = self._cleanup_deadline()
         while self._cleanups:
             cleanup = self._cleanups.pop()
-            try:
-                await cleanup()
-            except Exception:
-                log.exception("cleanup failed", cleanup=getattr(cleanup, "__qualname__", None))
+            name = getattr(cleanup, "__qualname__", repr(cleanup))
+            await self._settle(name, asyncio.ensure_future(cleanup()), deadline)
+
+    def _cleanup_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.settings.shutdown_cleanup_timeout
+
+    async def _settle(self, name: str, task: asyncio.Future[Any], deadline: float) -> None:
+        """Wait for a cleanup until ``deadline``; past it, abandon it and say so."""
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        done, _ = await asyncio.wait({task}, timeout=remaining)
+        if not done:
+            task.cancel()  # not awaited: it may not answer its cancellation either
+            self.abandoned.append(f"cleanup {name}")
+            log.error(
+                "cleanup abandoned: did not finish in time",
+                cleanup=name,
+                timeout_s=self.settings.shutdown_cleanup_timeout,
+            )
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("cleanup failed", cleanup=name, exc_info=task.exception())
+
+    async def interrupt(self, reason: str = "shutdown", within: float = 1.0) -> int:
+        """Cut every request still in flight short; how many there were.
+
+        Requests whose response has not started are answered 503 problem+json with
+        ``Retry-After`` and ``Connection: close`` (a client or load balancer retries
+        elsewhere); started ones are marked so the server closes their connection.
+        """
+        answers = [
+            answer
+            for exchange in list(self.inflight)
+            if (answer := exchange.interrupt(reason)) is not None
+        ]
+        count = len(self.inflight)
+        if count:
+            self.abandoned.append(f"{count} request(s) cut at the {reason} timeout")
+            log.warning("requests cut short", reason=reason, count=count)
+        if answers:
+            await asyncio.wait([asyncio.ensure_future(a) for a in answers], timeout=within)
+        return count
 
     def _lifespan(
         self, inner: Callable[[Any], AbstractAsyncContextManager[Any]]
@@ -186,10 +247,34 @@ class Service:
                     )
                     yield state
             finally:
-                await self.aclose()
-                await asyncio.to_thread(self.telemetry.shutdown)
+                # The exporters flush while the pools close: a hung pool cannot starve them.
+                deadline = self._cleanup_deadline()
+                flushing = asyncio.ensure_future(self._flush_telemetry())
+                await self.aclose(deadline)
+                await self._settle("telemetry flush", flushing, deadline)
 
         return lifespan
+
+    async def _flush_telemetry(self) -> None:
+        """Flush spans and metrics on a daemon thread: a hung exporter is abandoned with it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def flush() -> None:
+            try:
+                self.telemetry.shutdown()
+            except Exception:
+                log.exception("telemetry flush failed")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: abandoned
+                    loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=flush, name="kiban-telemetry-flush", daemon=True).start()
+        await done
 
 
 #: FastAPI's layers outside the user's middleware. Under kiban's request path none has

@@ -18,6 +18,8 @@ of eight middlewares is what keeps the chassis cheap on every request.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ from kiban.accesslog import CLIENT_CLOSED, AccessLog
 from kiban.debug import PayloadLogMiddleware
 from kiban.health import liveness, readiness_endpoint
 from kiban.limits import Body, check_length
+from kiban.propagation import RequestContext
 from kiban.ratelimit import Decision
 from kiban.security.policy import RATE_DECISION
 from kiban.telemetry import activate, deactivate
@@ -37,7 +40,7 @@ from kiban.telemetry import activate, deactivate
 if TYPE_CHECKING:
     from kiban.app import Service
 
-__all__ = ["Chassis"]
+__all__ = ["Chassis", "Exchange"]
 
 _CLOSE = (b"connection", b"close")
 #: The ASGI extension of kiban's server (``kiban.run``): under ``"lines"`` in this
@@ -76,6 +79,8 @@ class Chassis:
                 Route("/metrics", service.telemetry.metrics_endpoint, methods=["GET"]),
             )
         }
+        #: The requests being served, for the shutdown to interrupt past its timeout.
+        self.inflight = service.inflight
         self.inbound = propagation.Inbound(
             settings.headers,
             extra=("tracestate", "host", "content-length", "content-type"),
@@ -85,20 +90,65 @@ class Chassis:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = perf_counter()
-        inbound = self.inbound
-        headers = inbound.read(scope["headers"])
+        exchange = Exchange(self, scope, receive, send)
+        inflight = self.inflight
+        inflight.add(exchange)
+        try:
+            headers = exchange.headers
+            length = headers.get("content-length")
+            if length is not None:
+                check_length(length, self.max_body)
+            probe = self.probes.get(exchange.path)
+            if probe is not None:
+                scope["route"] = probe
+                await probe.handle(scope, exchange.receive, exchange.send)
+                return
+            await self.policy.before_routing(self.api, scope, exchange.context)
+            inner = self.logged if self.payloads.enabled else self.app
+            await inner(scope, exchange.receive, exchange.send)
+        except Exception as exc:
+            if exchange.interrupted is None:
+                await errors.answer_escaped(
+                    exc, scope, receive, exchange.send, exchange.status is not None
+                )
+        except asyncio.CancelledError:
+            # The server cancels what is still running once the shutdown has answered
+            # it: the request is over, not failed. Any other cancellation goes on.
+            if exchange.interrupted is None:
+                raise
+        finally:
+            inflight.discard(exchange)
+            exchange.finish(propagation.current())
+            propagation.leave(exchange.context_token)
+
+
+class Exchange:
+    """One request on its way through the chassis: its context, span and response so far.
+
+    Per-request state lives here rather than in closures (Starlette's responder
+    pattern), so the shutdown can reach a request still in flight: ``interrupt``
+    answers it 503 (or marks its connection for closing) from outside its task.
+    """
+
+    def __init__(self, chassis: Chassis, scope: Scope, receive: Receive, send: Send) -> None:
+        self.start = perf_counter()
+        self.chassis = chassis
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        inbound = chassis.inbound
+        self.headers = headers = inbound.read(scope["headers"])
         client = scope.get("client")
         remote = client[0] if client else None
-        context = inbound.context(headers, remote)
-        context_token = propagation.enter(context)
-        method = scope["method"]
-        path = scope["path"]
-        telemetry = self.telemetry
-        span: trace.Span | None = None
-        span_token = None
+        self.context = context = inbound.context(headers, remote)
+        self.context_token = propagation.enter(context)
+        self.method = method = scope["method"]
+        self.path = path = scope["path"]
+        telemetry = chassis.telemetry
+        self.span: trace.Span | None = None
+        self.span_token: object = None
         if path not in telemetry.exclude:
-            span = telemetry.start_span(
+            self.span = telemetry.start_span(
                 method,
                 path,
                 scope.get("scheme", "http"),
@@ -107,78 +157,124 @@ class Chassis:
                 headers.get("traceparent"),
                 headers.get("tracestate"),
             )
-            span_token = activate(span)
+            self.span_token = activate(self.span)
         telemetry.active += 1
-        status: int | None = None  # until the response starts
-        response_bytes = 0
-        body: Body | None = None
-        health = self.health
+        #: The response's status once it has started; None until then.
+        self.status: int | None = None
+        self.response_bytes = 0
+        self.body: Body | None = None
+        #: Why kiban cut the request short ("shutdown"), or None.
+        self.interrupted: str | None = None
+        self.finished = False
         extensions = scope.get("extensions")
-        head = extensions.get(ENCODED_HEADERS) if extensions is not None else None
+        self.head = extensions.get(ENCODED_HEADERS) if extensions is not None else None
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, response_bytes
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                rate: Decision | None = scope.get(RATE_DECISION)
-                added: list[tuple[bytes, bytes]] = []
-                if head is not None:
-                    lines = inbound.lines(context)
-                    head["lines"] = lines if rate is None else lines + rate.lines()
-                else:
-                    added = inbound.echoed(context)
-                    if rate is not None:
-                        added.extend(rate.encoded())
-                if health.draining:  # a header, not a line: the server must see it to close
-                    added.append(_CLOSE)
-                if added:
-                    message["headers"] = [*message.get("headers", ()), *added]
-            else:
-                response_bytes += len(message.get("body", b""))
-            await send(message)
+    async def send(self, message: Message) -> None:
+        if self.interrupted is not None:
+            return  # kiban answered for the app already: the rest is dropped
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self._start(message, self.context)
+        else:
+            self.response_bytes += len(message.get("body", b""))
+        await self._send(message)
 
-        async def receive_wrapper() -> Message:
-            nonlocal body
-            message = await receive()
-            if message["type"] == "http.request":
-                if body is None:
-                    body = Body(self.max_body, headers.get("content-type"))
-                body.take(message)
-            return message
+    def _start(self, message: Message, context: RequestContext, close: bool = False) -> None:
+        """Add kiban's headers to a response start; ``close`` ends its connection after."""
+        inbound = self.chassis.inbound
+        rate: Decision | None = self.scope.get(RATE_DECISION)
+        added: list[tuple[bytes, bytes]] = []
+        head = self.head
+        if head is not None:
+            lines = inbound.lines(context)
+            head["lines"] = lines if rate is None else lines + rate.lines()
+        else:
+            added = inbound.echoed(context)
+            if rate is not None:
+                added.extend(rate.encoded())
+        if close or self.chassis.health.draining:  # a header: the server must see it
+            added.append(_CLOSE)
+        if added:
+            message["headers"] = [*message.get("headers", ()), *added]
 
-        try:
-            length = headers.get("content-length")
-            if length is not None:
-                check_length(length, self.max_body)
-            probe = self.probes.get(path)
-            if probe is not None:
-                scope["route"] = probe
-                await probe.handle(scope, receive_wrapper, send_wrapper)
-                return
-            await self.policy.before_routing(self.api, scope, context)
-            inner = self.logged if self.payloads.enabled else self.app
-            await inner(scope, receive_wrapper, send_wrapper)
-        except Exception as exc:
-            await errors.answer_escaped(exc, scope, receive, send_wrapper, status is not None)
-        finally:
-            elapsed = perf_counter() - start
-            telemetry.active -= 1
-            route = routes.template(scope)
-            final = CLIENT_CLOSED if status is None else status
-            span_id = None
-            if span is not None:
-                span_id = telemetry.end_span(span, method, final, route, elapsed)
-                deactivate(span_token)
-            if self.access is not None:
-                self.access.write(
-                    propagation.current() or context,  # a verified identity may have replaced it
-                    scope,
-                    route,
-                    headers.get("host"),
-                    final,
-                    body.received if body is not None else 0,
-                    response_bytes,
-                    elapsed,
-                    span_id,
-                )
-            propagation.leave(context_token)
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            body = self.body
+            if body is None:
+                body = self.body = Body(self.chassis.max_body, self.headers.get("content-type"))
+            body.take(message)
+        return message
+
+    def interrupt(self, reason: str) -> Awaitable[None] | None:
+        """Cut the request short: answer 503 if its response has not started.
+
+        Called from outside the request's task (the shutdown). The access line is
+        written now, with ``interrupted`` set, since the task may never finish; what
+        the app sends afterwards is dropped. Returns the answer to await, if any; a
+        started response's connection is closed by the server when it cancels the task.
+        """
+        if self.interrupted is not None or self.finished:
+            return None
+        self.interrupted = reason
+        answer = None
+        if self.status is None:
+            self.status = 503
+            body = errors.problem_body(
+                503,
+                "The service is shutting down; retry the request elsewhere.",
+                trace_id=self.context.trace_id,
+            )
+            message: Message = {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", errors.PROBLEM_JSON.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", b"1"),
+                ],
+            }
+            self._start(message, self.context, close=True)
+            self.response_bytes = len(body)
+            answer = self._answer(message, body)
+        self.finish(None)
+        return answer
+
+    async def _answer(self, start: Message, body: bytes) -> None:
+        await self._send(start)
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def finish(self, context: RequestContext | None) -> None:
+        """End the span and write the access line, once."""
+        if self.finished:
+            return
+        self.finished = True
+        chassis = self.chassis
+        telemetry = chassis.telemetry
+        elapsed = perf_counter() - self.start
+        telemetry.active -= 1
+        scope = self.scope
+        route = routes.template(scope)
+        status = self.status
+        final = CLIENT_CLOSED if status is None else status
+        span_id = None
+        span = self.span
+        if span is not None:
+            span_id = telemetry.end_span(span, self.method, final, route, elapsed)
+            if self.interrupted is None:  # an interruption runs outside the request's task
+                deactivate(self.span_token)
+        access = chassis.access
+        if access is not None:
+            body = self.body
+            access.write(
+                context or self.context,  # a verified identity may have replaced it
+                scope,
+                route,
+                self.headers.get("host"),
+                final,
+                body.received if body is not None else 0,
+                self.response_bytes,
+                elapsed,
+                span_id,
+                self.interrupted,
+            )

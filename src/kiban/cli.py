@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # as ``python -m`` would: the app is local code
         try:
-            run(args.target)
+            return run(args.target)
         except ConfigError as exc:
             print(f"kiban: {exc}", file=sys.stderr)
             return 2

@@ -51,8 +51,12 @@ class Settings(BaseSettings):
     http_keep_alive_timeout: float = Field(75.0, gt=0)
     #: After SIGTERM readiness is 503 and requests are still served for this long.
     http_drain_seconds: float = Field(5.0, ge=0)
-    #: In-flight requests get this long to finish once the listener is closed.
+    #: In-flight requests get this long to finish once the listener is closed; those
+    #: still running then are answered 503 (or their connection closed) and abandoned.
     http_shutdown_timeout: float = Field(20.0, gt=0)
+    #: Pools, clients and exporters get this long, all together, to close after that.
+    #: The process exits by drain + shutdown timeout + this + 2 s, whatever they do.
+    shutdown_cleanup_timeout: float = Field(3.0, gt=0)
     http_max_header_bytes: int = Field(16 * 1024, ge=1024)
     http_max_body_bytes: int = Field(1024 * 1024, ge=0)
 

@@ -19,9 +19,12 @@ import asyncio
 import gc
 import importlib
 import inspect
+import os
+import socket
+import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -30,9 +33,11 @@ from kiban import log
 from kiban.chassis import ENCODED_HEADERS
 from kiban.config import Settings
 from kiban.errors import problem_body
-from kiban.health import Checker
 
-__all__ = ["Server", "run"]
+if TYPE_CHECKING:
+    from kiban.app import Service
+
+__all__ = ["EXIT_ABANDONED", "Server", "run"]
 
 
 class Config(uvicorn.Config):
@@ -181,14 +186,36 @@ class HttpProtocol(HttpToolsProtocol):
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server with kiban's drain-then-stop shutdown, exiting 0 on SIGTERM."""
+    """uvicorn's server with kiban's drain-then-stop shutdown, bounded in every case.
 
-    def __init__(self, config: uvicorn.Config, checker: Checker, drain_seconds: float) -> None:
+    The shutdown's phases and their bounds: the drain (``HTTP_DRAIN_SECONDS``), the
+    in-flight requests (``HTTP_SHUTDOWN_TIMEOUT``; those still running then are
+    answered 503 by the service and cancelled), the cleanups (``SHUTDOWN_CLEANUP_TIMEOUT``,
+    in the app's lifespan). Past all of them and a margin, a watchdog ends the process
+    whatever a dependency is doing, so it never waits for a SIGKILL.
+    """
+
+    #: Time past the phases' bounds before the watchdog ends the process.
+    MARGIN = 2.0
+
+    def __init__(
+        self, config: uvicorn.Config, service: Service, settings: Settings | None = None
+    ) -> None:
         super().__init__(config)
-        self.checker = checker
-        self.drain_seconds = drain_seconds
+        settings = settings or service.settings
+        self.service = service
+        self.checker = service.health
+        self.drain_seconds = settings.http_drain_seconds
+        self.shutdown_timeout = settings.http_shutdown_timeout
+        self.bound = (
+            self.drain_seconds
+            + self.shutdown_timeout
+            + settings.shutdown_cleanup_timeout
+            + self.MARGIN
+        )
         self._drain_until: float | None = None
         self._announced = False
+        self._watchdog: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in a signal handler: only flip flags here, log from on_tick.
@@ -208,10 +235,50 @@ class Server(uvicorn.Server):
         if self._drain_until is not None:
             if not self._announced:
                 self._announced = True
+                self._start_watchdog()
                 log.info("shutdown requested, draining", drain_s=self.drain_seconds)
             if time.monotonic() >= self._drain_until:
                 self.should_exit = True
         return await super().on_tick(counter)
+
+    def _start_watchdog(self) -> None:
+        self._watchdog = threading.Timer(self.bound, self._overdue)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def disarm(self) -> None:
+        """The shutdown is over: the watchdog has nothing left to guard."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _overdue(self) -> None:
+        """The shutdown took longer than all its bounds: end the process now."""
+        log.error(
+            "shutdown exceeded its bound, exiting",
+            bound_s=round(self.bound, 3),
+            abandoned=self.service.abandoned or None,
+        )
+        log.sink.flush()
+        os._exit(EXIT_ABANDONED)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, with in-flight requests cut by the service at the timeout.
+
+        uvicorn is given a second more than ``HTTP_SHUTDOWN_TIMEOUT``: by the time it
+        cancels what is left, kiban has answered those requests 503 problem+json
+        instead of uvicorn's plain-text 500.
+        """
+        if self._watchdog is None:  # stopped without a signal (the app's lifespan failed)
+            self._start_watchdog()
+        cut = asyncio.ensure_future(self._cut_after(self.shutdown_timeout))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut.cancel()
+
+    async def _cut_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self.service.interrupt("shutdown")
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets=sockets)
@@ -225,6 +292,10 @@ class Server(uvicorn.Server):
                 log.info("listening", url=f"http://{host}:{port}")
 
 
+#: The exit status of a shutdown that had to abandon something (requests or cleanups).
+EXIT_ABANDONED = 3
+
+
 def load_target(target: str) -> Any:
     """Import ``module:attribute``, the way uvicorn names an app."""
     module_name, _, attribute = target.partition(":")
@@ -236,8 +307,13 @@ def load_target(target: str) -> Any:
     return value
 
 
-def run(target: Any, settings: Settings | None = None) -> None:
-    """Serve a kiban service (or ``"module:attr"`` naming one) until SIGTERM/SIGINT."""
+def run(target: Any, settings: Settings | None = None) -> int:
+    """Serve a kiban service (or ``"module:attr"`` naming one) until SIGTERM/SIGINT.
+
+    Returns the process's exit status: 0 when the shutdown finished everything in
+    time, ``EXIT_ABANDONED`` (3) when it cut requests or abandoned a cleanup (logged,
+    naming which).
+    """
     from kiban.app import Service
 
     if isinstance(target, str):
@@ -257,11 +333,14 @@ def run(target: Any, settings: Settings | None = None) -> None:
         server_header=False,
         proxy_headers=False,
         timeout_keep_alive=int(max(1, settings.http_keep_alive_timeout)),
-        timeout_graceful_shutdown=int(max(1, settings.http_shutdown_timeout)),
+        timeout_graceful_shutdown=settings.http_shutdown_timeout + 1,
         read_header_timeout=settings.http_read_header_timeout,
         max_header_bytes=settings.http_max_header_bytes,
     )
-    server = Server(config, service.health, settings.http_drain_seconds)
+    server = Server(config, service, settings)
     server.run()
-    log.info("stopped")
+    server.disarm()
+    status = EXIT_ABANDONED if service.abandoned else 0
+    log.info("stopped", exit_status=status, abandoned=service.abandoned or None)
     log.sink.flush()
+    return status

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from opentelemetry import trace
 
 import kiban
@@ -27,6 +30,13 @@ async def _goodbye() -> None:
     kiban.log.info("pools closed")
 
 
+async def _hang() -> None:
+    """A pool closing a connection to a database that stopped answering."""
+    await asyncio.Event().wait()
+
+
+if os.environ.get("HELLO_HANG_CLEANUP"):
+    service.on_shutdown(_hang)
 service.on_shutdown(_goodbye)
 
 
@@ -58,3 +68,28 @@ async def boom() -> None:
 @app.get("/teapot")
 async def teapot() -> None:
     raise kiban.Problem(418, "Short and stout.")
+
+
+@app.get("/stream")
+async def stream(seconds: float = 60) -> StreamingResponse:
+    """A response that starts at once and then takes ``seconds`` to end."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first chunk\n"
+        await asyncio.sleep(seconds)
+        yield b"last chunk\n"
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+@app.get("/stubborn")
+async def stubborn(seconds: float = 60) -> dict[str, float]:
+    """A handler stuck where cancellation does not reach (a driver blocked in a call)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        try:
+            await asyncio.sleep(end - loop.time())
+        except asyncio.CancelledError:
+            continue
+    return {"slept": seconds}

@@ -1,0 +1,137 @@
+"""The database a service's handlers write to: a 2xx means the write is stored.
+
+A handler's session commits **before the response starts**. FastAPI runs the teardown of
+an ordinary ``yield`` dependency after the response has been sent, so a session
+committed there acknowledges a write (201) that a failed commit, a cut link or a
+``kill -9`` a moment later loses. kiban's ``Session`` dependency is declared with
+FastAPI's ``scope="function"``, whose teardown runs when the handler returns and before
+the response goes out: a commit that fails becomes the response (409 for a constraint,
+422 for a value the column cannot hold, 503 when the database is unreachable), never a
+2xx.
+
+SQLite, the embedded default, is opened in WAL mode with ``synchronous=FULL``: a
+committed transaction survives the process being killed and the machine losing power.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import event, exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from kiban import log
+from kiban.errors import Problem
+
+if TYPE_CHECKING:
+    from kiban.app import Service
+
+__all__ = ["SQLITE_PRAGMAS", "Database", "Session", "refusal", "session"]
+
+#: Set on every SQLite connection: committed transactions survive ``kill -9`` and power
+#: loss (WAL, fsync at each commit); writers wait for each other instead of failing.
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA busy_timeout=5000",
+)
+
+
+def _sqlite_durable(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+    finally:
+        cursor.close()
+
+
+class Database:
+    """An engine, its sessions, and the transaction each request's handler runs in."""
+
+    def __init__(self, engine: AsyncEngine, name: str = "database") -> None:
+        self.engine = engine
+        self.name = name
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        if engine.url.get_backend_name() == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_durable)
+        #: The dependency giving a handler a session of this database, committed before
+        #: the response starts: ``session: AsyncSession = db.session``.
+        self.session: Any = Depends(self._dependency, scope="function")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session in one transaction: committed when the block ends, rolled back if it raises.
+
+        A commit that fails is raised as what it means for the client: a ``Problem``
+        409 (constraint) or 422 (a value out of the column's range), or the driver's
+        own connection error, which kiban answers 503.
+        """
+        async with self.sessions() as session:
+            try:
+                yield session
+            except BaseException:
+                await _rollback(session)
+                raise
+            try:
+                await session.commit()
+            except exc.DBAPIError as error:
+                await _rollback(session)
+                problem = refusal(error)
+                if problem is None:
+                    raise
+                log.info("commit refused", database=self.name, status=problem.status)
+                raise problem from None
+
+    async def _dependency(self) -> AsyncIterator[AsyncSession]:
+        async with self.transaction() as session:
+            yield session
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def refusal(error: exc.DBAPIError) -> Problem | None:
+    """What a write the database refused means for the client, if it is the client's doing.
+
+    SQLSTATE class 23 (a constraint) is a 409, class 22 (a value the column cannot hold)
+    a 422; drivers that give no SQLSTATE are judged by SQLAlchemy's error class.
+    """
+    state = str(getattr(error.orig, "sqlstate", None) or "")
+    if isinstance(error, exc.IntegrityError) or state.startswith("23"):
+        return Problem(409, "The request conflicts with data already stored.")
+    if isinstance(error, exc.DataError) or state.startswith("22"):
+        return Problem(422, "A value is outside what the database can store.")
+    return None
+
+
+async def _rollback(session: AsyncSession) -> None:
+    """Roll back without letting a second failure hide the first."""
+    try:
+        await session.rollback()
+    except (TimeoutError, exc.SQLAlchemyError, OSError):
+        log.warning("rollback failed")
+
+
+def _default(request: Request) -> Database:
+    from kiban.app import Service
+
+    service: Service = Service.of(request.app)
+    database = service.default_database
+    if database is None:
+        raise RuntimeError("kiban.Session needs a database: call service.database() first")
+    return database
+
+
+async def session(request: Request) -> AsyncIterator[AsyncSession]:
+    """The service's first database's session, committed before the response starts."""
+    async with _default(request).transaction() as value:
+        yield value
+
+
+#: A handler parameter typed ``Session`` gets a session of the service's database in a
+#: transaction that commits before the response starts.
+Session = Annotated[AsyncSession, Depends(session, scope="function")]

@@ -1,0 +1,195 @@
+"""kiban.database: a 2xx means the write is stored, on every supported database."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import Integer, String, event, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import kiban
+from kiban.database import Session
+from kiban.security import NoSecurity
+from tests.conftest import Lines
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Thing(Base):
+    __tablename__ = "things"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(50), unique=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Order:
+    """What happened, in order: commits and response starts."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+
+class RecordStart:
+    """App middleware (inside kiban's) noting when the response starts."""
+
+    def __init__(self, app: ASGIApp, order: Order) -> None:
+        self.app = app
+        self.order = order
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def recording(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.order.events.append(f"start {message['status']}")
+            await send(message)
+
+        await self.app(scope, receive, recording)
+
+
+def _app(url: str, order: Order) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with database.engine.begin() as connection:
+            await connection.run_sync(Base.metadata.drop_all)
+            await connection.run_sync(Base.metadata.create_all)
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    service = kiban.Service(app, kiban.Settings(database_url=url), security=NoSecurity())
+    database = service.database()
+    app.add_middleware(RecordStart, order=order)
+
+    @event.listens_for(AsyncSession.sync_session_class, "after_commit")
+    def committed(_: Any) -> None:
+        order.events.append("commit")
+
+    @app.post("/things/{name}", status_code=201)
+    async def add(name: str, session: Session, count: int = 0) -> dict[str, str]:
+        session.add(Thing(name=name, count=count))  # not flushed: the commit writes it
+        return {"name": name}
+
+    @app.post("/refused/{name}")
+    async def refused(name: str, session: Session) -> None:
+        session.add(Thing(name=name))
+        await session.flush()
+        raise kiban.Problem(400, "Changed my mind.")
+
+    @app.get("/things")
+    async def names(session: Session) -> list[str]:
+        return list(await session.scalars(select(Thing.name).order_by(Thing.id)))
+
+    app.state.remove_listener = lambda: event.remove(
+        AsyncSession.sync_session_class, "after_commit", committed
+    )
+    return app
+
+
+@pytest.fixture(params=["sqlite", "postgres_url", "mariadb_url"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/things.db"
+    value: str = request.getfixturevalue(request.param)
+    return value
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[tuple[TestClient, Order]]:
+    order = Order()
+    app = _app(url, order)
+    try:
+        with TestClient(app) as test_client:
+            yield test_client, order
+    finally:
+        app.state.remove_listener()
+
+
+def test_the_commit_happens_before_the_response_starts(client: tuple[TestClient, Order]) -> None:
+    test_client, order = client
+    assert test_client.post("/things/first").status_code == 201
+    assert order.events == ["commit", "start 201"]
+    assert test_client.get("/things").json() == ["first"]
+
+
+def test_a_commit_refused_by_a_constraint_is_409_not_201(
+    client: tuple[TestClient, Order],
+) -> None:
+    test_client, order = client
+    assert test_client.post("/things/twice").status_code == 201
+    order.events.clear()
+    response = test_client.post("/things/twice")
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+    assert order.events == ["start 409"]  # nothing committed
+    assert test_client.get("/things").json() == ["twice"]
+
+
+@pytest.mark.parametrize("url", ["postgres_url", "mariadb_url"], indirect=True)
+@pytest.mark.parametrize(
+    ("name", "count"), [("big", 2**40), ("n" * 51, 0)], ids=["integer", "string"]
+)
+def test_a_value_the_column_cannot_hold_is_422_at_commit(
+    client: tuple[TestClient, Order], name: str, count: int
+) -> None:
+    """SQLite stores any value in any column; the others refuse, and that is the client's."""
+    test_client, order = client
+    response = test_client.post(f"/things/{name}", params={"count": count})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "commit" not in order.events
+    assert test_client.get("/things").json() == []
+
+
+def test_a_handler_that_raises_stores_nothing(client: tuple[TestClient, Order]) -> None:
+    test_client, order = client
+    assert test_client.post("/refused/no").status_code == 400
+    assert "commit" not in order.events
+    assert test_client.get("/things").json() == []
+
+
+def test_sqlite_is_opened_durable(tmp_path: Path) -> None:
+    """WAL and an fsync at every commit: a 201 survives kill -9 and power loss."""
+    order = Order()
+    app = _app(f"sqlite+aiosqlite:///{tmp_path}/durable.db", order)
+    try:
+        with TestClient(app) as test_client:
+            test_client.post("/things/x")
+            database = kiban.Service.of(app).default_database
+            assert database is not None
+
+            async def pragmas() -> tuple[str, int]:
+                async with database.engine.connect() as connection:
+                    mode = (await connection.execute(text("PRAGMA journal_mode"))).scalar_one()
+                    sync = (await connection.execute(text("PRAGMA synchronous"))).scalar_one()
+                    return mode, sync
+
+            assert test_client.portal is not None
+            assert test_client.portal.call(pragmas) == ("wal", 2)  # 2 is FULL
+    finally:
+        app.state.remove_listener()
+    # Another process sees the committed row: it is on disk, not in our page cache.
+    with sqlite3.connect(tmp_path / "durable.db") as connection:
+        assert connection.execute("SELECT name FROM things").fetchall() == [("x",)]
+
+
+def test_session_without_a_database_is_a_bug_that_says_so(lines: Lines) -> None:
+    app = FastAPI()
+    kiban.Service(app, kiban.Settings(), security=NoSecurity())
+
+    @app.get("/x")
+    async def x(session: Session) -> None:
+        return None
+
+    with TestClient(app) as test_client:
+        assert test_client.get("/x").status_code == 500
+    [bug] = [line for line in lines.app() if line.get("msg") == "unhandled exception"]
+    assert "call service.database() first" in bug["exception"]
