@@ -15,6 +15,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from kiban.security.tokens import mint
+from kiban.server import Server
 from tests.conftest import LOGS, ROOT, free_port
 
 pytestmark = pytest.mark.process
@@ -89,36 +91,57 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "10 passed" in result.stdout
 
+    private = ed25519.Ed25519PrivateKey.generate()
     key = (
-        ed25519.Ed25519PrivateKey.generate()
-        .public_key()
+        private.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
     port = free_port()
     log = tmp_path / "demo-svc.log"
     LOGS.append(log)
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [str(service / ".venv/bin/kiban"), "run", "demo_svc.app:create_app"],
-            cwd=service,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env={
-                **os.environ,
-                "HTTP_PORT": str(port),
-                "JWT_PUBLIC_KEY": key,
-                "LOG_FORMAT": "json",
-                "HTTP_DRAIN_SECONDS": "0",
-                "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/demo.db",
-            },
-        )
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as output:
+            return subprocess.Popen(
+                [str(service / ".venv/bin/kiban"), "run", "demo_svc.app:create_app"],
+                cwd=service,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    "HTTP_PORT": str(port),
+                    "JWT_PUBLIC_KEY": key,
+                    "LOG_FORMAT": "json",
+                    "HTTP_DRAIN_SECONDS": "0",
+                    "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/demo.db",
+                },
+            )
+
+    url = f"http://127.0.0.1:{port}"
+    process = start()
     try:
-        url = f"http://127.0.0.1:{port}"
         wait_up(url, process, log)
         audit = kiban("check", url, "--log", str(log))
         assert audit.returncode == 0, audit.stdout
         assert "8 passed, 0 failed" in audit.stdout
+        # Its writes are committed before the 201: killed the moment the client has it,
+        # the item is there when it comes back.
+        pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        writer = {"authorization": f"Bearer {mint(pem, 'adopter', scopes=['items:write'])}"}
+        created = httpx.post(f"{url}/items", json={"name": "durable"}, headers=writer)
+        assert created.status_code == 201, created.text
+        process.kill()
+        process.wait(timeout=10)
+        process = start()
+        wait_up(url, process, log)
+        again = httpx.get(f"{url}/items/{created.json()['id']}")
+        assert again.status_code == 200
+        assert again.json()["name"] == "durable"
     finally:
         process.terminate()
         assert process.wait(timeout=20) == 0
@@ -145,6 +168,8 @@ def test_manifests_validate_and_fit_the_shutdown_budget(tmp_path: Path, security
         container["lifecycle"]["preStop"]["sleep"]["seconds"]
         + float(config["HTTP_DRAIN_SECONDS"])
         + float(config["HTTP_SHUTDOWN_TIMEOUT"])
+        + float(config["SHUTDOWN_CLEANUP_TIMEOUT"])
+        + Server.MARGIN
     )
     assert budget < deployment["terminationGracePeriodSeconds"]
     assert deployment["securityContext"]["runAsNonRoot"] is True
