@@ -21,6 +21,9 @@ SERVICES = {
 def start(name: str, target: str, port: int) -> subprocess.Popen[bytes]:
     env = {
         "HTTP_DRAIN_SECONDS": "0",
+        # The gateway (you, with curl) and the services call each other on loopback: trust
+        # it, so one uid and one user IP show across both services' logs.
+        "TRUSTED_PROXIES": "127.0.0.1,::1",
         **os.environ,
         "HTTP_PORT": str(port),
         "MEMBERS_URL": f"http://127.0.0.1:{SERVICES['members'][1]}",

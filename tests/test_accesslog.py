@@ -21,7 +21,9 @@ from tests.conftest import Lines
 def make_app() -> FastAPI:
     app = FastAPI()
     kiban.Service(
-        app, Settings(service_name="shop", http_max_body_bytes=1024), security=NoSecurity()
+        app,
+        Settings(service_name="shop", http_max_body_bytes=1024, trusted_proxies=["10.0.0.0/8"]),
+        security=NoSecurity(),
     )
 
     @app.post("/items/{item_id}")
@@ -36,7 +38,7 @@ def make_app() -> FastAPI:
 
 
 def test_one_line_per_request_with_every_field_in_order(lines: Lines) -> None:
-    with TestClient(make_app()) as client:
+    with TestClient(make_app(), client=("10.0.0.3", 50000)) as client:  # a trusted gateway
         response = client.post(
             "/items/7?color=red",
             json={"name": "pen"},
@@ -62,7 +64,7 @@ def test_one_line_per_request_with_every_field_in_order(lines: Lines) -> None:
     assert 0 < line["latency_s"] < 5
     assert line["user_agent"] == "ua/1"
     assert line["forwarded_for"] == "203.0.113.9"
-    assert line["remote_addr"] == "testclient"
+    assert line["remote_addr"] == "10.0.0.3"
     assert line["trace_id"] == response.headers["x-trace-id"]
     assert line["request_id"] == response.headers["x-request-id"]
     assert line["uid"] == "u-1"

@@ -23,14 +23,22 @@ ECHO = "tests.apps.echo:app"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+#: The test client's address: a gateway in the trusted network, or anyone.
+GATEWAY = ("10.0.0.3", 5000)
+STRANGER = ("198.51.100.4", 5000)
+
+
 @pytest.fixture
 def echo(spawn: Any) -> Any:
-    return spawn(ECHO)
+    """The next service: it trusts its callers on loopback, as a mesh would."""
+    return spawn(ECHO, TRUSTED_PROXIES="127.0.0.1")
 
 
-def caller(upstream: str, **settings: Any) -> TestClient:
-    """A kiban service whose handler calls ``upstream`` and returns what it saw."""
+def caller(upstream: str, peer: tuple[str, int] = GATEWAY, **settings: Any) -> TestClient:
+    """A kiban service behind a gateway in 10.0.0.0/8, whose handler calls ``upstream``
+    and returns what it saw; ``peer`` is who calls it."""
     app = FastAPI()
+    settings.setdefault("trusted_proxies", ["10.0.0.0/8"])
     service = kiban.Service(app, Settings(**settings), security=NoSecurity())
     http = service.http_client(upstream)
 
@@ -45,7 +53,7 @@ def caller(upstream: str, **settings: Any) -> TestClient:
             else {"status": response.status_code, "text": response.text}
         )
 
-    return TestClient(app)
+    return TestClient(app, client=peer)
 
 
 def test_every_context_header_is_forwarded_and_xff_grows_by_one_hop(echo: Any) -> None:
@@ -67,7 +75,7 @@ def test_every_context_header_is_forwarded_and_xff_grows_by_one_hop(echo: Any) -
     assert seen["x-uid"] == "u-42"  # the context's, not the value the handler tried to set
     assert seen["x-forwarded-user-agent"] == "Mobile/7"
     assert seen["x-user-ip"] == "203.0.113.7"
-    assert seen["x-forwarded-for"] == "203.0.113.7, 10.0.0.1, testclient"
+    assert seen["x-forwarded-for"] == "203.0.113.7, 10.0.0.1, 10.0.0.3"
     assert seen["x-api-client"] == "ios"
     assert seen["x-internal-id-token"] == "id.token.value"
 
@@ -79,7 +87,30 @@ def test_the_downstream_access_line_carries_the_same_context(echo: Any) -> None:
     line = next(line for line in echo.lines() if line.get("path") == "/headers")
     assert line["trace_id"] == TRACE
     assert line["uid"] == "u-1"
-    assert line["forwarded_for"] == "testclient"
+    assert line["forwarded_for"] == "10.0.0.3"
+
+
+def test_an_untrusted_callers_claims_are_not_forwarded(echo: Any) -> None:
+    with caller(echo.url, peer=STRANGER) as client:
+        seen = client.get(
+            "/call/headers",
+            headers={
+                "x-trace-id": TRACE,
+                "x-uid": "admin",
+                "x-forwarded-user-agent": "Forged/1",
+                "user-agent": "curl/8",
+                "x-user-ip": "10.0.0.1",
+                "x-forwarded-for": "10.0.0.1",
+                "x-api-client": "partner",
+                "x-internal-id-token": "id.token.value",
+            },
+        ).json()
+    assert seen["x-trace-id"] != TRACE
+    assert seen["x-forwarded-for"] == "198.51.100.4"  # the chain starts at the stranger
+    assert seen["x-user-ip"] == "198.51.100.4"
+    assert seen["x-forwarded-user-agent"] == "curl/8"
+    for name in ("x-uid", "x-api-client", "x-internal-id-token"):
+        assert name not in seen
 
 
 def test_third_party_hosts_get_no_user_headers_and_no_token(echo: Any) -> None:
@@ -168,6 +199,6 @@ def test_unsafe_inbound_values_are_never_forwarded(echo: Any) -> None:
             },
         ).json()
     assert "x-uid" not in seen
-    assert seen["x-user-ip"] == "testclient"  # the peer, not the unsafe claim
-    assert seen["x-forwarded-for"] == "testclient"
+    assert seen["x-user-ip"] == "10.0.0.3"  # the peer, not the unsafe claim
+    assert seen["x-forwarded-for"] == "10.0.0.3"
     assert "x-api-client" not in seen

@@ -28,7 +28,7 @@ def make_app(enabled: bool = True) -> FastAPI:
     app = FastAPI()
     kiban.Service(
         app,
-        Settings(debug_endpoints=enabled),
+        Settings(debug_endpoints=enabled, trusted_proxies=["10.0.0.0/8"]),
         security=NoSecurity(),
         debug_security=Security(APIKey(_validate)),
     )
@@ -50,7 +50,7 @@ def make_app(enabled: bool = True) -> FastAPI:
 
 @pytest.fixture
 def client(lines: Lines) -> Any:
-    with TestClient(make_app()) as test_client:
+    with TestClient(make_app(), client=("10.0.0.3", 5000)) as test_client:  # a trusted peer
         yield test_client
     log.set_level("info")
 

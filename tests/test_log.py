@@ -31,14 +31,14 @@ def test_lines_are_json_with_time_level_and_fields(lines: Lines) -> None:
 
 def test_lines_inside_a_request_carry_trace_request_and_uid(lines: Lines) -> None:
     app = FastAPI()
-    kiban.Service(app, Settings(), security=NoSecurity())
+    kiban.Service(app, Settings(trusted_proxies=["10.0.0.0/8"]), security=NoSecurity())
 
     @app.get("/")
     async def index() -> dict[str, str]:
         log.info("inside")
         return {}
 
-    with TestClient(app) as client:
+    with TestClient(app, client=("10.0.0.3", 50000)) as client:  # a trusted gateway's uid
         response = client.get("/", headers={"x-uid": "u-9"})
     (line,) = [line for line in lines.app() if line["msg"] == "inside"]
     assert line["trace_id"] == response.headers["x-trace-id"]

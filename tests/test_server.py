@@ -312,7 +312,7 @@ def _responses(raw: bytes) -> list[tuple[bytes, list[tuple[bytes, bytes]], bytes
 
 def test_kibans_headers_go_out_once_each_on_every_answer_of_a_connection(spawn: Any) -> None:
     """kiban's server writes the request path's checked header lines as they are."""
-    service = spawn(HELLO)
+    service = spawn(HELLO, TRUSTED_PROXIES="127.0.0.1")
     answer = _raw(
         service.url,
         # Two requests pipelined in one write, then a third that closes the connection.

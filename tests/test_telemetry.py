@@ -49,6 +49,7 @@ def test_server_span_follows_semantic_conventions_and_its_parent(
     endpoint = otlp.grpc_endpoint if protocol == "grpc" else otlp.http_endpoint
     service = spawn(
         HELLO,
+        TRUSTED_PROXIES="127.0.0.1",  # the caller is a service of ours
         OTLP_ENDPOINT=endpoint,
         OTLP_PROTOCOL=protocol,
         SERVICE_NAME="hello",
@@ -89,7 +90,7 @@ def test_server_span_follows_semantic_conventions_and_its_parent(
 def test_one_server_span_per_request_and_the_trace_header_becomes_the_trace_id(
     otlp: OTLPReceiver, spawn: Any
 ) -> None:
-    service = spawn(HELLO, OTLP_ENDPOINT=otlp.grpc_endpoint)
+    service = spawn(HELLO, OTLP_ENDPOINT=otlp.grpc_endpoint, TRUSTED_PROXIES="127.0.0.1")
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     with httpx.Client() as client:
         for _ in range(3):
@@ -228,7 +229,9 @@ def test_a_real_prometheus_scrapes_the_request_counter(
 def test_unhandled_exceptions_reach_sentry_tagged_and_4xx_do_not(
     sentry: SentryReceiver, spawn: Any
 ) -> None:
-    service = spawn(HELLO, SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="test")
+    service = spawn(
+        HELLO, SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="test", TRUSTED_PROXIES="127.0.0.1"
+    )
     with httpx.Client() as client:
         teapot = client.get(f"{service.url}/teapot")
         boom = client.get(f"{service.url}/boom", headers={"x-uid": "u-77"})
@@ -300,7 +303,7 @@ def test_the_server_span_is_current_in_handlers_with_the_apis_own_context() -> N
     what the API's constructor makes of the same ids: valid, local, sampled."""
     exported = InMemorySpanExporter()
     app = FastAPI()
-    service = kiban.Service(app, Settings(), security=NoSecurity())
+    service = kiban.Service(app, Settings(trusted_proxies=["10.0.0.0/8"]), security=NoSecurity())
     service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exported))
     seen: list[trace.SpanContext] = []
 
@@ -309,7 +312,7 @@ def test_the_server_span_is_current_in_handlers_with_the_apis_own_context() -> N
         seen.append(trace.get_current_span().get_span_context())
         return {}
 
-    with TestClient(app) as client:
+    with TestClient(app, client=("10.0.0.3", 5000)) as client:
         for headers in (
             {},
             {"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01", "tracestate": "vendor=v1"},
@@ -369,3 +372,35 @@ def test_the_duration_histogram_holds_what_the_sdks_would(values: list[float]) -
     assert (mine.count, mine.min, mine.max) == (theirs.count, theirs.min, theirs.max)
     assert math.isclose(mine.sum, theirs.sum)
     provider.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["link", "follow", "ignore"])
+def test_an_untrusted_callers_traceparent_is_a_link_not_a_parent(mode: str) -> None:
+    """OTel's advice for public endpoints: a caller kiban does not trust neither picks
+    the trace id nor decides sampling (flag 00 here); its span is kept as a link."""
+    exported = InMemorySpanExporter()
+    app = FastAPI()
+    service = kiban.Service(app, Settings(trace_untrusted_parent=mode), security=NoSecurity())
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exported))
+
+    @app.get("/")
+    async def index() -> dict[str, str]:
+        return {}
+
+    with TestClient(app, client=("198.51.100.4", 5000)) as client:
+        response = client.get("/", headers={"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-00"})
+    spans = exported.get_finished_spans()
+    if mode == "follow":  # the caller's decision: not sampled, its trace
+        assert spans == ()
+        assert response.headers["x-trace-id"] == PARENT_TRACE
+        return
+    (span,) = spans
+    assert span.context.trace_id != int(PARENT_TRACE, 16)
+    assert f"{span.context.trace_id:032x}" == response.headers["x-trace-id"]
+    assert span.parent is None
+    if mode == "link":
+        (link,) = span.links
+        assert link.context.trace_id == int(PARENT_TRACE, 16)
+        assert link.context.span_id == int(PARENT_SPAN, 16)
+    else:
+        assert not span.links

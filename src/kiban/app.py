@@ -87,6 +87,11 @@ class Service:
                 telemetry=self.telemetry,
             ),
             self.telemetry,
+            auth_failures=(
+                RateLimit(self.settings.auth_failure_limit, key="ip", name="auth-failures")
+                if self.settings.auth_failure_limit
+                else None
+            ),
         )
         # The API default goes first in every later route's chain; narrower ones win.
         app.router.dependencies.extend(self.policy.api_dependencies())

@@ -36,6 +36,7 @@ from kiban.propagation import RequestContext
 from kiban.ratelimit import Decision
 from kiban.security.policy import RATE_DECISION
 from kiban.telemetry import activate, deactivate
+from kiban.trust import TrustedPeers
 
 if TYPE_CHECKING:
     from kiban.app import Service
@@ -84,6 +85,8 @@ class Chassis:
         self.inbound = propagation.Inbound(
             settings.headers,
             extra=("tracestate", "host", "content-length", "content-type"),
+            trusted=TrustedPeers(settings.trusted_proxies),
+            untrusted_parent=settings.trace_untrusted_parent,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,7 +143,8 @@ class Exchange:
         self.headers = headers = inbound.read(scope["headers"])
         client = scope.get("client")
         remote = client[0] if client else None
-        self.context = context = inbound.context(headers, remote)
+        trusted = remote in inbound.trusted
+        self.context = context = inbound.context(headers, remote, trusted)
         self.context_token = propagation.enter(context)
         self.method = method = scope["method"]
         self.path = path = scope["path"]
@@ -148,14 +152,22 @@ class Exchange:
         self.span: trace.Span | None = None
         self.span_token: object = None
         if path not in telemetry.exclude:
+            parent = headers.get("traceparent")
+            link = False
+            if parent is not None and not trusted:
+                mode = inbound.untrusted_parent
+                if mode == "ignore":
+                    parent = None
+                link = mode == "link"
             self.span = telemetry.start_span(
                 method,
                 path,
                 scope.get("scheme", "http"),
                 remote or "",
                 context.trace_id,
-                headers.get("traceparent"),
+                parent,
                 headers.get("tracestate"),
+                link,
             )
             self.span_token = activate(self.span)
         telemetry.active += 1

@@ -7,10 +7,11 @@ bad variable instead of starting half-configured.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+import json
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["ConfigError", "HeaderNames", "Settings", "load"]
 
@@ -111,6 +112,43 @@ class Settings(BaseSettings):
     health_cache_seconds: float = Field(1.0, ge=0)
 
     headers: HeaderNames = HeaderNames()
+
+    #: Peers (CIDRs or addresses) whose propagation headers are believed: the gateway,
+    #: the mesh sidecar. None by default: then no header can claim a user, an IP or an
+    #: upstream chain. ``TRUSTED_PROXIES=10.0.0.0/8,127.0.0.1``. See docs/security.md.
+    trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = ()
+    #: An untrusted caller's ``traceparent``: a span ``link`` on a new trace (OTel's
+    #: advice for public endpoints), ``follow`` it as the parent, or ``ignore`` it.
+    trace_untrusted_parent: Literal["link", "follow", "ignore"] = "link"
+    #: Host header values served (``*.example.com`` matches subdomains); others get 400.
+    #: ``*`` serves any host. Starlette's TrustedHost rules.
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ("*",)
+    #: Failed authentications allowed per client IP before 429 (brute force); empty: off.
+    auth_failure_limit: str | None = "20/minute"
+
+    @field_validator("trusted_proxies", "allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``a,b`` or a JSON list, from the environment."""
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("auth_failure_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        import limits
+
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError("not a rate such as 20/minute") from None
+        return value
 
 
 class ConfigError(Exception):

@@ -4,6 +4,10 @@ Inbound headers (trace id, uid, forwarded user-agent, user IP, X-Forwarded-For, 
 client, internal identity token) and the peer address become one immutable
 RequestContext in a contextvar. Logs, the access log and the outgoing client read it
 from there, so handlers never pass these values by hand.
+
+The headers are believed only from a trusted peer (``kiban.trust``); from any other
+peer the context holds what kiban saw itself: the peer's address and user agent, fresh
+ids, and no identity until a credential proves one (``identify``).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import re
 from collections.abc import Iterable
 from contextvars import ContextVar, Token
 from dataclasses import FrozenInstanceError
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from kiban.config import HeaderNames
+from kiban.trust import TrustedPeers
 
 __all__ = [
     "Inbound",
@@ -86,11 +91,24 @@ def current() -> RequestContext | None:
     return _current.get()
 
 
-def identify(uid: str) -> None:
-    """Make ``uid`` the request's user: a verified identity replaces a claimed one."""
+def identify(
+    uid: str | None = None, api_client: str | None = None, id_token: str | None = None
+) -> None:
+    """Record what a verified credential proved: it replaces what a trusted peer claimed.
+
+    Called by the security policy when a scheme accepts a request's credentials; a
+    given value replaces the context's, an omitted one is left as it is.
+    """
     context = _current.get()
-    if context is not None and context.uid != uid:
-        _current.set(context._replace(uid=uid))
+    if context is None:
+        return
+    known = context._replace(
+        uid=uid if uid is not None else context.uid,
+        api_client=api_client if api_client is not None else context.api_client,
+        id_token=id_token if id_token is not None else context.id_token,
+    )
+    if known != context:
+        _current.set(known)
 
 
 def new_id() -> str:
@@ -137,10 +155,16 @@ def _forwarded_for(value: str | None) -> str | None:
 
 
 def from_headers(
-    headers: dict[str, str], names: HeaderNames, remote_addr: str | None
+    headers: dict[str, str],
+    names: HeaderNames,
+    remote_addr: str | None,
+    trusted: TrustedPeers | None = None,
 ) -> RequestContext:
-    """Build the context from lower-cased request headers, dropping unsafe values."""
-    return _from_values(map(headers.get, _order(names)), remote_addr)
+    """Build the context from lower-cased request headers, dropping unsafe values.
+
+    The propagation headers count only when ``remote_addr`` is in ``trusted``.
+    """
+    return Inbound(names, trusted=trusted).context(headers, remote_addr)
 
 
 def _order(names: HeaderNames) -> tuple[str, ...]:
@@ -160,8 +184,23 @@ def _order(names: HeaderNames) -> tuple[str, ...]:
     )
 
 
-def _from_values(values: Iterable[str | None], remote_addr: str | None) -> RequestContext:
-    """The context from the headers ``_order`` names, each None when absent.
+def _untrusted(own_agent: str | None, remote_addr: str | None) -> RequestContext:
+    """The context of a request from a peer that may assert nothing."""
+    return RequestContext(
+        new_id(),
+        new_id(),
+        None,
+        _clean(own_agent) if own_agent is not None else None,
+        remote_addr,
+        None,
+        remote_addr,
+    )
+
+
+def _from_values(
+    values: Iterable[str | None], remote_addr: str | None, trusted: TrustedPeers
+) -> RequestContext:
+    """The context from a trusted peer's headers that ``_order`` names, each None when absent.
 
     Most are absent on most requests: each is cleaned only when present.
     """
@@ -190,13 +229,17 @@ def _from_values(values: Iterable[str | None], remote_addr: str | None) -> Reque
         user_ip = _clean(user_ip)
         if user_ip is not None and not _TOKEN.fullmatch(user_ip):
             user_ip = None
+    if forwarded_for is not None:
+        forwarded_for = _forwarded_for(forwarded_for)
+    if user_ip is None:
+        user_ip = trusted.client(remote_addr, forwarded_for)
     return RequestContext(
         _trace_id(trace, parent) if trace or parent else new_id(),
         request_id or new_id(),
         _clean(uid) if uid is not None else None,
         user_agent,
-        user_ip or remote_addr,
-        _forwarded_for(forwarded_for) if forwarded_for is not None else None,
+        user_ip,
+        forwarded_for,
         remote_addr,
         _clean(api_client) if api_client is not None else None,
         _clean(id_token, _MAX_ID_TOKEN) if id_token is not None else None,
@@ -238,8 +281,19 @@ class Inbound:
     (RFC 9110). ``extra`` names other headers the request path wants from the same pass.
     """
 
-    def __init__(self, names: HeaderNames | None = None, extra: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        names: HeaderNames | None = None,
+        extra: Iterable[str] = (),
+        trusted: TrustedPeers | None = None,
+        untrusted_parent: Literal["link", "follow", "ignore"] = "link",
+    ) -> None:
         self.names = names or HeaderNames()
+        #: The peers whose propagation headers are believed.
+        self.trusted = trusted if trusted is not None else TrustedPeers()
+        #: What an untrusted caller's ``traceparent`` becomes: a span link, the parent
+        #: (``follow``), or nothing (``ignore``). ``TRACE_UNTRUSTED_PARENT``.
+        self.untrusted_parent = untrusted_parent
         wanted = {*self.names.model_dump().values(), "traceparent", "user-agent", *extra}
         self._wanted = {name.encode("latin-1"): name for name in wanted}
         self._trace_header = self.names.trace_id.encode("latin-1")
@@ -262,8 +316,23 @@ class Inbound:
                 headers[name] = value
         return headers
 
-    def context(self, headers: dict[str, str], remote_addr: str | None) -> RequestContext:
-        return _from_values(map(headers.get, self._order), remote_addr)
+    def context(
+        self, headers: dict[str, str], remote_addr: str | None, trusted: bool | None = None
+    ) -> RequestContext:
+        """The request's context: the headers' word if the peer is trusted, else the peer's.
+
+        ``trusted`` is whether ``remote_addr`` is a trusted peer, when the caller knows.
+        """
+        if trusted is None:
+            trusted = remote_addr in self.trusted
+        if trusted:
+            return _from_values(map(headers.get, self._order), remote_addr, self.trusted)
+        context = _untrusted(headers.get("user-agent"), remote_addr)
+        if self.untrusted_parent == "follow":
+            parent = headers.get("traceparent")
+            if parent is not None:
+                return context._replace(trace_id=_trace_id(None, parent))
+        return context
 
     def echoed(self, context: RequestContext) -> list[tuple[bytes, bytes]]:
         """What every answer carries: the request's ids and the security headers."""

@@ -102,6 +102,17 @@ class _Window:
         self.previous = 0
 
 
+def _weigh(previous: int, current: int, now: float, expiry: int) -> tuple[float, float]:
+    """The sliding window's count, and the time the previous window still overlaps it.
+
+    The same float operations as ``limits``, in its order; int() is floor for w >= 0.
+    """
+    if previous:
+        previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+        return previous * previous_ttl / expiry + current, previous_ttl
+    return float(current), 0.0
+
+
 class LocalCounter:
     """``limits``' sliding window counter, for one process, computed in place.
 
@@ -128,12 +139,7 @@ class LocalCounter:
             window.current = 0
             window.index = index
         previous, current = window.previous, window.current
-        # The same float operations as limits, in its order; int() is floor for w >= 0.
-        if previous:
-            previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
-            weighted = previous * previous_ttl / expiry + current
-        else:
-            weighted = float(current)
+        weighted, previous_ttl = _weigh(previous, current, now, expiry)
         allowed = int(weighted) < amount
         if allowed:
             current += 1
@@ -154,6 +160,20 @@ class LocalCounter:
         return Decision(
             allowed, amount, remaining if remaining > 0 else 0, max(1, math.ceil(reset_in))
         )
+
+    def allows(self, rate: RateLimit, key: str, now: float) -> bool:
+        """Whether a hit now would be allowed, without counting one."""
+        window = self.windows.get((rate, key))
+        if window is None:
+            return True
+        index = int(now / rate.expiry)
+        if window.index == index:
+            previous, current = window.previous, window.current
+        elif window.index == index - 1:
+            previous, current = window.current, 0
+        else:
+            return True
+        return int(_weigh(previous, current, now, rate.expiry)[0]) < rate.amount
 
     def _sweep(self, now: float) -> None:
         stale = [
@@ -192,6 +212,30 @@ class Limiter:
         self.fail_open = fail_open
         self.telemetry = telemetry
 
+    async def allows(self, rate: RateLimit, key: str) -> bool:
+        """Whether ``key`` is under ``rate`` now, without counting a hit.
+
+        A storage failure allows: this guards against abuse, it is not a quota.
+        """
+        if self.local is not None:
+            return self.local.allows(rate, key, time.time())
+        assert self.strategy is not None
+        try:
+            return await self.strategy.test(rate.item, rate.name, key)
+        except Exception as exc:
+            self._storage_failed(rate, exc, fail_open=True)
+            return True
+
+    def _storage_failed(self, rate: RateLimit, exc: Exception, fail_open: bool) -> None:
+        log.warning(
+            "rate limit storage unavailable",
+            limit=rate.limit,
+            fail_open=fail_open,
+            error_type=type(exc).__name__,
+        )
+        if self.telemetry is not None:
+            self.telemetry.ratelimit_errors.add(1, {"fail_open": fail_open})
+
     async def hit(self, rate: RateLimit, key: str) -> Decision | None:
         """Count one request for ``key``.
 
@@ -206,14 +250,7 @@ class Limiter:
             allowed = await self.strategy.hit(item, rate.name, key)
             reset_at, remaining = await self.strategy.get_window_stats(item, rate.name, key)
         except Exception as exc:
-            log.warning(
-                "rate limit storage unavailable",
-                limit=rate.limit,
-                fail_open=self.fail_open,
-                error_type=type(exc).__name__,
-            )
-            if self.telemetry is not None:
-                self.telemetry.ratelimit_errors.add(1, {"fail_open": self.fail_open})
+            self._storage_failed(rate, exc, self.fail_open)
             if self.fail_open:
                 return None
             raise Problem(

@@ -407,11 +407,15 @@ class Telemetry:
         trace_id: str,
         traceparent: str | None,
         tracestate: str | None,
+        link: bool = False,
     ) -> trace.Span:
         """The request's server span, already current; its trace id is the context's.
 
         Sampling is the SDK's ``ParentBased(TraceIdRatioBased)``: a remote parent's
-        decision is kept, a root is sampled by its trace id.
+        decision is kept, a root is sampled by its trace id. With ``link`` (a caller
+        kiban does not trust, OTel's guidance for public endpoints) the caller's span is
+        not the parent: the span starts a new trace, sampled by its own id, and keeps
+        the caller's as a link.
         """
         parent: SpanContext | None = None
         if traceparent is not None:
@@ -421,6 +425,9 @@ class Telemetry:
             found = trace.get_current_span(_tracecontext.extract(carrier, getter=_getter))
             if found.get_span_context().is_valid:
                 parent = found.get_span_context()
+        linked = None
+        if link:
+            linked, parent = parent, None
         number = int(trace_id, 16)
         if parent is not None:
             sampled = parent.trace_flags.sampled
@@ -429,7 +436,10 @@ class Telemetry:
         span_id = random.getrandbits(64) or 1
         if not sampled:
             return trace.NonRecordingSpan(span_context(number, span_id, NOT_SAMPLED, parent))
-        return ServerSpan(method, path, scheme, client, number, span_id, parent, self._spans)
+        span = ServerSpan(method, path, scheme, client, number, span_id, parent, self._spans)
+        if linked is not None:
+            span.add_link(linked, {"kiban.link": "untrusted caller"})
+        return span
 
     def end_span(
         self, span: trace.Span, method: str, status: int, route: str | None, seconds: float

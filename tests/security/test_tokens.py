@@ -68,7 +68,7 @@ def b64(data: bytes) -> str:
 
 def app_with(scheme: JWT, scopes: tuple[str, ...] = ("orders:read",)) -> TestClient:
     app = FastAPI()
-    kiban.Service(app, Settings(), security=Security(scheme, scopes=scopes))
+    kiban.Service(app, Settings(auth_failure_limit=None), security=Security(scheme, scopes=scopes))
 
     @app.get("/orders")
     async def orders() -> dict[str, str]:

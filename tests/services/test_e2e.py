@@ -23,12 +23,14 @@ def system(otlp: OTLPReceiver, spawn: Any, tmp_path: Path) -> tuple[Any, Any]:
         "services.members.app:create_app",
         OTLP_ENDPOINT=otlp.grpc_endpoint,
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/members.db",
+        TRUSTED_PROXIES="127.0.0.1",  # as in `make run`: the gateway and orders, on loopback
     )
     orders = spawn(
         "services.orders.app:create_app",
         OTLP_ENDPOINT=otlp.grpc_endpoint,
         MEMBERS_URL=members.url,
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/orders.db",
+        TRUSTED_PROXIES="127.0.0.1",
     )
     return members, orders
 

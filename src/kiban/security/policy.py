@@ -12,7 +12,12 @@ error, so nothing is public by accident. The OpenAPI document shows the result.
 Several schemes in one requirement mean any of them; a scheme's scopes must all be
 held. Missing credentials give 401 with a WWW-Authenticate challenge per scheme, bad
 ones 401, valid ones without a scope 403 naming the scope. Every failure is logged
-(scheme, reason, route, client: never the credential) and counted.
+(scheme, reason, route, client: never the credential) and counted. A client IP with
+too many bad credentials in a window (``AUTH_FAILURE_LIMIT``) gets 429 before its next
+credential is even looked at: guessing keys and passwords is throttled.
+
+A credential that a scheme accepts becomes the request's identity (``identify``): the
+uid or API client in the context, the logs and the headers sent downstream.
 """
 
 from __future__ import annotations
@@ -190,13 +195,25 @@ class _Entry:
 
 
 def _rate_key(
-    rate: RateLimit, who: Principal | None, context: propagation.RequestContext | None
+    rate: RateLimit,
+    who: Principal | None,
+    client: bool,
+    context: propagation.RequestContext | None,
 ) -> str:
-    """What a request is counted under: its API client, its principal, or its user IP."""
-    if rate.key == "api_client" and context is not None and context.api_client:
-        return f"client:{context.api_client}"
+    """What a request is counted under: its API client, its principal, or its user IP.
+
+    Only what kiban verified or trusts counts: the principal a scheme accepted
+    (``client`` when an API key proved it), and the user IP, which is the socket peer
+    unless a trusted proxy said otherwise. No header a client types changes the key.
+    """
+    if rate.key == "api_client" and who is not None and client:
+        return f"client:{who.subject}"
     if rate.key != "ip" and who is not None:
         return f"{who.scheme}:{who.subject}"
+    return _ip_key(context)
+
+
+def _ip_key(context: propagation.RequestContext | None) -> str:
     return f"ip:{context.user_ip if context else 'unknown'}"
 
 
@@ -213,8 +230,11 @@ class Policy:
         rate_limit: RateLimit | None = None,
         limiter: Limiter | None = None,
         telemetry: Telemetry | None = None,
+        auth_failures: RateLimit | None = None,
     ) -> None:
         self.default = requirement_of(default) if default is not None else None
+        #: Bad credentials allowed per client IP before 429 (None: no throttle).
+        self.auth_failures = auth_failures
         self.default_rate = rate_limit
         self.limiter = limiter or Limiter()
         self.telemetry = telemetry
@@ -377,13 +397,17 @@ class Policy:
         """
         scope = request.scope
         requirement = resolved.requirement
-        who = None if requirement.public else await self._authenticate(requirement, request, path)
+        if context is None:
+            context = propagation.current()
+        who, client = (
+            (None, False)
+            if requirement.public
+            else await self._authenticate(requirement, request, path, context)
+        )
         _principal.set(who)
         rate = resolved.rate_limit
         if rate is not None:
-            if context is None:
-                context = propagation.current()
-            key = _rate_key(rate, who, context)
+            key = _rate_key(rate, who, client, context)
             local = self.limiter.local
             decision = (
                 local.hit(rate, key, time.time())
@@ -402,20 +426,35 @@ class Policy:
         scope[ADMITTED] = resolved
 
     async def _authenticate(
-        self, requirement: Requirement, request: Request, path: str
-    ) -> Principal | None:
+        self,
+        requirement: Requirement,
+        request: Request,
+        path: str,
+        context: propagation.RequestContext | None,
+    ) -> tuple[Principal, bool]:
+        """The principal, and whether it is an API client; or the problem to answer."""
+        throttle = self.auth_failures
+        if throttle is not None and not await self.limiter.allows(throttle, _ip_key(context)):
+            self._failed("*", "throttled", path)
+            raise Problem(
+                429,
+                "Too many failed authentications; retry later.",
+                headers={"retry-after": str(throttle.expiry)},
+            )
         failures: list[tuple[Scheme, str]] = []
         missing_scopes: list[str] = []
         for alternative in requirement.alternatives:
+            scheme = alternative.scheme
             try:
-                who = await alternative.scheme.authenticate(request)
+                who = await scheme.authenticate(request)
             except AuthError as exc:
-                failures.append((alternative.scheme, exc.reason))
+                failures.append((scheme, exc.reason))
                 continue
             if who is None:
                 continue
+            scheme.identify(who)  # a verified principal, even if it lacks a scope
             if alternative.scopes <= who.scopes:
-                return who
+                return who, scheme.identifies == "client"
             missing_scopes.extend(alternative.scopes - who.scopes)
         if missing_scopes:
             self._failed(requirement.alternatives[0].scheme.name, "missing scope", path)
@@ -426,8 +465,10 @@ class Policy:
             )
         challenges = ", ".join(a.scheme.challenge() for a in requirement.alternatives)
         if failures:
-            for scheme, reason in failures:
-                self._failed(scheme.name, reason, path)
+            for failed, reason in failures:
+                self._failed(failed.name, reason, path)
+            if throttle is not None:
+                await self.limiter.hit(throttle, _ip_key(context))
             raise Problem(
                 401,
                 f"Invalid credentials: {failures[0][1]}.",

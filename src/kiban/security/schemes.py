@@ -55,6 +55,15 @@ class Scheme:
     """Base of the schemes. ``name`` keys it in the OpenAPI ``securitySchemes``."""
 
     name: str
+    #: Whether the principals it proves are users (``uid``) or API clients (``api_client``).
+    identifies: Literal["user", "client"] = "user"
+
+    def identify(self, who: Principal) -> None:
+        """Make ``who`` the request's identity: in its context, logs and downstream calls."""
+        if self.identifies == "client":
+            propagation.identify(api_client=who.subject)
+        else:
+            propagation.identify(uid=who.subject)
 
     async def authenticate(self, request: Request) -> Principal | None:
         raise NotImplementedError
@@ -157,6 +166,8 @@ class APIKey(Scheme):
 
     An API key names a client, not a user: its principal's subject is the client.
     """
+
+    identifies: Literal["user", "client"] = "client"
 
     def __init__(
         self,
@@ -354,8 +365,9 @@ class InternalIDToken(JWT):
     """The identity token an API gateway signs and passes to backends in a header.
 
     Verified as a JWT (the same checks); unsigned or wrongly signed tokens are refused,
-    and a valid one makes its subject the request's uid, replacing any uid header (which
-    anyone could have sent).
+    and a valid one makes its subject the request's uid. It is read from the request
+    itself, whoever sent it: its signature, not the peer, is what is trusted, and once
+    verified it is what goes on to internal services.
     """
 
     def __init__(
@@ -371,12 +383,11 @@ class InternalIDToken(JWT):
         self._raw_name = header.lower().encode("latin-1")
 
     async def authenticate(self, request: Request) -> Principal | None:
-        context = propagation.current()
-        token = context.id_token if context else _header(request, self._raw_name)
+        token = _header(request, self._raw_name)
         if token is None:
             return None
         principal = await self.principal(token)
-        propagation.identify(principal.subject)
+        propagation.identify(id_token=token)
         return principal
 
     def challenge(self) -> str:
