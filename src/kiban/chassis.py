@@ -36,7 +36,7 @@ from kiban.propagation import RequestContext
 from kiban.ratelimit import Decision
 from kiban.security.policy import RATE_DECISION
 from kiban.telemetry import activate, deactivate
-from kiban.trust import TrustedPeers
+from kiban.trust import AllowedHosts, TrustedPeers, local_location
 
 if TYPE_CHECKING:
     from kiban.app import Service
@@ -88,6 +88,7 @@ class Chassis:
             trusted=TrustedPeers(settings.trusted_proxies),
             untrusted_parent=settings.trace_untrusted_parent,
         )
+        self.hosts = AllowedHosts(settings.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,6 +107,10 @@ class Chassis:
                 scope["route"] = probe
                 await probe.handle(scope, exchange.receive, exchange.send)
                 return
+            # After the probes: kubelet and Prometheus address a pod by its IP.
+            hosts = self.hosts
+            if not hosts.any and headers.get("host") not in hosts:
+                raise errors.Problem(400, "The Host header names no host this service serves.")
             await self.policy.before_routing(self.api, scope, exchange.context)
             inner = self.logged if self.payloads.enabled else self.app
             await inner(scope, exchange.receive, exchange.send)
@@ -123,6 +128,14 @@ class Chassis:
             inflight.discard(exchange)
             exchange.finish(propagation.current())
             propagation.leave(exchange.context_token)
+
+
+def _keep_redirect_local(message: Message, host: str | None) -> None:
+    """A redirect the app built from the request's Host goes to a path on this service."""
+    message["headers"] = [
+        (name, local_location(value, host) if name == b"location" else value)
+        for name, value in message.get("headers", ())
+    ]
 
 
 class Exchange:
@@ -185,7 +198,9 @@ class Exchange:
         if self.interrupted is not None:
             return  # kiban answered for the app already: the rest is dropped
         if message["type"] == "http.response.start":
-            self.status = message["status"]
+            self.status = status = message["status"]
+            if 300 <= status < 400:
+                _keep_redirect_local(message, self.headers.get("host"))
             self._start(message, self.context)
         else:
             self.response_bytes += len(message.get("body", b""))

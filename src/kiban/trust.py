@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
-__all__ = ["TrustedPeers"]
+__all__ = ["AllowedHosts", "TrustedPeers", "local_location"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -64,3 +64,49 @@ class TrustedPeers:
             if hop not in self:
                 return hop
         return hops[0] or peer
+
+
+class AllowedHosts:
+    """The Host header values a service answers to (Starlette's TrustedHost rules).
+
+    ``*`` allows any; ``*.example.com`` allows the subdomains of example.com. A request
+    for another host is refused before routing, so no URL the app builds (a redirect, a
+    link in a body) can point at a host a client chose.
+    """
+
+    def __init__(self, patterns: Iterable[str] = ("*",)) -> None:
+        self.patterns = tuple(pattern.lower() for pattern in patterns)
+        self.any = "*" in self.patterns
+
+    def __contains__(self, host: object) -> bool:
+        if self.any:
+            return True
+        if not isinstance(host, str):
+            return False
+        name = _hostname(host)
+        return any(
+            name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+            for pattern in self.patterns
+        )
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:80`` gives ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.split(":", 1)[0]
+
+
+def local_location(location: bytes, host: str | None) -> bytes:
+    """A redirect to the request's own Host, made relative: it stays on this service
+    whatever Host the client typed. Redirects elsewhere are left as they are."""
+    if host is None:
+        return location
+    for scheme in (b"http://", b"https://"):
+        prefix = scheme + host.encode("latin-1").lower()
+        if location.lower().startswith(prefix):
+            rest = location[len(prefix) :]
+            if not rest or rest[:1] in (b"/", b"?", b"#"):
+                return rest if rest[:1] == b"/" else b"/" + rest
+    return location
