@@ -202,3 +202,25 @@ def test_unsafe_inbound_values_are_never_forwarded(echo: Any) -> None:
     assert seen["x-user-ip"] == "10.0.0.3"  # the peer, not the unsafe claim
     assert seen["x-forwarded-for"] == "10.0.0.3"
     assert "x-api-client" not in seen
+
+
+def test_a_non_ascii_header_value_never_fails_the_call(echo: Any) -> None:
+    """``User-Agent: café`` (UTF-8 bytes) went downstream as sent, instead of a 500."""
+    with caller(echo.url) as client:
+        response = client.get("/call/headers", headers={"user-agent": "café/1".encode()})
+    assert response.status_code == 200
+    seen = response.json()
+    assert seen["x-forwarded-user-agent"] == "caf%C3%A9/1"  # its bytes, escaped
+
+
+async def test_a_subject_past_latin_1_is_sent_escaped_not_raised(echo: Any) -> None:
+    from kiban import propagation
+
+    token = propagation.enter(propagation.RequestContext("a" * 32, "r-1", uid="ユーザー"))
+    try:
+        async with kiban_client.create(Settings(), base_url=echo.url) as http:
+            seen = (await http.get("/headers")).json()
+    finally:
+        propagation.leave(token)
+    assert seen["x-uid"] == "%E3%83%A6%E3%83%BC%E3%82%B6%E3%83%BC"
+    assert seen["x-trace-id"] == "a" * 32

@@ -8,7 +8,7 @@ parsed and joined by the same query; absent values are ``null``, never missing.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,9 +70,14 @@ def redact_query(query: str, names: Iterable[str] = ()) -> str:
 class AccessLog:
     """Writes the access line of a request; kiban's request path calls it once per request."""
 
-    def __init__(self, service: str = "", redact: Iterable[str] = ()) -> None:
+    def __init__(
+        self, service: str = "", redact: Iterable[str] = (), credentials: Set[str] = frozenset()
+    ) -> None:
         self.service = service or None
         self.redact = frozenset(redact)
+        #: The query parameters the security schemes take credentials from, kept up to
+        #: date by the policy: always redacted, whatever they are called.
+        self.credentials = credentials
         self._second = -1
         self._prefix = ""
 
@@ -106,7 +111,11 @@ class AccessLog:
             "method": scope["method"],
             "host": host,
             "path": scope["path"],
-            "query": redact_query(query.decode("latin-1"), self.redact) if query else None,
+            "query": (
+                redact_query(query.decode("latin-1"), self.redact | self.credentials)
+                if query
+                else None
+            ),
             "route": route,
             "status": status,
             #: Why kiban cut the request short (``"shutdown"``), else null.

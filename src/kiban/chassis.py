@@ -65,7 +65,11 @@ class Chassis:
         self.health = service.health
         self.telemetry = service.telemetry
         self.access = (
-            AccessLog(settings.service_name, settings.log_redact_params)
+            AccessLog(
+                settings.service_name,
+                settings.log_redact_params,
+                credentials=service.policy.query_credentials,
+            )
             if settings.access_log
             else None
         )
@@ -91,7 +95,11 @@ class Chassis:
         self.hosts = AllowedHosts(settings.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind == "websocket":
+            await self.websocket(scope, receive, send)
+            return
+        if kind != "http":
             await self.app(scope, receive, send)
             return
         exchange = Exchange(self, scope, receive, send)
@@ -129,6 +137,27 @@ class Chassis:
             exchange.finish(propagation.current())
             propagation.leave(exchange.context_token)
 
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A websocket handshake passes the route's security first, with the same context.
+
+        A refused one is answered with its problem+json where the server can send an
+        HTTP response to a handshake (the ASGI ``websocket.http.response`` extension),
+        else closed with 1008 (policy violation) before it is accepted.
+        """
+        inbound = self.inbound
+        client = scope.get("client")
+        remote = client[0] if client else None
+        token = propagation.enter(inbound.context(inbound.read(scope["headers"]), remote))
+        try:
+            try:
+                await self.policy.admit_websocket(self.api, scope)
+            except errors.Problem as problem:
+                await _refuse_handshake(scope, send, problem)
+                return
+            await self.app(scope, receive, send)
+        finally:
+            propagation.leave(token)
+
 
 def _keep_redirect_local(message: Message, host: str | None) -> None:
     """A redirect the app built from the request's Host goes to a path on this service."""
@@ -136,6 +165,24 @@ def _keep_redirect_local(message: Message, host: str | None) -> None:
         (name, local_location(value, host) if name == b"location" else value)
         for name, value in message.get("headers", ())
     ]
+
+
+async def _refuse_handshake(scope: Scope, send: Send, problem: errors.Problem) -> None:
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = errors.problem_body(problem.status, problem.detail, **problem.extensions)
+        headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in problem.headers.items()
+        ]
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": problem.status,
+                "headers": [(b"content-type", errors.PROBLEM_JSON.encode()), *headers],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "websocket.close", "code": 1008})
 
 
 class Exchange:

@@ -32,6 +32,24 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 _tracecontext = TraceContextTextMapPropagator()
 
 
+def _ascii(headers: dict[str, str]) -> dict[str, str]:
+    """The headers with every byte past ASCII percent-encoded (``café`` -> ``caf%C3%A9``).
+
+    ASGI gives header values as latin-1 text of the bytes received; httpx encodes and
+    decodes header values as ASCII and fails the whole call on anything else.
+    Propagation must never make a request fail, so the bytes go on, escaped.
+    """
+    return {name: value if value.isascii() else _escape(value) for name, value in headers.items()}
+
+
+def _escape(value: str) -> str:
+    try:
+        raw = value.encode("latin-1")  # the bytes as received
+    except UnicodeEncodeError:
+        raw = value.encode()  # text made here (a token's subject)
+    return "".join(chr(byte) if byte < 0x80 else f"%{byte:02X}" for byte in raw)
+
+
 def is_internal(host: str, patterns: Iterable[str]) -> bool:
     """Whether ``host`` is one of ours (matches a pattern such as ``*.svc.cluster.local``)."""
     host = host.lower()
@@ -75,7 +93,7 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
         internal = is_internal(request.url.host, self.internal_hosts)
         context = propagation.current()
         if context is not None and internal:
-            request.headers.update(propagation.outbound_headers(context, self.names))
+            request.headers.update(_ascii(propagation.outbound_headers(context, self.names)))
         method = request.method
         with self.tracer.start_as_current_span(
             method,

@@ -10,11 +10,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, WebSocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.staticfiles import StaticFiles
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 
 import kiban
 from kiban.config import Settings
@@ -31,7 +31,7 @@ from kiban.security import (
     principal,
 )
 from kiban.security.schemes import Introspection
-from tests.conftest import DEV_KEYS, Lines, free_port, token
+from tests.conftest import DEV_KEYS, Lines, closed_port, free_port, token
 from tests.receivers import Reply, serve
 
 GATEWAY = (DEV_KEYS / "gateway-dev.pub.pem").read_bytes()
@@ -40,6 +40,10 @@ AUTH = (DEV_KEYS / "auth-dev.pub.pem").read_bytes()
 
 async def _key(key: str) -> Principal | bool | None:
     return Principal("api_key", "partner") if key == "k-123" else None
+
+
+async def _valid_key(key: str) -> bool:
+    return key == "k-1"
 
 
 async def _basic(username: str, password: str) -> bool:
@@ -361,6 +365,8 @@ class Introspector:
             expected = "Basic " + base64.b64encode(b"kiban:s3cret").decode()
             if headers.get("authorization") != expected:
                 return 401, "", b""
+            if parse_qs(body.decode()).get("token") == ["array-token"]:
+                return 200, "application/json", b"[true]"  # JSON, but not an RFC 7662 object
             active = parse_qs(body.decode()).get("token") == ["good-token"]
             answer = (
                 {"active": True, "sub": "svc-7", "scope": "orders:read"}
@@ -417,6 +423,72 @@ def test_oauth2_by_introspection_and_by_jwt() -> None:
         introspector.server.shutdown()
 
 
+def test_an_introspection_endpoint_that_fails_is_503_not_401(lines: Lines) -> None:
+    """The authorization server's fault is not the client's: 503 with Retry-After."""
+    introspector = Introspector()
+    flows = {"clientCredentials": {"tokenUrl": "https://auth.example/token"}}
+    try:
+        for url, token_value in (
+            (f"http://127.0.0.1:{introspector.port}/introspect", "array-token"),
+            (f"http://127.0.0.1:{closed_port()}/introspect", "good-token"),
+        ):
+            scheme = OAuth2(flows=flows, introspection=Introspection(url, "kiban", "s3cret"))
+            app = FastAPI()
+            kiban.Service(app, Settings(), security=Security(scheme))
+
+            @app.get("/x")
+            async def x() -> dict[str, str]:
+                return {}
+
+            with TestClient(app) as client:
+                response = client.get("/x", headers={"authorization": f"Bearer {token_value}"})
+            assert response.status_code == 503
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["retry-after"] == "1"
+    finally:
+        introspector.server.shutdown()
+    assert (
+        len([line for line in lines.app() if line["msg"] == "token introspection unavailable"]) == 2
+    )
+
+
+def test_duplicate_api_keys_in_headers_or_query_are_refused() -> None:
+    app = FastAPI()
+    header = APIKey(_valid_key)
+    query = APIKey(_valid_key, name="query_key", parameter="key", location="query")
+    kiban.Service(app, Settings(), security=Security(header))
+
+    @app.get("/h")
+    async def h() -> dict[str, str]:
+        return {}
+
+    @app.get("/q", dependencies=[Security(query)])
+    async def q() -> dict[str, str]:
+        return {}
+
+    with TestClient(app) as client:
+        assert client.get("/h", headers={"x-api-key": "k-1"}).status_code == 200
+        twice = client.get("/h", headers=[("x-api-key", "k-1"), ("x-api-key", "k-2")])
+        assert twice.status_code == 401
+        assert client.get("/q?key=k-1").status_code == 200
+        assert client.get("/q?key=k-1&key=k-2").status_code == 401
+
+
+def test_a_query_api_key_is_redacted_in_the_access_log(lines: Lines) -> None:
+    app = FastAPI()
+    query = APIKey(_valid_key, name="query_key", parameter="k", location="query")
+    kiban.Service(app, Settings(), security=Security(query))
+
+    @app.get("/q")
+    async def q() -> dict[str, str]:
+        return {}
+
+    with TestClient(app) as client:
+        assert client.get("/q?k=k-1&page=2").status_code == 200
+    (line,) = lines.access()
+    assert line["query"] == "k=[REDACTED]&page=2"
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300))
 def test_any_authorization_header_is_a_4xx_never_a_500(value: str) -> None:
@@ -427,3 +499,40 @@ def test_any_authorization_header_is_a_4xx_never_a_500(value: str) -> None:
 
 
 _fuzz_client = TestClient(build(Security(jwt_scheme)))
+
+
+def _websocket_app(security: Any = None) -> FastAPI:
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=security)
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        await socket.accept()
+        context = kiban.current()
+        await socket.send_json({"uid": context.uid if context else None})
+        await socket.close()
+
+    @app.websocket("/open", dependencies=[NoSecurity()])
+    async def open_socket(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_text("hi")
+        await socket.close()
+
+    return app
+
+
+def test_a_websocket_without_a_requirement_stops_start_up() -> None:
+    with pytest.raises(SecurityConfigError, match="WEBSOCKET"), TestClient(_websocket_app()):
+        pass
+
+
+def test_a_secured_websocket_refuses_anonymous_clients_and_serves_authenticated_ones() -> None:
+    with TestClient(_websocket_app(Security(jwt_scheme))) as client:
+        with pytest.raises(WebSocketDenialResponse) as denied, client.websocket_connect("/ws"):
+            pass
+        assert denied.value.status_code == 401
+        assert denied.value.headers["content-type"] == "application/problem+json"
+        with client.websocket_connect("/ws", headers=bearer("orders:read")) as socket:
+            assert socket.receive_json() == {"uid": "user-1"}
+        with client.websocket_connect("/open") as socket:
+            assert socket.receive_text() == "hi"

@@ -307,3 +307,36 @@ async def test_jwks_rotation_cooldown_and_outage(jwks_server: JWKSServer) -> Non
     jwks.ttl = 0
     await asyncio.sleep(0.6)
     assert (await verifier.verify(sign(headers={"kid": "old"}, aud=None)))["sub"] == "user-1"
+
+
+def test_the_default_leeway_is_small_and_exp_is_never_stretched_far() -> None:
+    """The attack suite's finding: exp == now - 25 s passed with a 30 s default leeway."""
+    now = int(time.time())
+    default = app_with(JWT(algorithms=["RS256"], key=PUBLIC, issuer=ISSUER, audience=AUDIENCE))
+    assert status(sign(exp=now - 25), default) == 401
+    assert status(sign(exp=now - 6), default) == 401
+    assert status(sign(exp=now + 2), default) == 200
+    assert status(sign(exp=now), client) == 401  # leeway=0: exp == now is expired
+
+
+def test_a_token_for_another_audience_is_refused_when_the_scheme_names_none() -> None:
+    anyone = app_with(JWT(algorithms=["RS256"], key=PUBLIC, issuer=ISSUER))
+    assert status(sign(aud="billing"), anyone) == 401
+    assert status(sign(aud=None), anyone) == 200  # no audience claimed: nothing to mismatch
+
+
+async def test_with_a_single_key_a_kid_selects_nothing() -> None:
+    verifier = TokenVerifier(algorithms=["RS256"], key=PUBLIC, issuer=ISSUER, audience=AUDIENCE)
+    assert (await verifier.verify(sign(headers={"kid": "anything"})))["sub"] == "user-1"
+    with pytest.raises(InvalidToken, match="bad signature"):
+        await verifier.verify(sign(key=OTHER_PRIVATE, headers={"kid": "anything"}))
+
+
+def test_two_authorization_headers_are_refused_never_guessed() -> None:
+    token = sign()
+    response = client.get(
+        "/orders",
+        headers=[("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}")],
+    )
+    assert response.status_code == 401
+    assert "ambiguous" in response.json()["detail"]

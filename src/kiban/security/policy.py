@@ -33,6 +33,7 @@ from typing import Any
 import fastapi.routing
 from fastapi import FastAPI, Request, params
 from starlette._utils import get_route_path
+from starlette.requests import HTTPConnection
 from starlette.routing import Route
 from starlette.types import Scope
 
@@ -91,8 +92,11 @@ class Requirement:
         ]
         return f"Security({' | '.join(parts)})"
 
-    async def __call__(self, request: Request) -> None:
-        """Enforce, when this is the route's resolved requirement and not yet enforced."""
+    async def __call__(self, request: HTTPConnection) -> None:
+        """Enforce, when this is the route's resolved requirement and not yet enforced.
+
+        An ``HTTPConnection``, so that the same marker serves HTTP and websocket routes.
+        """
         policy: Policy = request.app.state.kiban.policy
         scope = request.scope
         resolved = policy.for_route(request.app, scope.get("route"))
@@ -240,6 +244,9 @@ class Policy:
         self.telemetry = telemetry
         self.table: dict[int, Resolved] = {}
         self.operations: dict[tuple[str, str], Resolved] = {}
+        self.websockets: list[tuple[re.Pattern[str], str, Resolved]] = []
+        #: Query parameters that carry a credential (``APIKey(location="query")``).
+        self.query_credentials: set[str] = set()
         self._stripped: list[tuple[list[Any], list[Any]]] = []
         self._literal: dict[str, list[_Entry]] = {}
         self._patterns: list[_Entry] = []
@@ -254,17 +261,28 @@ class Policy:
         table: dict[int, Resolved] = {}
         operations: dict[tuple[str, str], Resolved] = {}
         unsecured = []
+        websockets: list[tuple[re.Pattern[str], str, Resolved]] = []
+        credentials: set[str] = set()
         for key, route in routes.effective(app.routes):
             dependencies = getattr(route, "dependencies", None)
-            if dependencies is None or not isinstance(key, fastapi.routing.APIRoute):
+            websocket = isinstance(key, fastapi.routing.APIWebSocketRoute)
+            if dependencies is None or not (websocket or isinstance(key, fastapi.routing.APIRoute)):
                 continue
             declared = [d.dependency for d in dependencies]
             requirements = [d for d in declared if isinstance(d, Requirement)]
             rates = [d.rate for d in declared if isinstance(d, _RateLimitMarker)]
             if not requirements:
-                unsecured.append(f"{sorted(route.methods or [])} {route.path_format}")
+                methods = ["WEBSOCKET"] if websocket else sorted(route.methods or [])
+                unsecured.append(f"{methods} {route.path_format}")
                 continue
             resolved = Resolved(requirements[-1], rates[-1] if rates else self.default_rate)
+            for alternative in resolved.requirement.alternatives:
+                credentials.update(alternative.scheme.query_credentials())
+            if websocket:
+                websockets.append((route.path_regex, route.path_format, resolved))
+                table[id(key)] = resolved
+                _strip_markers(route)  # enforced before the app, by ``admit_websocket``
+                continue
             previous = table.get(id(key))
             if previous is not None and previous != resolved:
                 raise SecurityConfigError(
@@ -282,6 +300,10 @@ class Policy:
             )
         self.table = table
         self.operations = operations
+        self.websockets = websockets
+        # Updated in place: the access log holds this set and redacts what it names.
+        self.query_credentials.clear()
+        self.query_credentials.update(credentials)
         entries = self._entries(app)
         self._literal = {}
         for entry in entries:
@@ -355,6 +377,19 @@ class Policy:
         if entry is not None and entry.resolved is not None:
             await self.admit(entry.resolved, Request(scope), entry.path, context)
 
+    async def admit_websocket(self, app: FastAPI, scope: Scope) -> None:
+        """Enforce a websocket route's requirement before the app accepts the connection.
+
+        Raises the problem a refused handshake would get; the caller closes the socket.
+        """
+        if self._resolved_for != len(app.routes):
+            self.resolve(app)
+        path = get_route_path(scope) if scope.get("root_path") else scope["path"]
+        for regex, template, resolved in self.websockets:
+            if regex.match(path):
+                await self.admit(resolved, HTTPConnection(scope), template)
+                return
+
     def _admission(self, scope: Scope) -> _Entry | None:
         """The exclusive route that will serve this request, if its route is exclusive.
 
@@ -387,7 +422,7 @@ class Policy:
     async def admit(
         self,
         resolved: Resolved,
-        request: Request,
+        request: HTTPConnection,
         path: str,
         context: propagation.RequestContext | None = None,
     ) -> None:
@@ -428,7 +463,7 @@ class Policy:
     async def _authenticate(
         self,
         requirement: Requirement,
-        request: Request,
+        request: HTTPConnection,
         path: str,
         context: propagation.RequestContext | None,
     ) -> tuple[Principal, bool]:

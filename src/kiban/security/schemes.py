@@ -16,9 +16,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
-from kiban import propagation
+from kiban import log, propagation
+from kiban.errors import Problem
 from kiban.security.tokens import JWKS, InvalidToken, TokenVerifier
 
 __all__ = [
@@ -65,12 +66,16 @@ class Scheme:
         else:
             propagation.identify(uid=who.subject)
 
-    async def authenticate(self, request: Request) -> Principal | None:
+    async def authenticate(self, request: HTTPConnection) -> Principal | None:
         raise NotImplementedError
 
     def challenge(self) -> str:
         """The WWW-Authenticate challenge for a 401."""
         raise NotImplementedError
+
+    def query_credentials(self) -> tuple[str, ...]:
+        """Query parameters this scheme reads a credential from: the access log redacts them."""
+        return ()
 
     def openapi(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -92,17 +97,23 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     return frozenset()
 
 
-def _header(request: Request, name: bytes) -> str | None:
-    """The first value of a request header (``name`` in lower case, as ASGI servers give
-    names): the raw list is scanned as Starlette's ``Headers`` does, without building one
-    for every scheme a request is checked against."""
+def _header(request: HTTPConnection, name: bytes) -> str | None:
+    """The value of a credential header (``name`` in lower case, as ASGI servers give
+    names), scanned as Starlette's ``Headers`` does without building one per scheme.
+
+    Sent twice, a credential is ambiguous: a proxy that reads the last copy and kiban
+    reading the first would disagree on who is calling, so it is refused, never guessed.
+    """
+    found = None
     for key, value in request.scope["headers"]:
         if key == name:
-            return value.decode("latin-1")  # type: ignore[no-any-return]
-    return None
+            if found is not None:
+                raise AuthError("ambiguous credentials: header sent twice")
+            found = value.decode("latin-1")
+    return found
 
 
-def _bearer(request: Request) -> str | None:
+def _bearer(request: HTTPConnection) -> str | None:
     header = _header(request, b"authorization")
     if header is None:
         return None
@@ -132,7 +143,7 @@ class BasicAuth(Scheme):
         self.name = name
         self.realm = realm
 
-    async def authenticate(self, request: Request) -> Principal | None:
+    async def authenticate(self, request: HTTPConnection) -> Principal | None:
         header = _header(request, b"authorization")
         if header is None:
             return None
@@ -185,11 +196,14 @@ class APIKey(Scheme):
         #: The principal of each valid key seen lately: a digest is not worth redoing.
         self._principals: dict[str, Principal] = {}
 
-    async def authenticate(self, request: Request) -> Principal | None:
+    async def authenticate(self, request: HTTPConnection) -> Principal | None:
         if self.location == "header":
             key = _header(request, self._raw_name)
         elif self.location == "query":
-            key = request.query_params.get(self.parameter)
+            keys = request.query_params.getlist(self.parameter)
+            if len(keys) > 1:
+                raise AuthError("ambiguous credentials: parameter sent twice")
+            key = keys[0] if keys else None
         else:
             key = request.cookies.get(self.parameter)
         if key is None:
@@ -208,6 +222,9 @@ class APIKey(Scheme):
                 found = self._principals[key] = Principal(self.name, f"key-{digest}")
             return found
         raise AuthError("invalid api key")
+
+    def query_credentials(self) -> tuple[str, ...]:
+        return (self.parameter,) if self.location == "query" else ()
 
     def challenge(self) -> str:
         return f'APIKey realm="kiban", in="{self.location}", name="{self.parameter}"'
@@ -239,7 +256,15 @@ def _verifier(
 
 
 class JWT(Scheme):
-    """A bearer JWT: verified signature and claims, scopes from ``scope``/``scp``."""
+    """A bearer JWT: verified signature and claims, scopes from ``scope``/``scp``.
+
+    ``leeway`` (5 s) allows for clocks that disagree a little: a token is refused from
+    ``exp + leeway`` on, and while its ``nbf`` or ``iat`` is more than that ahead.
+    ``audience`` is the service's name in ``aud``; without one, a token that names any
+    audience is refused (it was minted for someone else). With a single ``key``, a
+    ``kid`` in the token's header selects nothing: every token is checked against that
+    key. With ``keys`` (or a JWKS), the ``kid`` must name one of them.
+    """
 
     def __init__(
         self,
@@ -250,7 +275,7 @@ class JWT(Scheme):
         jwks_url: str | None = None,
         issuer: str | None = None,
         audience: str | None = None,
-        leeway: float = 30.0,
+        leeway: float = 5.0,
         required_claims: Sequence[str] = ("sub",),
         name: str = "jwt",
     ) -> None:
@@ -259,7 +284,7 @@ class JWT(Scheme):
         )
         self.name = name
 
-    async def authenticate(self, request: Request) -> Principal | None:
+    async def authenticate(self, request: HTTPConnection) -> Principal | None:
         token = _bearer(request)
         if token is None:
             return None
@@ -311,8 +336,10 @@ class Introspection:
                     response = await client.post(self.url, data={"token": token}, auth=self.auth)
                 response.raise_for_status()
                 answer = response.json()
-            except (httpx.HTTPError, ValueError):
-                raise AuthError("token introspection unavailable") from None
+            except (httpx.HTTPError, ValueError) as exc:
+                raise _introspection_failed(type(exc).__name__) from None
+            if not isinstance(answer, dict):  # RFC 7662 §2.2: a JSON object
+                raise _introspection_failed("not a JSON object")
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[digest] = (now + self.cache_seconds, answer)
@@ -322,6 +349,14 @@ class Introspection:
         if isinstance(exp, int | float) and exp <= time.time():
             raise AuthError("token expired")
         return dict(answer)
+
+
+def _introspection_failed(error: str) -> Problem:
+    """The authorization server could not say: its fault, not the client's (503, not 401)."""
+    log.warning("token introspection unavailable", error_type=error)
+    return Problem(
+        503, "Token introspection is unavailable; retry later.", headers={"retry-after": "1"}
+    )
 
 
 class OAuth2(Scheme):
@@ -342,7 +377,7 @@ class OAuth2(Scheme):
         self.introspection = introspection
         self.name = name
 
-    async def authenticate(self, request: Request) -> Principal | None:
+    async def authenticate(self, request: HTTPConnection) -> Principal | None:
         token = _bearer(request)
         if token is None:
             return None
@@ -382,7 +417,7 @@ class InternalIDToken(JWT):
         self.header = header
         self._raw_name = header.lower().encode("latin-1")
 
-    async def authenticate(self, request: Request) -> Principal | None:
+    async def authenticate(self, request: HTTPConnection) -> Principal | None:
         token = _header(request, self._raw_name)
         if token is None:
             return None

@@ -221,11 +221,9 @@ class TokenVerifier:
                 issuer=self.issuer,
                 audience=self.audience,
                 leeway=self.leeway,
-                options={
-                    "require": ["exp", *self.required_claims],
-                    "verify_aud": self.audience is not None,
-                    "strict_aud": False,
-                },
+                # PyJWT's default: a token naming an audience is refused unless it is
+                # ours, and refused when the scheme names none.
+                options={"require": ["exp", *self.required_claims], "strict_aud": False},
             )
         except jwt.ExpiredSignatureError:
             raise InvalidToken("token expired") from None
