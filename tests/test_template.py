@@ -89,7 +89,7 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
         env={**os.environ, "TEST_DATABASE_URL": postgres_url},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "10 passed" in result.stdout
+    assert "12 passed" in result.stdout
 
     private = ed25519.Ed25519PrivateKey.generate()
     key = (

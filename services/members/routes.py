@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query
 
 import kiban
 from kiban.database import Session
-from kiban.security import NoSecurity, RateLimited, Security, principal
+from kiban.security import NoSecurity, RateLimited, Security, owns, principal
 from services.common import Schemes
 from services.members.repository import EmailTaken, MemberRepository
 from services.members.schemas import MemberIn, MemberOut, MemberPage, MemberPatch
@@ -70,7 +70,8 @@ def router(schemes: Schemes, registration_limit: str = "30/second") -> APIRouter
         dependencies=[Security(schemes.jwt.requiring("members:read"), schemes.internal)],
     )
     async def get_member(member_id: MemberId, repo: Repo) -> MemberOut:
-        member = await repo.get(member_id)
+        """Any member for a service holding ``members:read``; a member, only themselves."""
+        member = await repo.get(member_id) if owns(member_id, or_scope="members:read") else None
         if member is None:
             raise _not_found(member_id)
         return MemberOut.model_validate(member)

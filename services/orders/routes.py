@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 import kiban
 from kiban.database import Session
+from kiban.security import owns, principal
 from services.orders.members import Members
 from services.orders.repository import OrderRepository
 from services.orders.schemas import OrderIn, OrderOut, OrderPage
@@ -36,8 +37,14 @@ OrderId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 MembersDep = Annotated[Members, Depends(members)]
 
 
+#: Held by operators' identity tokens: they may see and place anyone's orders.
+ADMIN = "orders:admin"
+
+
 @router.post("", status_code=201, response_model=OrderOut)
 async def place_order(body: OrderIn, repo: Repo, members: MembersDep) -> OrderOut:
+    if not owns(body.member_id, or_scope=ADMIN):  # a member orders for themselves only
+        raise kiban.Problem(403, "You can only place orders for yourself.")
     started = time.perf_counter()
     outcome = "failed"
     try:
@@ -54,7 +61,7 @@ async def place_order(body: OrderIn, repo: Repo, members: MembersDep) -> OrderOu
 @router.get("/{order_id:int}", response_model=OrderOut)
 async def get_order(order_id: OrderId, repo: Repo) -> OrderOut:
     order = await repo.get(order_id)
-    if order is None:
+    if order is None or not owns(order.member_id, or_scope=ADMIN):  # not yours: not there
         raise kiban.Problem(404, f"No order has id {order_id}.")
     return OrderOut.model_validate(order)
 
@@ -66,6 +73,13 @@ async def list_orders(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> OrderPage:
+    """A member's own orders; an admin's choice of member, or everyone's."""
+    if not owns(member_id, or_scope=ADMIN):
+        who = principal()
+        assert who is not None  # the router requires an identity token
+        if member_id is not None or not who.subject.isdigit():
+            raise kiban.Problem(403, "You can only list your own orders.")
+        member_id = int(who.subject)
     rows, total = await repo.page(member_id, limit, offset)
     return OrderPage(
         items=[OrderOut.model_validate(row) for row in rows],

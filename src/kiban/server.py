@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+from http import HTTPStatus
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -51,13 +52,22 @@ class Config(uvicorn.Config):
         self.max_header_bytes = max_header_bytes
 
 
-def _header_too_large() -> bytes:
-    body = problem_body(431)  # outside any request: no trace id to add
+def _refusal(status: int, detail: str | None = None) -> bytes:
+    """A problem+json answer the server writes itself, before any request exists."""
+    body = problem_body(status, detail)  # outside any request: no trace id to add
     return (
-        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-        b"content-type: application/problem+json\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+        b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+        + b"content-type: application/problem+json\r\n"
+        + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        + body
     )
+
+
+_HEADER_TOO_LARGE = _refusal(431)
+#: What every request the HTTP parser refuses gets (bare LF, obs-fold, CL with TE, a bad
+#: Content-Length, an invalid method, NUL in a header...): the parser's own message is
+#: not repeated, it may quote the request.
+_MALFORMED = _refusal(400, "The request is not valid HTTP/1.1.")
 
 
 class _HeadWriter:
@@ -107,7 +117,8 @@ class HttpProtocol(HttpToolsProtocol):
         self.max_header_bytes: int = getattr(config, "max_header_bytes", 16 * 1024)
         #: Loop time since which a request head has been awaited; None once it is in.
         self.head_since: float | None = None
-        self._head_bytes = 0  # of the head being received, as of the last chunk
+        self._head_bytes = 0  # of the head being received, as of the last chunk: at least
+        self._head_upper = 0  # of the head being received before this chunk: at most
         self._chunk = 0  # bytes of the chunk being parsed
         self._began = False  # a request head began in the chunk being parsed
         self._rejected = False
@@ -132,7 +143,7 @@ class HttpProtocol(HttpToolsProtocol):
     def _reject(self) -> None:
         self._rejected = True
         self.head_since = None
-        self.transport.write(_header_too_large())
+        self.transport.write(_HEADER_TOO_LARGE)
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -148,29 +159,39 @@ class HttpProtocol(HttpToolsProtocol):
         if self.head_since is not None and not self._rejected:  # a head is still incomplete
             # A head that began in this chunk is measured (the chunk may end a previous
             # request's body); a head that goes on counts the whole chunk.
+            # Bounds, not counts: a header still arriving is not in the parsed ones, and
+            # the bytes before the head (a body's tail) are not part of it.
             if self._began:
                 self._head_bytes = self._parsed_head_bytes()
+                self._head_upper = self._chunk
             else:
                 self._head_bytes += self._chunk
+                self._head_upper += self._chunk
             if self._head_bytes > self.max_header_bytes:
                 self._reject()
 
     def send_400_response(self, msg: str) -> None:
-        if not self._rejected:  # the 431 was sent already
-            super().send_400_response(msg)
+        """uvicorn answers a request its parser refuses in plain text; kiban in problem+json."""
+        if not self._rejected:  # else the 431 was sent already
+            self._rejected = True
+            self.head_since = None
+            self.transport.write(_MALFORMED)
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self._head_upper = 0
         self._began = True
         if self.head_since is None:  # a connection's first head is timed from its connect
             self.head_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
         self.head_since = None
-        # Measured only when this chunk could have taken the head past the limit.
+        # Measured exactly (every header is in) when the head could be past the limit:
+        # however its bytes were split across reads, the upper bound says so.
         if (
-            self._head_bytes + self._chunk > self.max_header_bytes
+            self._head_upper + self._chunk > self.max_header_bytes
             and self._parsed_head_bytes() > self.max_header_bytes
         ):
             self._reject()

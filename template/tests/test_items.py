@@ -28,6 +28,18 @@ def test_duplicate_names_conflict(client: TestClient) -> None:
     assert again.headers["content-type"] == "application/problem+json"
 
 
+def test_only_the_owner_or_an_admin_deletes_an_item(client: TestClient) -> None:
+    name = f"mug-{uuid.uuid4().hex[:8]}"
+    item = client.post("/items", json={"name": name}, headers=WRITER).json()
+    other = credentials("items:write", subject="someone-else")
+    assert client.delete(f"/items/{item['id']}", headers=other).status_code == 404
+    assert client.delete(f"/items/{item['id']}", headers=WRITER).status_code == 204
+    assert client.get(f"/items/{item['id']}").status_code == 404
+    again = client.post("/items", json={"name": name}, headers=WRITER).json()
+    admin = credentials("items:write", "items:admin", subject="ops")
+    assert client.delete(f"/items/{again['id']}", headers=admin).status_code == 204
+
+
 def test_security_levels(client: TestClient) -> None:
     assert client.post("/items", json={"name": "x"}).status_code == 401
     assert client.post("/items", json={"name": "x"}, headers=credentials()).status_code == 403

@@ -47,11 +47,11 @@ def test_one_trace_and_one_context_across_two_services(
         json={"member_id": member["id"], "item": "tea", "quantity": 2},
         headers={
             "x-trace-id": TRACE,
-            "x-uid": "u-42",
+            "x-uid": str(member["id"]),
             "user-agent": "ShopApp/3.1 (iPhone)",
             "x-user-ip": "203.0.113.7",
             "x-forwarded-for": "203.0.113.7, 198.51.100.2",
-            **identity("u-42"),
+            **identity(str(member["id"])),
         },
     )
     assert response.status_code == 201, response.text
@@ -83,7 +83,7 @@ def test_one_trace_and_one_context_across_two_services(
     )
     for line in (orders_line, members_line):
         assert line["trace_id"] == TRACE
-        assert line["uid"] == "u-42"
+        assert line["uid"] == str(member["id"])
         assert line["user_agent"] == "ShopApp/3.1 (iPhone)"
         assert line["user_ip"] == "203.0.113.7"
     assert orders_line["forwarded_for"] == "203.0.113.7, 198.51.100.2"
@@ -99,7 +99,7 @@ def test_a_members_outage_is_a_503_problem_and_shows_in_readiness(
     response = httpx.post(
         f"{orders.url}/orders",
         json={"member_id": 1, "item": "tea", "quantity": 1},
-        headers=identity("u-1"),
+        headers=identity("1"),
     )
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"

@@ -8,6 +8,7 @@ from kiban.security.policy import (
     Security,
     SecurityConfigError,
     Unlimited,
+    owns,
     principal,
 )
 from kiban.security.schemes import (
@@ -41,5 +42,6 @@ __all__ = [
     "SecurityConfigError",
     "TokenVerifier",
     "Unlimited",
+    "owns",
     "principal",
 ]

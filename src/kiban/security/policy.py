@@ -51,6 +51,7 @@ __all__ = [
     "Security",
     "SecurityConfigError",
     "Unlimited",
+    "owns",
     "principal",
 ]
 
@@ -64,6 +65,21 @@ _principal: ContextVar[Principal | None] = ContextVar("kiban_principal", default
 def principal() -> Principal | None:
     """Who the current request was authenticated as (None on public routes)."""
     return _principal.get()
+
+
+def owns(owner: object, *, or_scope: str | None = None) -> bool:
+    """Whether the request's principal may act on a resource belonging to ``owner``.
+
+    Object-level authorization (OWASP API1): a route's requirement says who may call
+    it, not whose data they may touch. True when the principal's subject is ``owner``
+    (compared as text: ``owns(order.member_id)``), or it holds ``or_scope`` (an admin
+    or a service acting for anyone). Answer a resource someone does not own as 404, so
+    its existence is not disclosed either.
+    """
+    who = _principal.get()
+    if who is None:
+        return False
+    return who.subject == str(owner) or (or_scope is not None and or_scope in who.scopes)
 
 
 class SecurityConfigError(Exception):

@@ -99,7 +99,7 @@ def test_invalid_registrations_are_422(client: TestClient, body: dict[str, objec
 
 
 def test_unknown_member_is_404_problem(client: TestClient) -> None:
-    response = client.get("/members/424242", headers=identity("7"))
+    response = client.get("/members/424242", headers=READER)
     assert response.status_code == 404
     assert response.json()["detail"] == "No member has id 424242."
 
@@ -148,7 +148,11 @@ def test_each_route_has_its_declared_security(client: TestClient) -> None:
     assert client.get(member).status_code == 401
     assert client.get(member, headers=bearer("svc")).status_code == 403
     assert client.get(member, headers=READER).status_code == 200
-    assert client.get(member, headers=identity("someone")).status_code == 200
+    # A member reads themselves only; someone else's record is not there for them.
+    assert client.get(member, headers=identity(str(created["id"]))).status_code == 200
+    other = client.get(member, headers=identity(str(created["id"] + 1)))
+    assert other.status_code == 404
+    assert "sec@example.com" not in other.text
     # Updating falls back to the API default: an admin JWT.
     assert client.patch(member, json={"name": "X"}, headers=READER).status_code == 403
     assert client.patch(member, json={"name": "X"}, headers=ADMIN).status_code == 200

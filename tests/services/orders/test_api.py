@@ -11,9 +11,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from services.orders.app import OrdersSettings, create_app
-from tests.conftest import Lines, closed_port, identity
+from tests.conftest import Lines, closed_port, identity, token
 
-USER = identity("u-1")
+USER = identity("1")  # member 1: the first registered in each test
+OPERATOR = {"x-internal-id-token": token("internal", "ops", "orders:admin")}
 
 pytestmark = pytest.mark.process
 
@@ -42,6 +43,7 @@ def register(members: Any, email: str) -> int:
 
 def test_place_get_and_list_orders(members: Any, orders: TestClient) -> None:
     member_id = register(members, "ada@example.com")
+    assert member_id == 1
     placed = orders.post(
         "/orders", json={"member_id": member_id, "item": "tea", "quantity": 2}, headers=USER
     )
@@ -51,15 +53,36 @@ def test_place_get_and_list_orders(members: Any, orders: TestClient) -> None:
     assert orders.get(f"/orders/{body['id']}", headers=USER).json()["item"] == "tea"
     page = orders.get("/orders", params={"member_id": member_id}, headers=USER).json()
     assert page["total"] == 1
-    assert (
-        orders.get("/orders", params={"member_id": member_id + 1}, headers=USER).json()["total"]
-        == 0
+    assert orders.get("/orders", headers=USER).json()["total"] == 1  # one's own by default
+
+
+def test_a_member_sees_and_places_only_their_own_orders(members: Any, orders: TestClient) -> None:
+    """OWASP API1: member 2's token got member 1's order, list, email and could order
+    on member 1's behalf."""
+    ada, bob = register(members, "ada@example.com"), register(members, "bob@example.com")
+    as_ada, as_bob = identity(str(ada)), identity(str(bob))
+    order = orders.post(
+        "/orders", json={"member_id": ada, "item": "tea", "quantity": 1}, headers=as_ada
+    ).json()
+    assert orders.get(f"/orders/{order['id']}", headers=as_bob).status_code == 404
+    assert orders.get("/orders", params={"member_id": ada}, headers=as_bob).status_code == 403
+    assert orders.get("/orders", headers=as_bob).json()["total"] == 0
+    on_behalf = orders.post(
+        "/orders", json={"member_id": ada, "item": "tea", "quantity": 9}, headers=as_bob
     )
+    assert on_behalf.status_code == 403
+    assert on_behalf.headers["content-type"] == "application/problem+json"
+    email = httpx.get(f"{members.url}/members/{ada}", headers=as_bob)
+    assert email.status_code == 404
+    assert "ada@example.com" not in email.text
+    # An operator sees everyone's.
+    assert orders.get(f"/orders/{order['id']}", headers=OPERATOR).status_code == 200
+    assert orders.get("/orders", headers=OPERATOR).json()["total"] == 1
 
 
 def test_an_unknown_member_is_refused_with_404(orders: TestClient) -> None:
     response = orders.post(
-        "/orders", json={"member_id": 4242, "item": "tea", "quantity": 1}, headers=USER
+        "/orders", json={"member_id": 4242, "item": "tea", "quantity": 1}, headers=OPERATOR
     )
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
@@ -80,7 +103,9 @@ def test_domain_metrics_are_on_the_metrics_endpoint(
         client.post(
             "/orders", json={"member_id": member_id, "item": "tea", "quantity": 1}, headers=USER
         )
-        client.post("/orders", json={"member_id": 999, "item": "tea", "quantity": 1}, headers=USER)
+        client.post(
+            "/orders", json={"member_id": 999, "item": "tea", "quantity": 1}, headers=OPERATOR
+        )
         text = client.get("/metrics").text
     assert "orders_total{" in text
     assert 'outcome="placed"' in text
