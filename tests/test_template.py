@@ -114,6 +114,7 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
                     "JWT_PUBLIC_KEY": key,
                     "LOG_FORMAT": "json",
                     "HTTP_DRAIN_SECONDS": "0",
+                    "TRUSTED_PROXIES": "127.0.0.1",  # the checker stands in for the gateway
                     "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/demo.db",
                 },
             )

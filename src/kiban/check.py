@@ -6,6 +6,7 @@ when anything failed, so the command can gate a pipeline.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -125,14 +126,22 @@ def _metrics(client: httpx.Client) -> Iterable[Row]:
 
 
 def _trace(client: httpx.Client) -> Iterable[Row]:
+    """A trusted peer's trace id is taken and echoed; anyone else's is replaced by a
+    fresh one (the trust boundary), which is echoed too. No id at all fails."""
     trace_id = uuid.uuid4().hex
     response = client.get("/health/liveness", headers={"x-trace-id": trace_id})
     echoed = response.headers.get("x-trace-id")
+    if echoed == trace_id:
+        detail = f"sent {trace_id[:8]}..., echoed: this checker is a trusted peer"
+    elif echoed:
+        detail = f"sent {trace_id[:8]}..., got a new {echoed[:8]}...: not a trusted peer"
+    else:
+        detail = f"sent {trace_id[:8]}..., got nothing"
     yield Row(
         "trace id propagated",
-        echoed == trace_id,
-        f"sent {trace_id[:8]}..., got {echoed[:8] + '...' if echoed else 'nothing'}",
-        "read x-trace-id into the request context and echo it",
+        echoed is not None and re.fullmatch(r"[0-9a-f]{32}", echoed) is not None,
+        detail,
+        "read x-trace-id into the request context and echo it (kiban.Service does)",
     )
 
 
