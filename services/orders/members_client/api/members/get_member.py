@@ -76,6 +76,8 @@ def sync_detailed(
 ) -> Response[MemberOut | Problem | ValidationProblem]:
     """Get Member
 
+     Any member for a service holding ``members:read``; a member, only themselves.
+
     Args:
         member_id (int):
 
@@ -105,6 +107,8 @@ def sync(
 ) -> MemberOut | Problem | ValidationProblem | None:
     """Get Member
 
+     Any member for a service holding ``members:read``; a member, only themselves.
+
     Args:
         member_id (int):
 
@@ -128,6 +132,8 @@ async def asyncio_detailed(
     client: AuthenticatedClient,
 ) -> Response[MemberOut | Problem | ValidationProblem]:
     """Get Member
+
+     Any member for a service holding ``members:read``; a member, only themselves.
 
     Args:
         member_id (int):
@@ -155,6 +161,8 @@ async def asyncio(
     client: AuthenticatedClient,
 ) -> MemberOut | Problem | ValidationProblem | None:
     """Get Member
+
+     Any member for a service holding ``members:read``; a member, only themselves.
 
     Args:
         member_id (int):
