@@ -7,7 +7,6 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-COMPILED := $(CURDIR)/.run/compiled
 
 .PHONY: run test lint bootstrap clean bench
 
@@ -24,11 +23,8 @@ bootstrap: $(VENV)/.synced
 run: bootstrap
 	$(PY) -m services.run
 
-# The suite runs on the sources, then on the wheel as it ships (request path compiled).
 test: bootstrap lint
 	$(PY) -m pytest $(PYTEST_ARGS)
-	$(PY) -m bench.compiled $(COMPILED)
-	PYTHONPATH=$(COMPILED) KIBAN_EXPECT_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check src tests services bench

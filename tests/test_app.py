@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+import pytest
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import kiban
 from kiban.config import Settings
@@ -61,7 +67,7 @@ def test_the_readme_example_runs(lines: Lines, tmp_path: Path) -> None:
 
 
 def test_fastapis_own_body_limit_still_holds_under_kiban() -> None:
-    """kiban leaves out FastAPI's outer layers only when they have nothing to do."""
+    """kiban is an ordinary middleware: FastAPI's own layers around it keep working."""
     app = FastAPI(max_body_size=16)
     kiban.Service(app, Settings(), security=NoSecurity())
 
@@ -75,7 +81,7 @@ def test_fastapis_own_body_limit_still_holds_under_kiban() -> None:
     assert refused.status_code == 413
 
 
-def test_unhandled_errors_are_problems_with_or_without_fastapis_outer_layers() -> None:
+def test_unhandled_errors_are_problems_whatever_fastapis_body_limit() -> None:
     for limit in (None, 1024):
         app = FastAPI(max_body_size=limit)
         kiban.Service(app, Settings(), security=NoSecurity())
@@ -89,3 +95,118 @@ def test_unhandled_errors_are_problems_with_or_without_fastapis_outer_layers() -
         assert response.status_code == 500
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["trace_id"] == response.headers["x-trace-id"]
+
+
+def test_a_users_exception_handler_for_exception_answers_bugs(lines: Lines) -> None:
+    """``@app.exception_handler(Exception)`` answers a bug, as in any Starlette app;
+    kiban still logs it with its traceback and counts it in the access line."""
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
+
+    @app.exception_handler(Exception)
+    async def mine(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"oops": str(exc)}, status_code=500)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+    assert response.json() == {"oops": "bug"}
+    assert response.headers["x-trace-id"]  # kiban's headers on the user's answer
+    assert [line["status"] for line in lines.access()] == [500]
+    assert any(line.get("msg") == "unhandled exception" for line in lines.app())
+
+
+def test_a_users_handlers_for_other_exceptions_and_http_errors_are_kept() -> None:
+    """Handlers the app registered before kiban are not replaced by kiban's problems."""
+    app = FastAPI()
+
+    @app.exception_handler(HTTPException)
+    async def mine(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("mine", status_code=418)
+
+    @app.exception_handler(KeyError)
+    async def missing(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("no such key", status_code=404)
+
+    kiban.Service(app, Settings(), security=NoSecurity())
+
+    @app.get("/key")
+    async def key() -> None:
+        raise KeyError("k")
+
+    with TestClient(app) as client:
+        assert client.get("/nowhere").text == "mine"
+        assert client.get("/key").text == "no such key"
+
+
+def test_a_users_middleware_and_lifespan_run_with_kibans(lines: Lines) -> None:
+    """The app's own lifespan runs inside kiban's start-up and cleanups; middleware
+    added before or after kiban sees every request, in the request context."""
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, str]]:
+        events.append("app start")
+        yield {"greeting": "hi"}
+        events.append("app stop")
+
+    app = FastAPI(lifespan=lifespan)
+
+    class Tagging:
+        def __init__(self, app: ASGIApp, tag: str) -> None:
+            self.app = app
+            self.tag = tag
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                context = kiban.propagation.current()
+                events.append(f"{self.tag} {context.trace_id if context else None}")
+            await self.app(scope, receive, send)
+
+    app.add_middleware(Tagging, tag="inner")
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    app.add_middleware(Tagging, tag="outer")
+
+    async def cleanup() -> None:
+        events.append("kiban cleanup")
+
+    service.on_shutdown(cleanup)
+
+    @app.get("/hi")
+    async def hi(request: Request) -> dict[str, str]:
+        return {"said": request.state.greeting}
+
+    with TestClient(app) as client:
+        response = client.get("/hi")
+    assert response.json() == {"said": "hi"}
+    trace_id = response.headers["x-trace-id"]
+    assert events == [
+        "app start",
+        "outer None",  # outside kiban: no request context yet
+        f"inner {trace_id}",
+        "app stop",
+        "kiban cleanup",
+    ]
+    assert [line["msg"] for line in lines.app() if line.get("msg") == "started"] == ["started"]
+
+
+def test_a_failing_app_lifespan_still_runs_kibans_cleanups() -> None:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        raise RuntimeError("cannot start")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    cleaned: list[bool] = []
+
+    async def cleanup() -> None:
+        cleaned.append(True)
+
+    service.on_shutdown(cleanup)
+    with pytest.raises(RuntimeError, match="cannot start"), TestClient(app):
+        pass
+    assert cleaned == [True]

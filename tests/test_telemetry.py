@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import subprocess
 import time
@@ -13,20 +12,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from starlette.testclient import TestClient
 
 import kiban
 from kiban.config import Settings
 from kiban.security import NoSecurity
-from kiban.telemetry import DURATION_BUCKETS, HTTPDurations
 from tests.conftest import IN_CI, free_port
 from tests.receivers import OTLPReceiver, SentryReceiver, running
 
@@ -336,42 +331,94 @@ def test_the_server_span_is_current_in_handlers_with_the_apis_own_context() -> N
     assert parent.span_id == int(PARENT_SPAN, 16)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(min_value=0, max_value=20, allow_nan=False), min_size=1, max_size=60))
-def test_the_duration_histogram_holds_what_the_sdks_would(values: list[float]) -> None:
-    """kiban keeps http.server.request.duration itself; the data points are the SDK's."""
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(
-        metric_readers=[reader],
-        views=[
-            View(
-                instrument_name="d",
-                aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS),
-            )
-        ],
-    )
-    sdk = provider.get_meter("m").create_histogram("d")
-    ours = HTTPDurations()
-    attributes = {
-        "http.request.method": "GET",
-        "http.response.status_code": 200,
-        "http.route": "/x",
-    }
-    for value in values:
-        sdk.record(value, attributes)
-        ours.record("GET", 200, "/x", value)
-    data = reader.get_metrics_data()
-    assert data is not None
-    (theirs,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
-    metric = ours.metric()
-    assert metric is not None
-    (mine,) = metric.data.data_points
-    assert dict(mine.attributes or {}) == attributes
-    assert list(mine.bucket_counts) == list(theirs.bucket_counts)
-    assert list(mine.explicit_bounds) == list(theirs.explicit_bounds)
-    assert (mine.count, mine.min, mine.max) == (theirs.count, theirs.min, theirs.max)
-    assert math.isclose(mine.sum, theirs.sum)
-    provider.shutdown()
+class Watching(SpanProcessor):
+    """A user's span processor: it records what it is shown, when."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.ended: list[tuple[str, Any]] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started.append(span.name)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended.append((span.name, (span.attributes or {}).get("http.response.status_code")))
+
+
+class OnlyPost(Sampler):
+    """A user's sampler: keeps POST requests, drops the rest."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kw: Any):  # type: ignore[no-untyped-def]
+        decision = Decision.RECORD_AND_SAMPLE if name == "POST" else Decision.DROP
+        return SamplingResult(decision)
+
+    def get_description(self) -> str:
+        return "OnlyPost"
+
+
+def test_a_users_span_processor_sees_the_server_span_start_and_end() -> None:
+    """The server span is an SDK span: processors added by the user see on_start and on_end."""
+    app = FastAPI()
+    service = kiban.Service(app, Settings(trace_sample_ratio=1.0), security=NoSecurity())
+    watching = Watching()
+    service.telemetry.tracer_provider.add_span_processor(watching)
+
+    @app.get("/items/{item_id}")
+    async def get(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    with TestClient(app) as client:
+        assert client.get("/items/1").status_code == 200
+    assert watching.started == ["GET"]  # the route is known only once it is matched
+    assert watching.ended == [("GET /items/{item_id}", 200)]
+
+
+def test_a_users_sampler_decides_the_server_spans() -> None:
+    app = FastAPI()
+    exported = InMemorySpanExporter()
+    service = kiban.Service(app, security=NoSecurity(), sampler=OnlyPost())
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exported))
+
+    @app.api_route("/x", methods=["GET", "POST"])
+    async def x() -> dict[str, str]:
+        return {}
+
+    with TestClient(app) as client:
+        get = client.get("/x")
+        post = client.post("/x")
+    assert [span.name for span in exported.get_finished_spans()] == ["POST /x"]
+    (span,) = exported.get_finished_spans()
+    assert f"{span.context.trace_id:032x}" == post.headers["x-trace-id"]
+    assert get.headers["x-trace-id"] != post.headers["x-trace-id"]  # still an id to log
+
+
+def test_a_service_sends_its_server_spans_in_the_configured_batches() -> None:
+    exporter = InMemorySpanExporter()
+    batches: list[int] = []
+    export = exporter.export
+
+    def counted(spans: Any) -> Any:
+        batches.append(len(spans))
+        return export(spans)
+
+    exporter.export = counted  # type: ignore[method-assign]
+    app = FastAPI()
+    settings = Settings(trace_export_batch=3, trace_export_delay=30, trace_export_queue=9)
+    service = kiban.Service(app, settings, security=NoSecurity())
+    processor = service.telemetry.export_spans(exporter)
+
+    @app.get("/items/{item_id}")
+    async def get(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    with TestClient(app) as client:
+        for number in range(7):
+            client.get(f"/items/{number}")
+    processor.force_flush()
+    assert sum(batches) == 7
+    assert max(batches) <= 3
+    assert {span.name for span in exporter.get_finished_spans()} == {"GET /items/{item_id}"}
+    processor.shutdown()
 
 
 @pytest.mark.parametrize("mode", ["link", "follow", "ignore"])

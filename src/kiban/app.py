@@ -22,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from kiban import debug, errors, log
+from kiban import _fastapi, debug, errors, log
 from kiban.chassis import Chassis
 from kiban.config import ConfigError, Settings, load
 from kiban.health import Checker, Pinger, SQLPinger
@@ -38,6 +37,7 @@ from kiban.telemetry import Telemetry
 
 if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
     import httpx
+    from opentelemetry.sdk.trace.sampling import Sampler
 
     from kiban.chassis import Exchange
     from kiban.database import Database
@@ -58,6 +58,7 @@ class Service:
         security: Any = None,
         rate_limit: RateLimit | None = None,
         debug_security: Any = None,
+        sampler: Sampler | None = None,
     ) -> None:
         if getattr(app.state, "kiban", None) is not None:
             raise RuntimeError("kiban.Service is already installed on this app")
@@ -75,7 +76,7 @@ class Service:
         log.configure(
             self.settings.log_level, self.settings.log_format, service=self.settings.service_name
         )
-        self.telemetry = Telemetry(self.settings)
+        self.telemetry = Telemetry(self.settings, sampler)
         errors.init_sentry(self.settings)
         self.policy = Policy(
             security,
@@ -96,7 +97,7 @@ class Service:
         # The API default goes first in every later route's chain; narrower ones win.
         app.router.dependencies.extend(self.policy.api_dependencies())
         app.state.kiban = self
-        _disable_native_telemetry(app)
+        _fastapi.disable_native_telemetry(app)
         errors.install(app)
         self.payloads = debug.PayloadLog()
         if self.settings.debug_endpoints:
@@ -107,9 +108,9 @@ class Service:
                 )
             app.include_router(debug.router(self.payloads, [debug_security, Unlimited()]))
         log.allow_request_debug(self.settings.debug_endpoints)
+        # An ordinary ASGI middleware: it sees the lifespan too, and runs kiban's
+        # start-up and cleanups around the app's own lifespan (``Chassis.lifespan``).
         app.add_middleware(Chassis, service=self)
-        _chassis_outermost(app)
-        app.router.lifespan_context = self._lifespan(app.router.lifespan_context)
         self._document_openapi(app)
 
     @classmethod
@@ -231,34 +232,35 @@ class Service:
             await asyncio.wait([asyncio.ensure_future(a) for a in answers], timeout=within)
         return count
 
-    def _lifespan(
-        self, inner: Callable[[Any], AbstractAsyncContextManager[Any]]
-    ) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
-        @asynccontextmanager
-        async def lifespan(app: Any) -> AsyncIterator[Any]:
-            try:
-                try:
-                    self.policy.resolve(self.app)
-                except SecurityConfigError as exc:
-                    log.error("invalid security declarations", error=str(exc))
-                    raise
-                async with inner(app) as state:
-                    log.info(
-                        "started",
-                        service=self.settings.service_name,
-                        version=self.settings.service_version,
-                        telemetry=self.telemetry.describe(),
-                        sentry=errors.sentry_enabled(),
-                    )
-                    yield state
-            finally:
-                # The exporters flush while the pools close: a hung pool cannot starve them.
-                deadline = self._cleanup_deadline()
-                flushing = asyncio.ensure_future(self._flush_telemetry())
-                await self.aclose(deadline)
-                await self._settle("telemetry flush", flushing, deadline)
+    def startup(self) -> None:
+        """What the ASGI ``lifespan.startup`` runs before the app's own lifespan.
 
-        return lifespan
+        Refuses to start (``SecurityConfigError``) while a route has no security.
+        """
+        try:
+            self.policy.resolve(self.app)
+        except SecurityConfigError as exc:
+            log.error("invalid security declarations", error=str(exc))
+            raise
+
+    def started(self) -> None:
+        log.info(
+            "started",
+            service=self.settings.service_name,
+            version=self.settings.service_version,
+            telemetry=self.telemetry.describe(),
+            sentry=errors.sentry_enabled(),
+        )
+
+    async def shutdown(self) -> None:
+        """What runs after the app's own lifespan has finished (or failed to start).
+
+        The exporters flush while the pools close: a hung pool cannot starve them.
+        """
+        deadline = self._cleanup_deadline()
+        flushing = asyncio.ensure_future(self._flush_telemetry())
+        await self.aclose(deadline)
+        await self._settle("telemetry flush", flushing, deadline)
 
     async def _flush_telemetry(self) -> None:
         """Flush spans and metrics on a daemon thread: a hung exporter is abandoned with it."""
@@ -280,44 +282,3 @@ class Service:
 
         threading.Thread(target=flush, name="kiban-telemetry-flush", daemon=True).start()
         await done
-
-
-#: FastAPI's layers outside the user's middleware. Under kiban's request path none has
-#: work to do: the chassis answers every exception, FastAPI's telemetry is off, and its
-#: body limit is unset unless the app sets ``max_body_size``.
-_OUTER = frozenset(
-    {"ServerErrorMiddleware", "ExceptionTelemetryMiddleware", "AppBodyLimitMiddleware"}
-)
-
-
-def _chassis_outermost(app: FastAPI) -> None:
-    """Serve the request path as the app's outermost layer when nothing is lost by it.
-
-    FastAPI puts three layers around the user's middleware, each a call per request
-    and one more per message sent. They are left out when they are all that stands
-    outside the chassis and the app sets no ``max_body_size`` of FastAPI's own.
-    """
-    build = app.build_middleware_stack
-
-    def build_middleware_stack() -> Any:
-        stack = build()
-        if getattr(app, "max_body_size", None) is not None:
-            return stack
-        layer: Any = stack
-        while type(layer).__name__ in _OUTER:
-            layer = getattr(layer, "app", None)
-        return layer if isinstance(layer, Chassis) else stack
-
-    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
-
-
-def _disable_native_telemetry(app: FastAPI) -> None:
-    """Turn off FastAPI's own OpenTelemetry instrumentation (FastAPI >= 0.16x).
-
-    kiban makes the one server span and the HTTP metrics itself, with the request
-    context's trace id; FastAPI's would be a second server span per request, three
-    operation spans, and a second ``http.server.request.duration`` series.
-    """
-    config = getattr(app, "_telemetry", None)
-    if isinstance(config, dict):
-        config.update(tracing=False, metrics=False, logs=False, operation_spans=False)

@@ -44,11 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["Chassis", "Exchange"]
 
 _CLOSE = (b"connection", b"close")
-#: The ASGI extension of kiban's server (``kiban.run``): under ``"lines"`` in this
-#: extension the request path puts, just before it sends the response start, header
-#: lines it has already checked; the server writes them into that response's head as
-#: they are instead of checking each header again.
-ENCODED_HEADERS = "kiban.encoded_headers"
 
 
 class Chassis:
@@ -57,6 +52,7 @@ class Chassis:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         settings = service.settings
         self.app = app
+        self.service = service
         # Payload logging is a layer of its own, stepped into only while it is switched on.
         self.payloads = service.payloads
         self.logged = PayloadLogMiddleware(app, service.payloads)
@@ -99,6 +95,9 @@ class Chassis:
         if kind == "websocket":
             await self.websocket(scope, receive, send)
             return
+        if kind == "lifespan":
+            await self.lifespan(scope, receive, send)
+            return
         if kind != "http":
             await self.app(scope, receive, send)
             return
@@ -124,8 +123,14 @@ class Chassis:
             await inner(scope, exchange.receive, exchange.send)
         except Exception as exc:
             if exchange.interrupted is None:
+                handlers = self.api.exception_handlers
                 await errors.answer_escaped(
-                    exc, scope, receive, exchange.send, exchange.status is not None
+                    exc,
+                    scope,
+                    receive,
+                    exchange.send,
+                    exchange.status is not None,
+                    handlers.get(Exception) or handlers.get(500),
                 )
         except asyncio.CancelledError:
             # The server cancels what is still running once the shutdown has answered
@@ -136,6 +141,35 @@ class Chassis:
             inflight.discard(exchange)
             exchange.finish(propagation.current())
             propagation.leave(exchange.context_token)
+
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI lifespan, around the app's own: kiban's start-up before, cleanups after.
+
+        kiban refuses to start (``lifespan.startup.failed``) while a route has no
+        security declaration; its pools, clients and exporters are closed, bounded,
+        once the app's lifespan has finished, or failed to start.
+        """
+        message = await receive()
+        if message["type"] != "lifespan.startup":  # not the protocol kiban knows: stand aside
+            await self.app(scope, _replay(message, receive), send)
+            return
+        service = self.service
+        try:
+            service.startup()
+        except Exception as exc:
+            await service.shutdown()
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            raise  # as Starlette's router does: the server reports it
+
+        async def sent(message: Message) -> None:
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                service.started()
+            elif kind in _LIFESPAN_ENDS:
+                await service.shutdown()
+            await send(message)
+
+        await self.app(scope, _replay(message, receive), sent)
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A websocket handshake passes the route's security first, with the same context.
@@ -157,6 +191,24 @@ class Chassis:
             await self.app(scope, receive, send)
         finally:
             propagation.leave(token)
+
+
+#: What the app sends when its lifespan is over, whether it started or not.
+_LIFESPAN_ENDS = frozenset(
+    {"lifespan.startup.failed", "lifespan.shutdown.complete", "lifespan.shutdown.failed"}
+)
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """``receive`` that gives ``first`` once before what ``receive`` gives."""
+    pending: list[Message] = [first]
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed
 
 
 def _keep_redirect_local(message: Message, host: str | None) -> None:
@@ -224,7 +276,6 @@ class Exchange:
                 path,
                 scope.get("scheme", "http"),
                 remote or "",
-                context.trace_id,
                 parent,
                 headers.get("tracestate"),
                 link,
@@ -238,8 +289,6 @@ class Exchange:
         #: Why kiban cut the request short ("shutdown"), or None.
         self.interrupted: str | None = None
         self.finished = False
-        extensions = scope.get("extensions")
-        self.head = extensions.get(ENCODED_HEADERS) if extensions is not None else None
 
     async def send(self, message: Message) -> None:
         if self.interrupted is not None:
@@ -257,15 +306,9 @@ class Exchange:
         """Add kiban's headers to a response start; ``close`` ends its connection after."""
         inbound = self.chassis.inbound
         rate: Decision | None = self.scope.get(RATE_DECISION)
-        added: list[tuple[bytes, bytes]] = []
-        head = self.head
-        if head is not None:
-            lines = inbound.lines(context)
-            head["lines"] = lines if rate is None else lines + rate.lines()
-        else:
-            added = inbound.echoed(context)
-            if rate is not None:
-                added.extend(rate.encoded())
+        added = inbound.echoed(context)
+        if rate is not None:
+            added.extend(rate.encoded())
         if close or self.chassis.health.draining:  # a header: the server must see it
             added.append(_CLOSE)
         if added:

@@ -8,14 +8,16 @@ their traceback and answered with a bare 500: no traceback ever reaches the clie
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -161,12 +163,27 @@ async def _on_unavailable(request: Request, exc: Exception) -> Response:
 
 
 def install(app: FastAPI) -> None:
-    """Make every error the app answers with a problem+json response."""
-    app.add_exception_handler(ConnectionError, _on_unavailable)
+    """Make every error the app answers with a problem+json response.
+
+    A handler the app registered itself for the same exception is kept: kiban only
+    replaces FastAPI's defaults.
+    """
+    _handle(app, ConnectionError, _on_unavailable)
     install_dependency_errors(app)
-    app.add_exception_handler(Problem, _on_problem)
-    app.add_exception_handler(HTTPException, _on_http_exception)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    _handle(app, Problem, _on_problem)
+    _handle(app, HTTPException, _on_http_exception)
+    _handle(app, RequestValidationError, _on_validation_error)
+
+
+def _handle(app: FastAPI, exception: type[Exception], handler: Any) -> None:
+    """Register ``handler`` unless the app has its own for ``exception``."""
+    found = app.exception_handlers.get(exception)
+    if found is None or getattr(found, "__module__", None) in _DEFAULTS:
+        app.add_exception_handler(exception, handler)
+
+
+#: Whose handlers kiban may replace: FastAPI's defaults, and kiban's own.
+_DEFAULTS = frozenset({"fastapi.exception_handlers", __name__})
 
 
 _PROBLEM_SCHEMA: dict[str, Any] = {
@@ -249,12 +266,12 @@ def install_dependency_errors(app: FastAPI) -> None:
         from sqlalchemy import exc
 
         for unavailable in (exc.OperationalError, exc.InterfaceError, exc.TimeoutError):
-            app.add_exception_handler(unavailable, _on_unavailable)
+            _handle(app, unavailable, _on_unavailable)
     if "httpx" in sys.modules:
         import httpx
 
-        app.add_exception_handler(httpx.TransportError, _on_unavailable)
-        app.add_exception_handler(httpx.TimeoutException, _on_downstream_timeout)
+        _handle(app, httpx.TransportError, _on_unavailable)
+        _handle(app, httpx.TimeoutException, _on_downstream_timeout)
 
 
 def init_sentry(settings: Settings) -> None:
@@ -305,14 +322,21 @@ def _report(exc: BaseException, scope: Scope) -> None:
 
 
 async def answer_escaped(
-    exc: Exception, scope: Scope, receive: Receive, send: Send, started: bool
+    exc: Exception,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    started: bool,
+    handler: Callable[[Request, Exception], Any] | None = None,
 ) -> None:
     """Answer for an exception that escaped the app's own exception handlers.
 
     A Problem or HTTPException raised outside them (by kiban's request path) gets its
     problem response; anything else is a bug: reported, logged with its traceback and
-    answered with a bare 500. Called from an ``except`` block; once the response has
-    started nothing more can be sent, so a problem is re-raised and a bug only logged.
+    answered with a bare 500 problem, or by ``handler``, the app's own handler for
+    ``Exception`` (``@app.exception_handler(Exception)``), as Starlette would call it.
+    Called from an ``except`` block; once the response has started nothing more can
+    be sent, so a problem is re-raised and a bug only logged.
     """
     if isinstance(exc, HTTPException | Problem):
         if started:
@@ -328,5 +352,15 @@ async def answer_escaped(
         path=scope["path"],
         response_started=started,
     )
-    if not started:
+    if started:
+        return
+    if handler is None:
         await problem_response(500)(scope, receive, send)
+        return
+    request = Request(scope, receive)
+    if inspect.iscoroutinefunction(handler):
+        response = await handler(request, exc)
+    else:
+        response = await run_in_threadpool(handler, request, exc)
+    if response is not None:
+        await response(scope, receive, send)

@@ -299,10 +299,6 @@ class Inbound:
         self._trace_header = self.names.trace_id.encode("latin-1")
         self._request_header = self.names.request_id.encode("latin-1")
         self._order = _order(self.names)
-        # The pieces of ``lines``, made once.
-        self._trace_line = self._trace_header + b": "
-        self._request_line = b"\r\n" + self._request_header + b": "
-        self._security_lines = b"\r\n" + b"".join(b"%s: %s\r\n" % h for h in SECURITY_HEADERS)
 
     def read(self, raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -341,21 +337,6 @@ class Inbound:
             (self._request_header, context.request_id.encode("latin-1")),
             *SECURITY_HEADERS,
         ]
-
-    def lines(self, context: RequestContext) -> bytes:
-        """``echoed`` as HTTP/1.1 header lines, for a server that takes them so.
-
-        Safe to send as they are: the ids are hex or passed ``_TOKEN``, the rest constant.
-        """
-        return b"".join(
-            (
-                self._trace_line,
-                context.trace_id.encode("latin-1"),
-                self._request_line,
-                context.request_id.encode("latin-1"),
-                self._security_lines,
-            )
-        )
 
 
 def enter(context: RequestContext) -> Token[RequestContext | None]:

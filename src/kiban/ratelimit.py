@@ -38,7 +38,6 @@ KeyKind = Literal["subject", "api_client", "ip"]
 #: The headers every admitted request's answer carries: limit, remaining, reset.
 _NAMES = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
 _ENCODED_NAMES = tuple(name.encode() for name in _NAMES)
-_LINES = b"".join(name + b": %d\r\n" for name in _ENCODED_NAMES)
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,10 +86,6 @@ class Decision:
             (name, b"%d" % value)
             for name, value in zip(_ENCODED_NAMES, self._values(), strict=True)
         ]
-
-    def lines(self) -> bytes:
-        """The same headers as HTTP/1.1 header lines (``kiban.chassis.ENCODED_HEADERS``)."""
-        return _LINES % self._values()
 
 
 class _Window:

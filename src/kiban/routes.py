@@ -8,7 +8,7 @@ from typing import Any
 import fastapi.routing
 from starlette.types import Scope
 
-__all__ = ["effective", "methods_at", "template"]
+__all__ = ["effective", "methods_at", "route_path", "template"]
 
 
 def template(scope: Scope) -> str | None:
@@ -22,6 +22,21 @@ def template(scope: Scope) -> str | None:
         return None
     found = getattr(route, "path_format", None) or getattr(route, "path", None)
     return found if isinstance(found, str) else None
+
+
+def route_path(scope: Scope) -> str:
+    """The path routes match: the request's path without the app's ``root_path``.
+
+    As Starlette's router computes it for a mounted or proxied app (ASGI: ``path``
+    includes ``root_path``).
+    """
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
 
 
 def effective(routes: Any) -> Iterator[tuple[Any, Any]]:

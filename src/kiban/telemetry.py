@@ -5,49 +5,31 @@ context's, so the id in every log and access line is the span's. HTTP metrics fo
 the OTel semantic conventions. With no exporter configured spans are still created and
 trace ids logged; setting ``OTLP_ENDPOINT`` exports traces and metrics, no code changed.
 
-The server span and the request-duration histogram are on every request's path, so
-kiban records them with less work than the SDK's general-purpose ones (see
-``kiban.spans.ServerSpan`` and ``HTTPDurations``) and hands the result to the SDK's own span
-processors and metric readers, so exporters and ``/metrics`` see ordinary OTel data.
+Everything goes through the OTel SDK's public interfaces: the server span is started
+by the provider's tracer, so the provider's sampler decides it and every span
+processor sees its ``on_start`` and ``on_end``; spans are exported by the SDK's
+``BatchSpanProcessor``; the request-duration histogram is an SDK instrument.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.context.context import Context
-from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    HistogramDataPoint,
-    Metric,
-    MetricReader,
-    MetricsData,
-    PeriodicExportingMetricReader,
-    ResourceMetrics,
-    ScopeMetrics,
-)
-from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
-from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.requests import Request
@@ -55,10 +37,8 @@ from starlette.responses import Response
 
 from kiban import propagation
 from kiban.config import Settings
-from kiban.export import SpanBatcher
-from kiban.spans import NOT_SAMPLED, SCOPE, ServerSpan, Spans, span_context
 
-__all__ = ["HTTPDurations", "ServerSpan", "Telemetry", "meter", "tracer"]
+__all__ = ["Telemetry", "meter", "tracer"]
 
 #: The OTel semantic-convention buckets for request durations, in seconds.
 DURATION_BUCKETS = (
@@ -122,146 +102,13 @@ class _ScopeHeaders(Getter[Mapping[str, str]]):
 _getter = _ScopeHeaders()
 
 
-def _runtime_context_var() -> ContextVar[Context] | None:
-    """The contextvar behind the OTel API's current context, when it is the SDK default's."""
-    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    found = getattr(runtime, "_current_context", None)
-    if isinstance(runtime, ContextVarsRuntimeContext) and isinstance(found, ContextVar):
-        return found
-    return None
-
-
-_CURRENT = _runtime_context_var()
-
-
 def activate(span: trace.Span) -> object:
-    """Make ``span`` current in the OTel context; ``deactivate`` with what it returns.
-
-    ``context.attach(trace.set_span_in_context(span))`` through six API calls, or as one
-    contextvar set when the runtime context is the default contextvars one.
-    """
-    if _CURRENT is None:
-        return otel_context.attach(trace.set_span_in_context(span))
-    return _CURRENT.set(Context({**_CURRENT.get(), _SPAN_KEY: span}))
+    """Make ``span`` current in the OTel context; ``deactivate`` with what it returns."""
+    return otel_context.attach(trace.set_span_in_context(span))
 
 
 def deactivate(token: object) -> None:
-    if _CURRENT is None:
-        otel_context.detach(token)  # type: ignore[arg-type]
-    else:
-        _CURRENT.reset(token)  # type: ignore[arg-type]
-
-
-class _Series:
-    __slots__ = ("counts", "max", "min", "sum")
-
-    def __init__(self, buckets: int) -> None:
-        self.counts = [0] * buckets
-        self.sum = 0.0
-        self.min = float("inf")
-        self.max = float("-inf")
-
-
-class HTTPDurations:
-    """``http.server.request.duration``: an explicit-bucket histogram kept by kiban.
-
-    The SDK's ``Histogram.record`` cleans and hashes the attributes of every
-    measurement; a service has a handful of (method, status, route) series, so kiban
-    keeps one bucket array each and gives the metric readers the same cumulative data
-    points the SDK would. The event loop is the one writer; readers only copy.
-    """
-
-    name = "http.server.request.duration"
-
-    def __init__(self, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
-        self.bounds = tuple(bounds)
-        self.series: dict[tuple[str, int, str | None], _Series] = {}
-        self.start = time.time_ns()
-
-    def record(self, method: str, status: int, route: str | None, seconds: float) -> None:
-        key = (method, status, route)
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = _Series(len(self.bounds) + 1)
-        series.counts[bisect_left(self.bounds, seconds)] += 1
-        series.sum += seconds
-        if seconds < series.min:
-            series.min = seconds
-        if seconds > series.max:
-            series.max = seconds
-
-    def metric(self) -> Metric | None:
-        now = time.time_ns()
-        points = []
-        for (method, status, route), series in list(self.series.items()):
-            counts = list(series.counts)
-            attributes: dict[str, str | int] = {
-                "http.request.method": method,
-                "http.response.status_code": status,
-            }
-            if route is not None:
-                attributes["http.route"] = route
-            points.append(
-                HistogramDataPoint(
-                    attributes=attributes,
-                    start_time_unix_nano=self.start,
-                    time_unix_nano=now,
-                    count=sum(counts),
-                    sum=series.sum,
-                    bucket_counts=counts,
-                    explicit_bounds=self.bounds,
-                    min=series.min,
-                    max=series.max,
-                )
-            )
-        if not points:
-            return None
-        return Metric(
-            name=self.name,
-            description="Duration of HTTP requests.",
-            unit="s",
-            data=HistogramData(points, AggregationTemporality.CUMULATIVE),
-        )
-
-    def added_to(
-        self, data: MetricsData | None, resource: Resource, scope: InstrumentationScope
-    ) -> MetricsData | None:
-        """``data`` with this histogram in ``scope``'s metrics."""
-        metric = self.metric()
-        if metric is None:
-            return data
-        if data is None or not data.resource_metrics:
-            return MetricsData([ResourceMetrics(resource, [ScopeMetrics(scope, [metric], "")], "")])
-        first, *rest = data.resource_metrics
-        scopes = list(first.scope_metrics)
-        for index, found in enumerate(scopes):
-            if found.scope.name == scope.name:
-                scopes[index] = ScopeMetrics(
-                    found.scope, [*found.metrics, metric], found.schema_url
-                )
-                break
-        else:
-            scopes.append(ScopeMetrics(scope, [metric], ""))
-        return MetricsData([ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
-
-
-class _WithDurations:
-    """A metric reader mixin: what the reader collects, plus kiban's HTTP durations."""
-
-    durations: HTTPDurations
-    resource: Resource
-
-    def _receive_metrics(self, metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
-        data = self.durations.added_to(metrics_data, self.resource, SCOPE)
-        super()._receive_metrics(data, *args, **kwargs)  # type: ignore[misc]
-
-
-class _PrometheusReader(_WithDurations, PrometheusMetricReader):
-    pass
-
-
-class _PeriodicReader(_WithDurations, PeriodicExportingMetricReader):
-    pass
+    otel_context.detach(token)  # type: ignore[arg-type]
 
 
 def _span_exporter(settings: Settings) -> SpanExporter:
@@ -294,31 +141,31 @@ def _metric_reader(settings: Settings) -> PeriodicExportingMetricReader:
         )
 
         exporter = HTTPMetricExporter(endpoint=endpoint.rstrip("/") + "/v1/metrics")
-    return _PeriodicReader(exporter, export_interval_millis=interval)
+    return PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
 
 
 class Telemetry:
-    """The tracer and meter of one service, and where their data goes."""
+    """The tracer and meter of one service, and where their data goes.
 
-    def __init__(self, settings: Settings) -> None:
+    ``sampler`` replaces kiban's default, ``ParentBased(TraceIdRatioBased(
+    TRACE_SAMPLE_RATIO))``; it decides the server spans as any other span.
+    """
+
+    def __init__(self, settings: Settings, sampler: Sampler | None = None) -> None:
         self.settings = settings
         resource = Resource.create(
             {"service.name": settings.service_name, "service.version": settings.service_version}
         )
         self.tracer_provider = TracerProvider(
             resource=resource,
-            sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
+            sampler=sampler or ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
             id_generator=_ContextIds(),
         )
         self.registry = CollectorRegistry()
-        self.durations = HTTPDurations()
-        readers: list[MetricReader] = [_PrometheusReader(registry=self.registry)]
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
         if settings.otlp_endpoint:
             self.export_spans(_span_exporter(settings))
             readers.append(_metric_reader(settings))
-        for reader in readers:
-            reader.durations = self.durations  # type: ignore[attr-defined]
-            reader.resource = resource  # type: ignore[attr-defined]
         self.meter_provider = MeterProvider(
             resource=resource,
             metric_readers=readers,
@@ -338,7 +185,11 @@ class Telemetry:
             metrics.set_meter_provider(self.meter_provider)
         self.tracer = self.tracer_provider.get_tracer("kiban")
         self.meter = self.meter_provider.get_meter("kiban")
-        self._spans = Spans(self.tracer_provider, settings.trace_sample_ratio)
+        self.durations = self.meter.create_histogram(
+            "http.server.request.duration", unit="s", description="Duration of HTTP requests."
+        )
+        # A request's attributes, made once for each (method, status, route) seen.
+        self._attributes: dict[tuple[str, int, str | None], dict[str, str | int]] = {}
         self._names: dict[tuple[str, str], str] = {}  # "GET /items/{id}", made once a route
         self.exclude = settings.telemetry_exclude_paths
         # Counted in a plain int and read at collection: no SDK call on the request path.
@@ -361,17 +212,17 @@ class Telemetry:
             description="Rate-limit checks that could not reach their storage.",
         )
 
-    def export_spans(self, exporter: SpanExporter) -> SpanBatcher:
+    def export_spans(self, exporter: SpanExporter) -> BatchSpanProcessor:
         """Send every sampled span to ``exporter`` too, in batches, as OTLP's are sent."""
         settings = self.settings
-        batcher = SpanBatcher(
+        processor = BatchSpanProcessor(
             exporter,
-            max_batch=settings.trace_export_batch,
-            max_queue=settings.trace_export_queue,
-            delay=settings.trace_export_delay,
+            max_queue_size=settings.trace_export_queue,
+            schedule_delay_millis=settings.trace_export_delay * 1000,
+            max_export_batch_size=min(settings.trace_export_batch, settings.trace_export_queue),
         )
-        self.tracer_provider.add_span_processor(batcher)
-        return batcher
+        self.tracer_provider.add_span_processor(processor)
+        return processor
 
     def _observe_active(self, _: Any) -> Iterable[Observation]:
         yield Observation(self.active)
@@ -404,42 +255,42 @@ class Telemetry:
         path: str,
         scheme: str,
         client: str,
-        trace_id: str,
         traceparent: str | None,
         tracestate: str | None,
         link: bool = False,
     ) -> trace.Span:
-        """The request's server span, already current; its trace id is the context's.
+        """The request's server span; its trace id is the request context's.
 
-        Sampling is the SDK's ``ParentBased(TraceIdRatioBased)``: a remote parent's
-        decision is kept, a root is sampled by its trace id. With ``link`` (a caller
-        kiban does not trust, OTel's guidance for public endpoints) the caller's span is
-        not the parent: the span starts a new trace, sampled by its own id, and keeps
-        the caller's as a link.
+        The provider's sampler decides it (kiban's default keeps a remote parent's
+        decision and samples a root by its trace id). With ``link`` (a caller kiban
+        does not trust, OTel's guidance for public endpoints) the caller's span is not
+        the parent: the span starts a new trace, sampled on its own, and keeps the
+        caller's as a link.
         """
-        parent: SpanContext | None = None
+        parent = None
+        links = None
         if traceparent is not None:
             carrier = {"traceparent": traceparent}
             if tracestate is not None:
                 carrier["tracestate"] = tracestate
-            found = trace.get_current_span(_tracecontext.extract(carrier, getter=_getter))
-            if found.get_span_context().is_valid:
-                parent = found.get_span_context()
-        linked = None
-        if link:
-            linked, parent = parent, None
-        number = int(trace_id, 16)
-        if parent is not None:
-            sampled = parent.trace_flags.sampled
-        else:
-            sampled = number & TraceIdRatioBased.TRACE_ID_LIMIT < self._spans.bound
-        span_id = random.getrandbits(64) or 1
-        if not sampled:
-            return trace.NonRecordingSpan(span_context(number, span_id, NOT_SAMPLED, parent))
-        span = ServerSpan(method, path, scheme, client, number, span_id, parent, self._spans)
-        if linked is not None:
-            span.add_link(linked, {"kiban.link": "untrusted caller"})
-        return span
+            parent = _tracecontext.extract(carrier, getter=_getter)
+            if link:
+                caller = trace.get_current_span(parent).get_span_context()
+                parent = None
+                if caller.is_valid:
+                    links = [Link(caller, {"kiban.link": "untrusted caller"})]
+        return self.tracer.start_span(
+            method,
+            parent,
+            SpanKind.SERVER,
+            {
+                "http.request.method": method,
+                "url.path": path,
+                "url.scheme": scheme,
+                "client.address": client,
+            },
+            links,
+        )
 
     def end_span(
         self, span: trace.Span, method: str, status: int, route: str | None, seconds: float
@@ -448,13 +299,23 @@ class Telemetry:
 
         Returns the span's id in W3C form, for the access line.
         """
-        self.durations.record(method, status, route, seconds)
-        if isinstance(span, ServerSpan):
-            name = None
+        key = (method, status, route)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = {"http.request.method": method, "http.response.status_code": status}
+            if route is not None:
+                attributes["http.route"] = route
+            self._attributes[key] = attributes
+        self.durations.record(seconds, attributes)
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", status)
             if route:
+                span.set_attribute("http.route", route)
                 name = self._names.get((method, route))
                 if name is None:
                     name = self._names[(method, route)] = f"{method} {route}"
-            span.finish(status, route, name)
-            return "%016x" % span._span_id  # noqa: UP031 (faster)
+                span.update_name(name)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
         return "%016x" % span.get_span_context().span_id  # noqa: UP031 (faster)

@@ -32,7 +32,6 @@ from typing import Any
 
 import fastapi.routing
 from fastapi import FastAPI, Request, params
-from starlette._utils import get_route_path
 from starlette.requests import HTTPConnection
 from starlette.routing import Route
 from starlette.types import Scope
@@ -156,24 +155,6 @@ class _RateLimitMarker:
         return None
 
 
-def _strip_markers(route: Any) -> tuple[list[Any], list[Any]] | None:
-    """Take kiban's marker dependencies out of a route's FastAPI dependency solving.
-
-    Returns the dependency list and what it held, to put back if the route stops being
-    exclusive. Only an optimisation: where FastAPI keeps its dependencies elsewhere, the
-    markers stay, and a marker whose requirement was already enforced does nothing.
-    """
-    dependant = getattr(route, "dependant", None)
-    dependencies = getattr(dependant, "dependencies", None)
-    if not isinstance(dependencies, list):
-        return None
-    held = list(dependencies)
-    dependencies[:] = [
-        d for d in held if not isinstance(getattr(d, "call", None), Requirement | _RateLimitMarker)
-    ]
-    return dependencies, held
-
-
 def requirement_of(depends: Any) -> Requirement:
     """The Requirement inside what Security()/NoSecurity() returned."""
     dependency = getattr(depends, "dependency", depends)
@@ -263,7 +244,6 @@ class Policy:
         self.websockets: list[tuple[re.Pattern[str], str, Resolved]] = []
         #: Query parameters that carry a credential (``APIKey(location="query")``).
         self.query_credentials: set[str] = set()
-        self._stripped: list[tuple[list[Any], list[Any]]] = []
         self._literal: dict[str, list[_Entry]] = {}
         self._patterns: list[_Entry] = []
         self._resolved_for: int | None = None
@@ -297,7 +277,6 @@ class Policy:
             if websocket:
                 websockets.append((route.path_regex, route.path_format, resolved))
                 table[id(key)] = resolved
-                _strip_markers(route)  # enforced before the app, by ``admit_websocket``
                 continue
             previous = table.get(id(key))
             if previous is not None and previous != resolved:
@@ -334,13 +313,10 @@ class Policy:
         A route is exclusive when no other route with another requirement (or none,
         like a mount) could match one of its requests: then the request path knows the
         route's requirement from the path and method alone, and enforces it before
-        FastAPI routes, solves and validates anything. Its marker dependencies are
-        taken out of FastAPI's dependency solving, which is the costly part. Other
-        routes keep their markers and are enforced as FastAPI dependencies.
+        FastAPI routes, solves and validates anything; its marker dependency then finds
+        the request admitted and does nothing. Other routes are enforced by their
+        markers, as FastAPI dependencies.
         """
-        for dependencies, held in self._stripped:  # exclusive no more, maybe: start over
-            dependencies[:] = held
-        self._stripped = []
         found: list[tuple[_Entry, Any]] = []
         opaque = False  # a route matched by something other than its path: trust nothing
         for key, route in routes.effective(app.routes):
@@ -360,7 +336,7 @@ class Policy:
             )
             found.append((entry, route))
         entries = []
-        for entry, route in found:
+        for entry, _ in found:
             exclusive = (
                 not opaque
                 and entry.resolved is not None
@@ -371,9 +347,6 @@ class Policy:
                     for other, _ in found
                 )
             )
-            stripped = _strip_markers(route) if exclusive else None
-            if stripped is not None:
-                self._stripped.append(stripped)
             entries.append(entry if exclusive else dataclasses.replace(entry, resolved=None))
         return entries
 
@@ -400,7 +373,7 @@ class Policy:
         """
         if self._resolved_for != len(app.routes):
             self.resolve(app)
-        path = get_route_path(scope) if scope.get("root_path") else scope["path"]
+        path = routes.route_path(scope)
         for regex, template, resolved in self.websockets:
             if regex.match(path):
                 await self.admit(resolved, HTTPConnection(scope), template)
@@ -413,7 +386,7 @@ class Policy:
         no route of another requirement, so which of several matches FastAPI picks
         does not change the answer, and a non-exclusive one answers None either way.
         """
-        path = get_route_path(scope) if scope.get("root_path") else scope["path"]
+        path = routes.route_path(scope)
         method = scope["method"]
         literal = self._literal.get(path)
         if literal is not None:
