@@ -5,7 +5,7 @@ as kiban sets them. Its switch is public only as ``FastAPI(telemetry={...})``, g
 when the app is made; an app made without it would get a second server span per
 request, operation spans and a second ``http.server.request.duration`` series next to
 kiban's. So kiban turns it off on an app it is given. pyproject.toml bounds FastAPI
-from above, and ``tests/test_adapters.py`` pins the behaviour on the locked release.
+from above; ``tests/test_telemetry.py`` (one server span per request) pins the result.
 An app made with ``FastAPI(telemetry={"tracing": False, "metrics": False,
 "logs": False})`` needs nothing from here.
 """

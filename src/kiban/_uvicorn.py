@@ -4,8 +4,8 @@ uvicorn has no option for a request-head deadline (slowloris) or for a head size
 limit that holds however the head is split across reads, and answers what its parser
 refuses in plain text. ``HttpProtocol`` adds the three to uvicorn's httptools
 protocol, overriding its parser callbacks; ``Config`` carries the two settings.
-pyproject.toml bounds uvicorn from above, and ``tests/test_adapters.py`` pins the
-protocol's behaviour, on the lock and on the newest release. Everything else kiban
+pyproject.toml bounds uvicorn from above, and ``tests/test_server.py`` pins the
+protocol's behaviour on the locked release. Everything else kiban
 does with uvicorn goes through its public ``Config`` and ``Server``.
 """
 
