@@ -86,7 +86,7 @@ def _served(variant: str, app: Any) -> tuple[Callable[[], Awaitable[None]], Call
 
     protocol_class: Any = HttpToolsProtocol
     if variant == "kiban":
-        from kiban.server import HttpProtocol
+        from kiban._uvicorn import HttpProtocol
 
         protocol_class = HttpProtocol
     # As each is served (bench.serve, kiban.run): uvicorn's default proxy-header
