@@ -57,8 +57,8 @@ def _kiban() -> FastAPI:
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     import kiban
-    from kiban.config import Settings
-    from kiban.ratelimit import RateLimit
+    from kiban import Settings
+    from kiban._ratelimit import RateLimit
     from kiban.security import APIKey, NoSecurity, Security
 
     off = set(filter(None, os.environ.get("KIBAN_BENCH_OFF", "").split(",")))

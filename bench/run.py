@@ -141,8 +141,8 @@ def start(
 
 def target(variant: str, url: str) -> tuple[str, list[str]]:
     if variant == "members":
-        from kiban.cli import DEV_KEYS
-        from kiban.security.tokens import mint
+        from kiban._cli import DEV_KEYS
+        from kiban.security._tokens import mint
 
         key, issuer = DEV_KEYS["internal"]
         token = mint((ROOT / key).read_bytes(), "1", issuer=issuer, ttl=3600)

@@ -29,12 +29,12 @@ def start(name: str, target: str, port: int) -> subprocess.Popen[bytes]:
         "MEMBERS_URL": f"http://127.0.0.1:{SERVICES['members'][1]}",
         "PYTHONUNBUFFERED": "1",
     }
-    return subprocess.Popen([sys.executable, "-m", "kiban.cli", "run", target], cwd=ROOT, env=env)
+    return subprocess.Popen([sys.executable, "-m", "kiban", "run", target], cwd=ROOT, env=env)
 
 
 def dev_token(kind: str, subject: str, *scopes: str) -> str:
-    from kiban.cli import DEV_KEYS
-    from kiban.security.tokens import mint
+    from kiban._cli import DEV_KEYS
+    from kiban.security._tokens import mint
 
     key, issuer = DEV_KEYS[kind]
     return mint((ROOT / key).read_bytes(), subject, issuer=issuer, scopes=scopes, ttl=8 * 3600)

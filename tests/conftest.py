@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from kiban import log
+from kiban import _log as log
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -60,8 +60,8 @@ API_KEY = {"x-api-key": "dev-partner-key"}
 
 def token(kind: str, subject: str, *scopes: str, **options: Any) -> str:
     """A token signed with the sample system's development keys."""
-    from kiban.cli import DEV_KEYS as KEYS
-    from kiban.security.tokens import mint
+    from kiban._cli import DEV_KEYS as KEYS
+    from kiban.security._tokens import mint
 
     key, issuer = KEYS[kind]
     options.setdefault("issuer", issuer)
@@ -251,7 +251,7 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
         }
         with output.open("wb") as sink:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "kiban.cli", "run", target],
+                [sys.executable, "-m", "kiban._cli", "run", target],
                 cwd=ROOT,
                 env=environment,
                 stdout=sink,

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.accesslog import FIELDS, REDACTED, redact_query
-from kiban.chassis import Chassis
-from kiban.config import Settings
+from kiban._accesslog import FIELDS, REDACTED, redact_query
+from kiban._chassis import Chassis
+from kiban._config import Settings
 from kiban.security import NoSecurity
 from tests.conftest import Lines
 

@@ -15,7 +15,7 @@ def test_token_mints_verifiable_development_tokens() -> None:
         [
             sys.executable,
             "-m",
-            "kiban.cli",
+            "kiban._cli",
             "token",
             "jwt",
             "--sub",
@@ -42,7 +42,7 @@ def test_token_mints_verifiable_development_tokens() -> None:
     assert claims["scope"] == "members:admin members:read"
     assert claims["exp"] - claims["iat"] == 60
     internal = subprocess.run(
-        [sys.executable, "-m", "kiban.cli", "token", "internal", "--sub", "u-42"],
+        [sys.executable, "-m", "kiban._cli", "token", "internal", "--sub", "u-42"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -59,7 +59,7 @@ def test_token_mints_verifiable_development_tokens() -> None:
 
 def test_token_without_a_key_says_so() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "kiban.cli", "token", "jwt", "--sub", "x", "--key", "/nope.pem"],
+        [sys.executable, "-m", "kiban._cli", "token", "jwt", "--sub", "x", "--key", "/nope.pem"],
         cwd=ROOT,
         capture_output=True,
         text=True,

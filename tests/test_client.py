@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from starlette.testclient import TestClient
 
 import kiban
-from kiban import client as kiban_client
-from kiban.config import Settings
+from kiban import _client as kiban_client
+from kiban._config import Settings
 from kiban.security import NoSecurity
 from tests.conftest import closed_port
 
@@ -214,7 +214,7 @@ def test_a_non_ascii_header_value_never_fails_the_call(echo: Any) -> None:
 
 
 async def test_a_subject_past_latin_1_is_sent_escaped_not_raised(echo: Any) -> None:
-    from kiban import propagation
+    from kiban import _propagation as propagation
 
     token = propagation.enter(propagation.RequestContext("a" * 32, "r-1", uid="ユーザー"))
     try:

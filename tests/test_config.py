@@ -8,7 +8,7 @@ import sys
 import pytest
 from pydantic import SecretStr
 
-from kiban.config import ConfigError, Settings, load
+from kiban._config import ConfigError, Settings, load
 from tests.conftest import ROOT
 
 
@@ -69,7 +69,7 @@ def test_missing_required_variable_is_named_and_no_value_is_echoed(
 def test_kiban_run_refuses_to_start_half_configured() -> None:
     """The real command exits 2 with the names on stderr, before serving anything."""
     result = subprocess.run(
-        [sys.executable, "-m", "kiban.cli", "run", "tests.apps.hello:app"],
+        [sys.executable, "-m", "kiban._cli", "run", "tests.apps.hello:app"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 import kiban
-from kiban import log
-from kiban.config import ConfigError, Settings
+from kiban import _log as log
+from kiban._config import ConfigError, Settings
 from kiban.security import APIKey, NoSecurity, Security
 from tests.conftest import Lines
 

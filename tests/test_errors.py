@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.config import Settings
-from kiban.errors import PROBLEM_JSON
+from kiban._config import Settings
+from kiban._errors import PROBLEM_JSON
 from kiban.security import NoSecurity
 from tests.conftest import Lines, closed_port
 

@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.config import Settings
-from kiban.health import Checker, HTTPPinger, RedisPinger, SQLPinger
+from kiban._config import Settings
+from kiban._health import Checker, HTTPPinger, RedisPinger, SQLPinger
 from kiban.security import NoSecurity
 from tests.conftest import Lines, closed_port
 

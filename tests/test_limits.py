@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kiban.limits import has_lone_surrogate
+from kiban._bodylimit import has_lone_surrogate
 
 texts = st.text(
     alphabet=st.one_of(

@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 import kiban
-from kiban import log
-from kiban.config import Settings
-from kiban.log import configure, set_level
+from kiban import _log as log
+from kiban._config import Settings
+from kiban._log import configure, set_level
 from kiban.security import NoSecurity
 from tests.conftest import Lines
 

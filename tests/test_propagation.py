@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 import kiban
-from kiban import propagation
-from kiban.config import HeaderNames, Settings
-from kiban.propagation import from_headers, outbound_headers
+from kiban import _propagation as propagation
+from kiban._config import HeaderNames, Settings
+from kiban._propagation import from_headers, outbound_headers
+from kiban._trust import TrustedPeers
 from kiban.security import NoSecurity
-from kiban.trust import TrustedPeers
 
 NAMES = HeaderNames()
 HEX32 = re.compile(r"[0-9a-f]{32}")

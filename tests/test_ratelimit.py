@@ -19,8 +19,8 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.config import Settings
-from kiban.ratelimit import LocalCounter, RateLimit
+from kiban._config import Settings
+from kiban._ratelimit import LocalCounter, RateLimit
 from kiban.security import JWT, NoSecurity, RateLimited, Security
 from tests.conftest import DEV_KEYS, Lines, closed_port, token
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kiban.server import EXIT_ABANDONED
+from kiban._server import EXIT_ABANDONED
 
 pytestmark = pytest.mark.process
 

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.config import Settings
+from kiban._config import Settings
 from kiban.security import NoSecurity
 from tests.conftest import IN_CI, free_port
 from tests.receivers import OTLPReceiver, SentryReceiver, running

@@ -15,12 +15,12 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from kiban.security.tokens import mint
-from kiban.server import Server
+from kiban._server import Server
+from kiban.security._tokens import mint
 from tests.conftest import LOGS, ROOT, free_port
 
 pytestmark = pytest.mark.process
-KIBAN = [sys.executable, "-m", "kiban.cli"]
+KIBAN = [sys.executable, "-m", "kiban._cli"]
 
 
 def kiban(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

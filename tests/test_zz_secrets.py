@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiban import log
+from kiban import _log as log
 from tests.conftest import LOGS, SECRETS
 
 

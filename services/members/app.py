@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import kiban
-from kiban.ratelimit import RateLimit
+from kiban import RateLimit
 from kiban.security import Security
 from services.common import SampleSettings, Schemes
 from services.members.migrations import migrate

@@ -1,20 +1,31 @@
-"""kiban: the production foundation for Python microservices."""
+"""kiban: the production foundation for Python microservices.
 
-from kiban import log
-from kiban.app import Service
-from kiban.config import ConfigError, HeaderNames, Settings, load
-from kiban.errors import Problem
-from kiban.health import HTTPPinger, Pinger, RedisPinger, SQLPinger
-from kiban.propagation import RequestContext, current
-from kiban.server import run
-from kiban.telemetry import meter, tracer
+This module is kiban's public surface (with ``kiban.security`` and, for services with
+a database, ``kiban.database``): everything else lives in private modules whose names
+may change in any release. ``tests/test_exported_members.py`` locks it.
+"""
+
+from kiban import _log as log
+from kiban._accesslog import FIELDS as ACCESS_LOG_FIELDS
+from kiban._app import Service
+from kiban._client import PropagatingTransport
+from kiban._config import ConfigError, HeaderNames, Settings, load
+from kiban._errors import Problem
+from kiban._health import HTTPPinger, Pinger, RedisPinger, SQLPinger
+from kiban._propagation import RequestContext, current, outbound_headers
+from kiban._ratelimit import RateLimit
+from kiban._server import run
+from kiban._telemetry import meter, tracer
 
 __all__ = [
+    "ACCESS_LOG_FIELDS",
     "ConfigError",
     "HTTPPinger",
     "HeaderNames",
     "Pinger",
     "Problem",
+    "PropagatingTransport",
+    "RateLimit",
     "RedisPinger",
     "RequestContext",
     "SQLPinger",
@@ -24,6 +35,7 @@ __all__ = [
     "load",
     "log",
     "meter",
+    "outbound_headers",
     "run",
     "tracer",
 ]

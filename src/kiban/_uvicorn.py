@@ -18,8 +18,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from kiban import log
-from kiban.errors import problem_body
+from kiban import _log as log
+from kiban._errors import problem_body
 
 __all__ = ["Config", "HttpProtocol"]
 

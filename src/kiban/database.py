@@ -23,13 +23,14 @@ from fastapi import Depends, Request
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from kiban import log
-from kiban.errors import Problem
+from kiban import _log as log
+from kiban import _errors
+from kiban._migrate import run_env, upgrade
 
 if TYPE_CHECKING:
-    from kiban.app import Service
+    from kiban._app import Service
 
-__all__ = ["SQLITE_PRAGMAS", "Database", "Session", "refusal", "session"]
+__all__ = ["SQLITE_PRAGMAS", "Database", "Session", "refusal", "run_env", "session", "upgrade"]
 
 #: Set on every SQLite connection: committed transactions survive ``kill -9`` and power
 #: loss (WAL, fsync at each commit); writers wait for each other instead of failing.
@@ -94,7 +95,7 @@ class Database:
         await self.engine.dispose()
 
 
-def refusal(error: exc.DBAPIError) -> Problem | None:
+def refusal(error: exc.DBAPIError) -> _errors.Problem | None:
     """What a write the database refused means for the client, if it is the client's doing.
 
     SQLSTATE class 23 (a constraint) is a 409, class 22 (a value the column cannot hold)
@@ -102,9 +103,9 @@ def refusal(error: exc.DBAPIError) -> Problem | None:
     """
     state = str(getattr(error.orig, "sqlstate", None) or "")
     if isinstance(error, exc.IntegrityError) or state.startswith("23"):
-        return Problem(409, "The request conflicts with data already stored.")
+        return _errors.Problem(409, "The request conflicts with data already stored.")
     if isinstance(error, exc.DataError) or state.startswith("22"):
-        return Problem(422, "A value is outside what the database can store.")
+        return _errors.Problem(422, "A value is outside what the database can store.")
     return None
 
 
@@ -117,7 +118,7 @@ async def _rollback(session: AsyncSession) -> None:
 
 
 def _default(request: Request) -> Database:
-    from kiban.app import Service
+    from kiban._app import Service
 
     service: Service = Service.of(request.app)
     database = service.default_database

@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
 import kiban
-from kiban.config import Settings
+from kiban._config import Settings
 from kiban.security import (
     JWT,
     APIKey,
@@ -30,7 +30,7 @@ from kiban.security import (
     SecurityConfigError,
     principal,
 )
-from kiban.security.schemes import Introspection
+from kiban.security._schemes import Introspection
 from tests.conftest import DEV_KEYS, Lines, closed_port, free_port, token
 from tests.receivers import Reply, serve
 

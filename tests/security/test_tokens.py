@@ -17,9 +17,9 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.config import Settings
+from kiban._config import Settings
 from kiban.security import JWKS, JWT, Security, TokenVerifier
-from kiban.security.tokens import InvalidToken
+from kiban.security._tokens import InvalidToken
 from tests.conftest import Lines, free_port, secret
 from tests.receivers import Reply, serve
 

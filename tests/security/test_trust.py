@@ -11,8 +11,8 @@ from fastapi import APIRouter, FastAPI
 from starlette.testclient import TestClient
 
 import kiban
-from kiban.config import Settings
-from kiban.ratelimit import RateLimit
+from kiban._config import Settings
+from kiban._ratelimit import RateLimit
 from kiban.security import JWT, APIKey, NoSecurity, RateLimited, Security
 from tests.conftest import ROOT, Lines, bearer, secret
 

@@ -1,6 +1,6 @@
 """Alembic environment of the members service."""
 
-from kiban.migrate import run_env
+from kiban.database import run_env
 from services.members.models import Base
 
 run_env(Base.metadata)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kiban.migrate import upgrade
+from kiban.database import upgrade
 
 HERE = Path(__file__).parent
 

@@ -1,6 +1,6 @@
 """Declarative security: schemes, and requirements at API, router and route level."""
 
-from kiban.security.policy import (
+from kiban.security._policy import (
     NoSecurity,
     Policy,
     RateLimited,
@@ -11,17 +11,18 @@ from kiban.security.policy import (
     owns,
     principal,
 )
-from kiban.security.schemes import (
+from kiban.security._schemes import (
     JWT,
     APIKey,
     AuthError,
     BasicAuth,
     InternalIDToken,
+    Introspection,
     OAuth2,
     Principal,
     Scheme,
 )
-from kiban.security.tokens import JWKS, InvalidToken, TokenVerifier
+from kiban.security._tokens import JWKS, InvalidToken, TokenVerifier, mint
 
 __all__ = [
     "JWKS",
@@ -30,6 +31,7 @@ __all__ = [
     "AuthError",
     "BasicAuth",
     "InternalIDToken",
+    "Introspection",
     "InvalidToken",
     "NoSecurity",
     "OAuth2",
@@ -42,6 +44,7 @@ __all__ = [
     "SecurityConfigError",
     "TokenVerifier",
     "Unlimited",
+    "mint",
     "owns",
     "principal",
 ]

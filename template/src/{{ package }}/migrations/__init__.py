@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from kiban.migrate import upgrade
+from kiban.database import upgrade
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 

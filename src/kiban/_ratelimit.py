@@ -28,9 +28,9 @@ from limits.aio.storage import Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
-from kiban import log
-from kiban.errors import Problem
-from kiban.telemetry import Telemetry
+from kiban import _log as log
+from kiban._errors import Problem
+from kiban._telemetry import Telemetry
 
 __all__ = ["Decision", "Limiter", "LocalCounter", "RateLimit"]
 

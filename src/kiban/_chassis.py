@@ -27,19 +27,21 @@ from opentelemetry import trace
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import errors, propagation, routes
-from kiban.accesslog import CLIENT_CLOSED, AccessLog
-from kiban.debug import PayloadLogMiddleware
-from kiban.health import liveness, readiness_endpoint
-from kiban.limits import Body, check_length
-from kiban.propagation import RequestContext
-from kiban.ratelimit import Decision
-from kiban.security.policy import RATE_DECISION
-from kiban.telemetry import activate, deactivate
-from kiban.trust import AllowedHosts, TrustedPeers, local_location
+from kiban import _errors as errors
+from kiban import _propagation as propagation
+from kiban import _routes as routes
+from kiban._accesslog import CLIENT_CLOSED, AccessLog
+from kiban._bodylimit import Body, check_length
+from kiban._debug import PayloadLogMiddleware
+from kiban._health import liveness, readiness_endpoint
+from kiban._propagation import RequestContext
+from kiban._ratelimit import Decision
+from kiban._telemetry import activate, deactivate
+from kiban._trust import AllowedHosts, TrustedPeers, local_location
+from kiban.security._policy import RATE_DECISION
 
 if TYPE_CHECKING:
-    from kiban.app import Service
+    from kiban._app import Service
 
 __all__ = ["Chassis", "Exchange"]
 

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from kiban import log
+from kiban import _log as log
+from kiban._config import Settings
 from kiban._uvicorn import Config, HttpProtocol
-from kiban.config import Settings
 
 if TYPE_CHECKING:
-    from kiban.app import Service
+    from kiban._app import Service
 
 __all__ = ["EXIT_ABANDONED", "Server", "run"]
 
@@ -173,7 +173,7 @@ def run(target: Any, settings: Settings | None = None) -> int:
     time, ``EXIT_ABANDONED`` (3) when it cut requests or abandoned a cleanup (logged,
     naming which).
     """
-    from kiban.app import Service
+    from kiban._app import Service
 
     if isinstance(target, str):
         target = load_target(target)

@@ -27,19 +27,22 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from kiban import _fastapi, debug, errors, log
-from kiban.chassis import Chassis
-from kiban.config import ConfigError, Settings, load
-from kiban.health import Checker, Pinger, SQLPinger
-from kiban.ratelimit import Limiter, RateLimit
-from kiban.security.policy import Policy, SecurityConfigError, Unlimited
-from kiban.telemetry import Telemetry
+from kiban import _debug as debug
+from kiban import _errors as errors
+from kiban import _fastapi
+from kiban import _log as log
+from kiban._chassis import Chassis
+from kiban._config import ConfigError, Settings, load
+from kiban._health import Checker, Pinger, SQLPinger
+from kiban._ratelimit import Limiter, RateLimit
+from kiban._telemetry import Telemetry
+from kiban.security._policy import Policy, SecurityConfigError, Unlimited
 
 if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
     import httpx
     from opentelemetry.sdk.trace.sampling import Sampler
 
-    from kiban.chassis import Exchange
+    from kiban._chassis import Exchange
     from kiban.database import Database
 
 __all__ = ["Service"]
@@ -157,7 +160,7 @@ class Service:
 
     def http_client(self, base_url: str = "", **options: Any) -> httpx.AsyncClient:
         """An outgoing client that propagates the request context; closed on shutdown."""
-        from kiban import client as kiban_client
+        from kiban import _client as kiban_client
 
         errors.install_dependency_errors(self.app)
         client = kiban_client.create(self.settings, base_url=base_url, **options)

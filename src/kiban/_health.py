@@ -20,7 +20,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kiban import log
+from kiban import _log as log
 
 if TYPE_CHECKING:
     import httpx

@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 from starlette.requests import HTTPConnection
 
-from kiban import log, propagation
-from kiban.errors import Problem
-from kiban.security.tokens import JWKS, InvalidToken, TokenVerifier
+from kiban import _log as log
+from kiban import _propagation as propagation
+from kiban._errors import Problem
+from kiban.security._tokens import JWKS, InvalidToken, TokenVerifier
 
 __all__ = [
     "JWT",
@@ -82,7 +83,7 @@ class Scheme:
 
     def requiring(self, *scopes: str) -> Any:
         """This scheme with its own scopes, to combine: ``Security(jwt.requiring("a"), key)``."""
-        from kiban.security.policy import Alternative
+        from kiban.security._policy import Alternative
 
         return Alternative(self, frozenset(scopes))
 

@@ -20,7 +20,7 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
-from kiban import propagation
+from kiban import _propagation as propagation
 
 __all__ = [
     "bind",

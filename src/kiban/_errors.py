@@ -23,8 +23,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from kiban import log, propagation, routes
-from kiban.config import Settings
+from kiban import _log as log
+from kiban import _propagation as propagation
+from kiban import _routes as routes
+from kiban._config import Settings
 
 __all__ = ["PROBLEM_JSON", "Problem", "answer_escaped", "install", "problem_response"]
 

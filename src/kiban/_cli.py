@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kiban.config import ConfigError
+from kiban._config import ConfigError
 
 __all__ = ["main"]
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     update_parser.add_argument("--vcs-ref", help="template version (default: the newest)")
     args = parser.parse_args(argv)
     if args.command == "new":
-        from kiban import template
+        from kiban import _template as template
 
         destination = args.dest or Path(args.name)
         if args.kiban_source is None and args.template is None:
@@ -68,19 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"created {destination}: cd {destination} && make test && make run")
         return 0
     if args.command == "update":
-        from kiban import template
+        from kiban import _template as template
 
         return template.report(template.update(args.dest, args.vcs_ref))
     if args.command == "token":
         return _token(args)
     if args.command == "check":
-        from kiban.check import audit, render
+        from kiban._check import audit, render
 
         rows = audit(args.url, args.log)
         print(render(rows))
         return 0 if all(row.ok for row in rows) else 1
     if args.command == "run":
-        from kiban.server import run
+        from kiban._server import run
 
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # as ``python -m`` would: the app is local code
@@ -99,7 +99,7 @@ DEV_KEYS = {
 
 
 def _token(args: argparse.Namespace) -> int:
-    from kiban.security.tokens import mint
+    from kiban.security._tokens import mint
 
     default_key, default_issuer = DEV_KEYS[args.kind]
     key_path = Path(args.key or default_key)

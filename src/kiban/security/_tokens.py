@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kiban import log
+from kiban import _log as log
 
 if TYPE_CHECKING:  # PyJWT and cryptography load with the first token check
     import httpx

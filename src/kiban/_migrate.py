@@ -2,7 +2,7 @@
 
 A service's ``migrations/env.py`` is two lines::
 
-    from kiban.migrate import run_env
+    from kiban._migrate import run_env
     run_env(Base.metadata)
 """
 

@@ -36,11 +36,13 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Route
 from starlette.types import Scope
 
-from kiban import log, propagation, routes
-from kiban.errors import Problem
-from kiban.ratelimit import Limiter, RateLimit
-from kiban.security.schemes import AuthError, Principal, Scheme
-from kiban.telemetry import Telemetry
+from kiban import _log as log
+from kiban import _propagation as propagation
+from kiban import _routes as routes
+from kiban._errors import Problem
+from kiban._ratelimit import Limiter, RateLimit
+from kiban._telemetry import Telemetry
+from kiban.security._schemes import AuthError, Principal, Scheme
 
 __all__ = [
     "Alternative",

@@ -27,8 +27,8 @@ from pydantic import BaseModel, Field
 from starlette.responses import HTMLResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiban import log
-from kiban.errors import Problem
+from kiban import _log as log
+from kiban._errors import Problem
 
 __all__ = ["PayloadLog", "PayloadLogMiddleware", "redact_json", "router"]
 

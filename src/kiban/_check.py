@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from kiban.accesslog import FIELDS
+from kiban._accesslog import FIELDS
 
 __all__ = ["Row", "audit", "render"]
 

@@ -5,7 +5,7 @@ client, internal identity token) and the peer address become one immutable
 RequestContext in a contextvar. Logs, the access log and the outgoing client read it
 from there, so handlers never pass these values by hand.
 
-The headers are believed only from a trusted peer (``kiban.trust``); from any other
+The headers are believed only from a trusted peer (``kiban._trust``); from any other
 peer the context holds what kiban saw itself: the peer's address and user agent, fresh
 ids, and no identity until a credential proves one (``identify``).
 """
@@ -19,8 +19,8 @@ from contextvars import ContextVar, Token
 from dataclasses import FrozenInstanceError
 from typing import Literal, NamedTuple
 
-from kiban.config import HeaderNames
-from kiban.trust import TrustedPeers
+from kiban._config import HeaderNames
+from kiban._trust import TrustedPeers
 
 __all__ = [
     "Inbound",

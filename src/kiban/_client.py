@@ -1,6 +1,6 @@
 """The outgoing HTTP client: every call carries the request context to the next service.
 
-``service.http_client(base_url=...)`` (or ``kiban.client.create(settings, ...)``) gives a
+``service.http_client(base_url=...)`` (or ``kiban._client.create(settings, ...)``) gives a
 pooled ``httpx.AsyncClient`` whose transport, on every request, sets the trace id, W3C
 ``traceparent`` (of a client span it opens), uid, forwarded user-agent, user IP, API
 client and, for internal hosts only, the identity token, and appends this hop to
@@ -22,8 +22,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from kiban import propagation
-from kiban.config import HeaderNames, Settings
+from kiban import _propagation as propagation
+from kiban._config import HeaderNames, Settings
 
 __all__ = ["PropagatingTransport", "create"]
 
@@ -72,7 +72,7 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
         self.internal_hosts = tuple(internal_hosts)
         self.retries = retries
         self.backoff = backoff
-        self.tracer = trace.get_tracer("kiban.client")
+        self.tracer = trace.get_tracer("kiban._client")
         self._managed = {
             names.trace_id,
             names.uid,

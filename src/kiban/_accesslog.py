@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 from starlette.types import Scope
 
-from kiban.log import sink
-from kiban.propagation import RequestContext
+from kiban._log import sink
+from kiban._propagation import RequestContext
 
 __all__ = ["FIELDS", "AccessLog", "redact_query"]
 

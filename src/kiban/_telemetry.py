@@ -35,8 +35,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kiban import propagation
-from kiban.config import Settings
+from kiban import _propagation as propagation
+from kiban._config import Settings
 
 __all__ = ["Telemetry", "meter", "tracer"]
 

@@ -1,0 +1,116 @@
+"""kiban's public surface: what a service may import, locked.
+
+Everything else lives in private modules (``kiban/_name.py``) that may change in any
+release. Adding or removing a public name is a deliberate edit to the lists below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from pathlib import Path
+
+import pytest
+
+import kiban
+import kiban.database
+import kiban.security
+
+PUBLIC = {
+    "kiban": [
+        "ACCESS_LOG_FIELDS",
+        "ConfigError",
+        "HTTPPinger",
+        "HeaderNames",
+        "Pinger",
+        "Problem",
+        "PropagatingTransport",
+        "RateLimit",
+        "RedisPinger",
+        "RequestContext",
+        "SQLPinger",
+        "Service",
+        "Settings",
+        "current",
+        "load",
+        "log",
+        "meter",
+        "outbound_headers",
+        "run",
+        "tracer",
+    ],
+    "kiban.security": [
+        "JWKS",
+        "JWT",
+        "APIKey",
+        "AuthError",
+        "BasicAuth",
+        "InternalIDToken",
+        "Introspection",
+        "InvalidToken",
+        "NoSecurity",
+        "OAuth2",
+        "Policy",
+        "Principal",
+        "RateLimited",
+        "Requirement",
+        "Scheme",
+        "Security",
+        "SecurityConfigError",
+        "TokenVerifier",
+        "Unlimited",
+        "mint",
+        "owns",
+        "principal",
+    ],
+    "kiban.database": [
+        "SQLITE_PRAGMAS",
+        "Database",
+        "Session",
+        "refusal",
+        "run_env",
+        "session",
+        "upgrade",
+    ],
+}
+#: Public modules: the package, and the integrations a service imports by name.
+PUBLIC_MODULES = {"__init__", "__main__", "database", "security/__init__"}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_all_public_members_are_exported(module: str) -> None:
+    """``__all__`` is the lock, and every public attribute is in it (httpx's rule)."""
+    found = importlib.import_module(module)
+    assert sorted(found.__all__) == sorted(PUBLIC[module])
+    for name in found.__all__:
+        assert hasattr(found, name), name
+    # Every class or function of kiban's reachable here without an underscore is public.
+    exposed = {
+        name
+        for name, value in vars(found).items()
+        if not name.startswith("_")
+        and isinstance(value, type | types.FunctionType)
+        and value.__module__.startswith("kiban")
+    }
+    assert exposed <= set(found.__all__), exposed - set(found.__all__)
+
+
+def test_every_other_module_is_private() -> None:
+    """A module a service could import by accident has a leading underscore."""
+    package = Path(kiban.__file__).parent
+    public = sorted(
+        str(path.relative_to(package).with_suffix(""))
+        for path in package.rglob("*.py")
+        if not path.name.startswith("_") or path.name in {"__init__.py", "__main__.py"}
+    )
+    assert set(public) == PUBLIC_MODULES
+
+
+def test_public_members_say_what_they_are() -> None:
+    """Each public class and function has a docstring a user reads in their editor."""
+    for module in PUBLIC:
+        found = importlib.import_module(module)
+        for name in found.__all__:
+            value = getattr(found, name)
+            if isinstance(value, type | types.FunctionType):
+                assert (value.__doc__ or "").strip(), f"{module}.{name} has no docstring"
