@@ -114,3 +114,45 @@ def test_public_members_say_what_they_are() -> None:
             value = getattr(found, name)
             if isinstance(value, type | types.FunctionType):
                 assert (value.__doc__ or "").strip(), f"{module}.{name} has no docstring"
+
+
+def _imports(path: Path) -> set[str]:
+    """The kiban modules ``path`` imports, at any depth, except for type checking."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kiban"):
+            module = node.module or ""
+            if module == "kiban":
+                found.update(f"kiban.{alias.name}" for alias in node.names)
+            else:
+                found.add(module)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    """Modules form layers: none needs, even lazily, a module that needs it back."""
+    package = Path(kiban.__file__).parent
+    graph = {}
+    for path in package.rglob("*.py"):
+        name = ".".join(("kiban", *path.relative_to(package).with_suffix("").parts))
+        graph[name.removesuffix(".__init__")] = _imports(path) - {"kiban"}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for step in graph.get(start, ()):
+            if step == target or (step not in seen and reaches(step, target, seen | {step})):
+                return True
+        return False
+
+    cycles = [name for name in graph if name != "kiban" and reaches(name, name, {"kiban"})]
+    assert cycles == []

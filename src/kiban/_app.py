@@ -36,7 +36,8 @@ from kiban._config import ConfigError, Settings, load
 from kiban._health import Checker, Pinger, SQLPinger
 from kiban._ratelimit import Limiter, RateLimit
 from kiban._telemetry import Telemetry
-from kiban.security._policy import Policy, SecurityConfigError, Unlimited
+from kiban.security._declare import SecurityConfigError, Unlimited
+from kiban.security._policy import Policy
 
 if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
     import httpx

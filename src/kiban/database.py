@@ -17,18 +17,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from kiban import _log as log
 from kiban import _errors
+from kiban import _log as log
 from kiban._migrate import run_env, upgrade
-
-if TYPE_CHECKING:
-    from kiban._app import Service
 
 __all__ = ["SQLITE_PRAGMAS", "Database", "Session", "refusal", "run_env", "session", "upgrade"]
 
@@ -118,12 +115,11 @@ async def _rollback(session: AsyncSession) -> None:
 
 
 def _default(request: Request) -> Database:
-    from kiban._app import Service
-
-    service: Service = Service.of(request.app)
-    database = service.default_database
+    service = getattr(request.app.state, "kiban", None)  # installed by kiban.Service
+    database = getattr(service, "default_database", None)
     if database is None:
         raise RuntimeError("kiban.Session needs a database: call service.database() first")
+    assert isinstance(database, Database)
     return database
 
 

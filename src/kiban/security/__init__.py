@@ -1,16 +1,15 @@
 """Declarative security: schemes, and requirements at API, router and route level."""
 
-from kiban.security._policy import (
+from kiban.security._declare import (
     NoSecurity,
-    Policy,
     RateLimited,
     Requirement,
     Security,
     SecurityConfigError,
     Unlimited,
-    owns,
-    principal,
 )
+from kiban.security._identity import owns, principal
+from kiban.security._policy import Policy
 from kiban.security._schemes import (
     JWT,
     APIKey,

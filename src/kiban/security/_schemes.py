@@ -83,7 +83,7 @@ class Scheme:
 
     def requiring(self, *scopes: str) -> Any:
         """This scheme with its own scopes, to combine: ``Security(jwt.requiring("a"), key)``."""
-        from kiban.security._policy import Alternative
+        from kiban.security._declare import Alternative
 
         return Alternative(self, frozenset(scopes))
 
