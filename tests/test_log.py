@@ -112,3 +112,41 @@ def test_json_can_be_forced_on_a_terminal() -> None:
 def test_log_format_setting_is_validated() -> None:
     with pytest.raises(ValueError, match="log_format"):
         Settings(log_format="xml")  # type: ignore[arg-type]
+
+
+def test_importing_kiban_leaves_the_hosts_structlog_alone() -> None:
+    """A host app's own structlog configuration survives import and ``configure``."""
+    import subprocess
+
+    code = """
+import structlog
+structlog.configure(processors=[structlog.processors.KeyValueRenderer()])
+before = structlog.get_config()["processors"]
+import kiban
+from kiban import log
+log.info("kiban still logs")
+log.configure(level="info", fmt="json")
+assert structlog.get_config()["processors"] == before, structlog.get_config()
+log.configure(level="info", fmt="json", structlog_global=True)
+assert structlog.get_config()["processors"] != before
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kiban still logs" in done.stdout
+    assert "ok" in done.stdout.splitlines()
+
+
+def test_lines_go_to_stdout_as_it_is_when_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """The sink resolves stdout at write time, so a runner's capture sees kiban's lines."""
+    previous = log.sink.stream
+    log.sink.flush()
+    log.sink.stream = None
+    try:
+        log.warning("captured line")
+        log.sink.flush()
+    finally:
+        log.sink.stream = previous
+    assert "captured line" in capsys.readouterr().out

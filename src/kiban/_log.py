@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 import structlog
@@ -63,7 +63,7 @@ class Sink:
     MAX_BUFFER = 64 * 1024
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
-        self.stream: IO[bytes] = stream if stream is not None else sys.stdout.buffer
+        self._stream = stream
         self.json = True
         self.immediate = False
         # One growing bytearray, not a list of lines: each line's bytes are copied in and
@@ -71,6 +71,22 @@ class Sink:
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
+
+    @property
+    def stream(self) -> IO[bytes]:
+        """The stream given, or the process's stdout *as it is now*.
+
+        Resolved at each write rather than at import: a test runner that swaps
+        ``sys.stdout`` to capture output gets kiban's lines too.
+        """
+        if self._stream is not None:
+            return self._stream
+        out = sys.stdout
+        return cast("IO[bytes]", getattr(out, "buffer", out))
+
+    @stream.setter
+    def stream(self, value: IO[bytes] | None) -> None:
+        self._stream = value
 
     def write(self, line: bytes, urgent: bool = False, newline: bool = True) -> None:
         """Write one line; ``newline=False`` when it already ends with one."""
@@ -197,7 +213,7 @@ class _StdlibBridge(logging.Handler):
         if record.exc_info:
             kwargs["exc_info"] = record.exc_info
         try:
-            getattr(structlog.get_logger(), method)(record.getMessage(), **kwargs)
+            getattr(_logger, method)(record.getMessage(), **kwargs)
         except Exception:  # a broken record must not break the caller
             self.handleError(record)
 
@@ -224,19 +240,17 @@ def _render(logger: WrappedLogger, method: str, event: EventDict) -> str | bytes
     return _console_render(logger, method, event)
 
 
-structlog.configure(
-    processors=[
-        _filter_level,
-        structlog.contextvars.merge_contextvars,
-        _add_request_context,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
-        _add_service,
-        _render,
-    ],
-    logger_factory=lambda *_: _SinkLogger(),
-    cache_logger_on_first_use=True,
-)
+#: kiban's pipeline. kiban's own logger uses it without touching structlog's global
+#: configuration; ``configure`` makes it the global one only if the host has none.
+PROCESSORS: list[Any] = [
+    _filter_level,
+    structlog.contextvars.merge_contextvars,
+    _add_request_context,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+    _add_service,
+    _render,
+]
 
 
 def _is_terminal(stream: IO[bytes]) -> bool:
@@ -251,10 +265,14 @@ def configure(
     fmt: str = "auto",
     stream: IO[bytes] | None = None,
     service: str | None = None,
+    structlog_global: bool = False,
 ) -> None:
     """Set up logging for the process: level, JSON or console lines, the service.
 
-    ``stream`` (binary) replaces where lines go; by default they stay where they went.
+    ``stream`` (binary) replaces where lines go; by default the process's stdout.
+    structlog's global configuration becomes kiban's pipeline unless the host app set
+    its own (then ``structlog_global=True`` overrides it): importing kiban changes
+    nothing of the host's logging.
     """
     if stream is not None:
         sink.flush()
@@ -274,9 +292,22 @@ def configure(
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     set_level(level)
+    if structlog_global or not structlog.is_configured():
+        # A host app that configured structlog keeps its own configuration.
+        structlog.configure(
+            processors=PROCESSORS,
+            logger_factory=lambda *_: _SinkLogger(),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+            cache_logger_on_first_use=True,
+        )
 
 
-_logger: FilteringBoundLogger = structlog.get_logger().bind()
+_logger: FilteringBoundLogger = structlog.wrap_logger(
+    _SinkLogger(),
+    processors=PROCESSORS,
+    wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+    cache_logger_on_first_use=True,
+).bind()
 
 # The module is the logger: ``from kiban import log; log.info("message", key=value)``.
 debug = _logger.debug
