@@ -8,10 +8,12 @@ bad variable instead of starting half-configured.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 __all__ = ["ConfigError", "HeaderNames", "Settings", "load"]
 
@@ -137,6 +139,61 @@ class Settings(BaseSettings):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
 
+    @field_validator(
+        "log_level", "log_format", "otlp_protocol", "trace_untrusted_parent", mode="before"
+    )
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        """Names of levels and modes are case-insensitive: ``LOG_LEVEL=INFO`` is info."""
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """An async SQLAlchemy URL: ``postgresql+asyncpg://``, ``mysql+asyncmy://``, ..."""
+        scheme, separator, _ = value.partition("://")
+        if not separator or not re.fullmatch(r"[a-z][a-z0-9]*(\+[a-z0-9_]+)?", scheme):
+            raise ValueError("not a database URL such as postgresql+asyncpg://host/db")
+        dialect, _, driver = scheme.partition("+")
+        if driver not in _ASYNC_DRIVERS.get(dialect, ()):
+            known = ", ".join(f"{dialect}+{name}" for name in _ASYNC_DRIVERS.get(dialect, ()))
+            raise ValueError(
+                f"{scheme}:// is not an async driver; use "
+                + (known or ", ".join(f"{d}+{n[0]}" for d, n in _ASYNC_DRIVERS.items()))
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("not a Redis URL such as redis://host:6379/0")
+        return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("not a collector URL such as http://otel-collector:4317")
+        return value
+
+    @field_validator("sentry_dsn")
+    @classmethod
+    def _sentry_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        """Checked here: Sentry's own parser fails with a traceback at start-up."""
+        if value is not None:
+            parts = urlsplit(value.get_secret_value())
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.username
+                or not parts.hostname
+                or not parts.path.strip("/").rpartition("/")[2].isdigit()
+            ):
+                raise ValueError("not a Sentry DSN such as https://key@host/project-id")
+        return value
+
     @field_validator("auth_failure_limit")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
@@ -149,6 +206,15 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("not a rate such as 20/minute") from None
         return value
+
+
+#: The async drivers kiban's database support is tested with, by dialect.
+_ASYNC_DRIVERS = {
+    "postgresql": ("asyncpg", "psycopg"),
+    "mysql": ("asyncmy", "aiomysql"),
+    "mariadb": ("asyncmy", "aiomysql"),
+    "sqlite": ("aiosqlite",),
+}
 
 
 class ConfigError(Exception):
@@ -164,6 +230,13 @@ def load(settings_class: type[S]) -> S:
         return settings_class()
     except ValidationError as exc:
         raise ConfigError(_describe(settings_class, exc)) from None
+    except SettingsError as exc:  # a value that is not the JSON its field needs
+        found = re.search(r'field "([^"]+)"', str(exc))
+        prefix = str(settings_class.model_config.get("env_prefix", ""))
+        name = (prefix + found.group(1)).upper() if found else "a variable"
+        raise ConfigError(
+            f"invalid configuration, 1 bad variable:\n  {name}: not valid JSON for this setting"
+        ) from None
 
 
 def _describe(settings_class: type[BaseSettings], exc: ValidationError) -> str:
@@ -172,7 +245,8 @@ def _describe(settings_class: type[BaseSettings], exc: ValidationError) -> str:
     problems = []
     for error in exc.errors(include_url=False, include_input=False):
         name = prefix + delimiter.join(str(part) for part in error["loc"])
-        problems.append(f"  {name.upper()}: {error['msg']}")
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"  {name.upper()}: {message}")
     count = len(problems)
     noun = "variable" if count == 1 else "variables"
     return f"invalid configuration, {count} bad {noun}:\n" + "\n".join(problems)

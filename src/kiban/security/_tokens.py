@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiban import _log as log
+from kiban._config import ConfigError
 
 if TYPE_CHECKING:  # PyJWT and cryptography load with the first token check
     import httpx
@@ -167,6 +168,15 @@ class TokenVerifier:
             raise ValueError("give exactly one of key, keys or jwks")
         object.__setattr__(self, "_prepared", {})
         object.__setattr__(self, "_verified", {})
+        # A key that cannot be parsed stops the service at start-up, not every request.
+        for key in [self.key] if self.key is not None else list((self.keys or {}).values()):
+            for algorithm in self.algorithms:
+                try:
+                    self._prepare(key, algorithm)
+                except Exception as exc:  # PyJWT raises several kinds; none carries the key
+                    raise ConfigError(
+                        f"the JWT key is not a valid {algorithm} key ({type(exc).__name__})"
+                    ) from None
 
     def _prepare(self, key: Any, algorithm: str) -> Any:
         """Parse a PEM key once per algorithm, not on every token (it costs more than
