@@ -29,7 +29,7 @@ from fastapi import FastAPI
 
 from kiban import _debug as debug
 from kiban import _errors as errors
-from kiban import _fastapi
+from kiban import _extras, _fastapi
 from kiban import _log as log
 from kiban._chassis import Chassis
 from kiban._config import ConfigError, Settings, load
@@ -68,6 +68,7 @@ class Service:
             raise RuntimeError("kiban.Service is already installed on this app")
         self.app = app
         self.settings = settings if settings is not None else load(Settings)
+        _extras.check_settings(self.settings)
         self.health = Checker(
             timeout=self.settings.health_timeout, cache_seconds=self.settings.health_cache_seconds
         )
@@ -144,14 +145,14 @@ class Service:
         Handlers take its sessions through ``kiban.database.Session`` (the first
         database made) or ``db.session``: they commit before the response starts.
         """
+        url = url or self.settings.database_url
+        _extras.check_database(url)
         from sqlalchemy.ext.asyncio import create_async_engine
 
         from kiban.database import Database
 
         errors.install_dependency_errors(self.app)
-        engine = create_async_engine(
-            url or self.settings.database_url, pool_pre_ping=True, **options
-        )
+        engine = create_async_engine(url, pool_pre_ping=True, **options)
         database = Database(engine, name)
         self.add_pinger(SQLPinger(engine, name))
         self.on_shutdown(database.dispose)

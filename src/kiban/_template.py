@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kiban import _extras
+
 __all__ = ["conflicts", "default_template", "new", "update"]
 
 CONFLICT_MARKERS = ("<<<<<<< before updating", ">>>>>>> after updating")
@@ -33,6 +35,7 @@ def new(
     template: str | None = None,
     interactive: bool = False,
 ) -> Path:
+    _extras.require("copier", "cli", "kiban new")
     from copier import run_copy
 
     data = {"service_name": name, **{k: v for k, v in answers.items() if v is not None}}
@@ -49,6 +52,7 @@ def new(
 
 def update(destination: Path, vcs_ref: str | None = None) -> list[str]:
     """Bring ``destination`` to the template's newest version; return the conflicts."""
+    _extras.require("copier", "cli", "kiban update")
     from copier import run_update
 
     run_update(

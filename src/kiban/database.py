@@ -20,8 +20,14 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import event, exc
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from kiban import _extras
+
+try:
+    from sqlalchemy import event, exc
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+except ImportError:
+    raise _extras.MissingExtra("kiban.database needs kiban[db]: pip install 'kiban[db]'") from None
 
 from kiban import _errors
 from kiban import _log as log

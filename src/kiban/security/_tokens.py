@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kiban import _extras
 from kiban import _log as log
 from kiban._config import ConfigError
 
@@ -163,6 +164,7 @@ class TokenVerifier:
     required_claims: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        _extras.require("jwt", "jwt", "JWT verification")
         object.__setattr__(self, "algorithms", check_algorithms(self.algorithms))
         if sum(source is not None for source in (self.key, self.keys, self.jwks)) != 1:
             raise ValueError("give exactly one of key, keys or jwks")
