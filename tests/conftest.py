@@ -251,7 +251,7 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
         }
         with output.open("wb") as sink:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "kiban._cli", "run", target],
+                [sys.executable, "-m", "kiban", "run", target],
                 cwd=ROOT,
                 env=environment,
                 stdout=sink,

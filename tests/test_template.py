@@ -20,7 +20,8 @@ from kiban.security._tokens import mint
 from tests.conftest import LOGS, ROOT, free_port
 
 pytestmark = pytest.mark.process
-KIBAN = [sys.executable, "-m", "kiban._cli"]
+KIBAN = [sys.executable, "-m", "kiban"]
+TEMPLATE = ROOT / "src/kiban/_service_template"
 
 
 def kiban(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -180,8 +181,8 @@ def test_manifests_validate_and_fit_the_shutdown_budget(tmp_path: Path, security
 def _template_repository(tmp_path: Path) -> Path:
     repository = tmp_path / "template-repo"
     repository.mkdir()
-    shutil.copy(ROOT / "copier.yml", repository)
-    shutil.copytree(ROOT / "template", repository / "template")
+    shutil.copy(TEMPLATE / "copier.yml", repository)
+    shutil.copytree(TEMPLATE / "template", repository / "template")
     git("init", "-q", cwd=repository)
     git("add", "-A", cwd=repository)
     git("commit", "-qm", "v1", cwd=repository)
@@ -228,6 +229,56 @@ def test_update_applies_template_changes_and_reports_conflicts(tmp_path: Path) -
     assert conflicted.returncode == 1
     assert "Dockerfile" in conflicted.stderr
     assert "need a manual merge" in conflicted.stderr
+    # Inline, and the message says truly which side is whose.
+    merged = dockerfile.read_text()
+    ours = merged.index("<<<<<<< before updating")
+    assert ours < merged.index("EXPOSE 9000") < merged.index("=======")
+    assert merged.index("=======") < merged.index("EXPOSE 8080") < merged.index(">>>>>>> after")
+    assert "are the service's" in conflicted.stderr
+    assert not list(service.rglob("*.rej"))
+
+
+def _release_of(root: Path, version: str, tmp_path: Path) -> Path:
+    """kiban's packaged template as a later release carries it: the current as history."""
+    release = tmp_path / f"kiban-{version}"
+    shutil.copytree(root, release, ignore=shutil.ignore_patterns("history"))
+    shutil.copytree(root, release / "history" / "0.1.0", ignore=shutil.ignore_patterns("history"))
+    return release
+
+
+def test_a_service_made_by_one_kiban_updates_with_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No checkout and no template repository: the installed kiban carries both versions."""
+    import kiban as package
+    from kiban import _template
+
+    service = tmp_path / "svc"
+    _template.new("demo-svc", service, {"database": "sqlite"}, root=TEMPLATE)
+    answers = (service / ".copier-answers.yml").read_text()
+    assert "_src_path: ~/.cache/kiban/service-template\n" in answers  # no local path
+    assert "_commit: v0.1.0" in answers
+    git("init", "-q", cwd=service)
+    git("add", "-A", cwd=service)
+    git("commit", "-qm", "generated", cwd=service)
+    readme = service / "README.md"
+    readme.write_text(readme.read_text() + "\nOur own notes.\n")
+    git("commit", "-qam", "notes", cwd=service)
+
+    release = _release_of(TEMPLATE, "0.2.0", tmp_path)
+    configmap = release / "template/k8s/configmap.yaml.jinja"
+    configmap.write_text(
+        configmap.read_text().replace(
+            "LOG_LEVEL: info", 'LOG_LEVEL: info\n  TRACE_SAMPLE_RATIO: "0.5"'
+        )
+    )
+    monkeypatch.setattr(package, "__version__", "0.2.0")
+    assert _template.update(service, root=release) == []
+    assert 'TRACE_SAMPLE_RATIO: "0.5"' in (service / "k8s/configmap.yaml").read_text()
+    assert "Our own notes." in readme.read_text()
+    answers = (service / ".copier-answers.yml").read_text()
+    assert "_commit: v0.2.0" in answers
+    assert "_src_path: ~/.cache/kiban/service-template\n" in answers
 
 
 def test_check_fails_a_service_without_the_convention(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,10 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kiban import __version__
+
     parser = argparse.ArgumentParser(prog="kiban", description="The kiban service toolkit.")
+    parser.add_argument("--version", action="version", version=f"kiban {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="serve a kiban service: kiban run module:app")
     run_parser.add_argument("target", help="module:attribute of the FastAPI app or kiban.Service")
@@ -37,7 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     new_parser.add_argument("--database", choices=["postgresql", "mysql", "sqlite"])
     new_parser.add_argument("--api-security", choices=["jwt", "internal_id_token"])
     new_parser.add_argument(
-        "--kiban-source", help="how the service depends on kiban (default: this checkout)"
+        "--kiban-source",
+        help="how the service depends on kiban (default: this kiban's minor series)",
+    )
+    new_parser.add_argument(
+        "--find-links", help="a folder of wheels (or URL) where the service's uv finds kiban"
     )
     new_parser.add_argument("--template", help="a copier template (default: kiban's own)")
     new_parser.add_argument(
@@ -48,29 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     update_parser.add_argument("--vcs-ref", help="template version (default: the newest)")
     args = parser.parse_args(argv)
     if args.command == "new":
-        from kiban import _template as template
-
-        destination = args.dest or Path(args.name)
-        if args.kiban_source is None and args.template is None:
-            # kiban's own template: depend on this very checkout of kiban.
-            args.kiban_source = template.default_template().as_uri()
-        template.new(
-            args.name,
-            destination,
-            {
-                "database": args.database,
-                "api_security": args.api_security,
-                "kiban_source": args.kiban_source,
-            },
-            args.template,
-            interactive=args.interactive,
-        )
-        print(f"created {destination}: cd {destination} && make test && make run")
-        return 0
+        return _new(args)
     if args.command == "update":
         from kiban import _template as template
 
-        return template.report(template.update(args.dest, args.vcs_ref))
+        if not (args.dest / ".copier-answers.yml").exists():
+            print(f"kiban: {args.dest} was not made by kiban new", file=sys.stderr)
+            return 2
+        try:
+            return template.report(template.update(args.dest, args.vcs_ref))
+        except ConfigError as exc:
+            print(f"kiban: {exc}", file=sys.stderr)
+            return 2
     if args.command == "token":
         return _token(args)
     if args.command == "check":
@@ -89,6 +86,89 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"kiban: {exc}", file=sys.stderr)
             return 2
+    return 0
+
+
+#: Modules a service package must not shadow: Python's own, and what a service imports.
+_SHADOWED = frozenset(
+    {
+        *sys.stdlib_module_names,
+        "kiban",
+        "tests",
+        "test",
+        "app",
+        "fastapi",
+        "starlette",
+        "pydantic",
+        "sqlalchemy",
+        "alembic",
+        "httpx",
+        "uvicorn",
+        "structlog",
+        "jwt",
+        "redis",
+    }
+)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a service (a package, a Kubernetes name), or None."""
+    import keyword
+
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,38}[a-z0-9]", name):
+        return (
+            f"{name!r} is not a service name: 2 to 40 lowercase letters, digits and dashes, "
+            "starting with a letter and not ending with a dash"
+        )
+    package = name.replace("-", "_")
+    if keyword.iskeyword(package) or keyword.issoftkeyword(package):
+        return f"{name!r} is a Python keyword: its package could not be imported"
+    if package in _SHADOWED:
+        return f"{name!r} would shadow the module {package!r}: pick another name"
+    return None
+
+
+def _new(args: argparse.Namespace) -> int:
+    """``kiban new``: check everything first, then write the folder whole or not at all."""
+    import shutil
+
+    from kiban import _template as template
+
+    problem = name_problem(args.name)
+    if problem is not None:
+        print(f"kiban: {problem}", file=sys.stderr)
+        return 2
+    destination: Path = args.dest or Path(args.name)
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        print(
+            f"kiban: {destination} exists and is not empty; choose another --dest", file=sys.stderr
+        )
+        return 2
+    if args.kiban_source is None and args.template is None:
+        args.kiban_source = template.dependency()
+    created = not destination.exists()
+    try:
+        template.new(
+            args.name,
+            destination,
+            {
+                "database": args.database,
+                "api_security": args.api_security,
+                "kiban_source": args.kiban_source,
+                "kiban_find_links": args.find_links,
+            },
+            args.template,
+            interactive=args.interactive,
+        )
+    except (Exception, KeyboardInterrupt) as exc:  # never leave half a service behind
+        if created:
+            shutil.rmtree(destination, ignore_errors=True)
+        else:
+            for child in destination.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        print(f"kiban: {exc}", file=sys.stderr)
+        return 2
+    print(f"created {destination}: cd {destination} && make test && make run")
     return 0
 
 
