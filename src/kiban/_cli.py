@@ -32,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     token_parser.add_argument("--issuer", help="default: the sample system's issuer")
     token_parser.add_argument("--audience")
     token_parser.add_argument("--ttl", type=float, default=3600.0, help="seconds")
+    keys_parser = commands.add_parser(
+        "keys", help="make a development key pair: kiban keys .dev (EdDSA, PEM)"
+    )
+    keys_parser.add_argument("folder", type=Path, nargs="?", default=Path(".dev"))
     check_parser = commands.add_parser("check", help="audit a running service: kiban check URL")
     check_parser.add_argument("url")
     check_parser.add_argument("--log", type=Path, help="a file of the service's log output")
@@ -70,6 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "token":
         return _token(args)
+    if args.command == "keys":
+        try:
+            signing, public = dev_keys(args.folder)
+        except (FileExistsError, ConfigError) as exc:
+            print(f"kiban: {exc}", file=sys.stderr)
+            return 2
+        print(f"signing key {signing} (keep it out of git), public key {public}")
+        return 0
     if args.command == "check":
         from kiban._check import audit, render
 
@@ -168,8 +180,41 @@ def _new(args: argparse.Namespace) -> int:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         print(f"kiban: {exc}", file=sys.stderr)
         return 2
+    try:
+        dev_keys(destination / ".dev")
+    except ConfigError as exc:  # no cryptography: the service still works with its own keys
+        print(f"kiban: no development keys made: {exc}", file=sys.stderr)
     print(f"created {destination}: cd {destination} && make test && make run")
     return 0
+
+
+def dev_keys(folder: Path) -> tuple[Path, Path]:
+    """An Ed25519 key pair for development: ``signing-key.pem`` (0600), ``public-key.pem``."""
+    from kiban import _extras
+
+    _extras.require("cryptography", "jwt", "kiban keys")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    signing, public = folder / "signing-key.pem", folder / "public-key.pem"
+    if signing.exists() or public.exists():
+        raise FileExistsError(f"{folder} already holds keys; remove them to make new ones")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ed25519.Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    descriptor = os.open(signing, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as output:
+        output.write(private_pem)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return signing, public
 
 
 DEV_KEYS = {
@@ -182,6 +227,9 @@ def _token(args: argparse.Namespace) -> int:
     from kiban.security._tokens import mint
 
     default_key, default_issuer = DEV_KEYS[args.kind]
+    issuer: str | None = default_issuer
+    if Path(".dev/signing-key.pem").exists():  # a service made by kiban new
+        default_key, issuer = ".dev/signing-key.pem", None
     key_path = Path(args.key or default_key)
     if not key_path.exists():
         print(f"kiban: no key at {key_path}; pass --key", file=sys.stderr)
@@ -190,7 +238,7 @@ def _token(args: argparse.Namespace) -> int:
         mint(
             key_path.read_bytes(),
             args.sub,
-            issuer=args.issuer or default_issuer,
+            issuer=args.issuer or issuer,
             audience=args.audience,
             scopes=args.scope,
             ttl=args.ttl,
