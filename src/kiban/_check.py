@@ -17,7 +17,7 @@ import orjson
 
 from kiban._accesslog import FIELDS
 
-__all__ = ["Row", "audit", "render"]
+__all__ = ["Row", "Unreachable", "audit", "render"]
 
 PROBLEM_JSON = "application/problem+json"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -198,19 +198,41 @@ CHECKS: tuple[Callable[[httpx.Client], Iterable[Row]], ...] = (
 )
 
 
+class Unreachable(Exception):
+    """Nothing answers HTTP at the URL: there is nothing to audit."""
+
+
 def audit(url: str, log: Path | None = None, timeout: float = 5.0) -> list[Row]:
+    """One row per finding. Whatever the service answers, a row, never an exception.
+
+    Raises ``Unreachable`` when no HTTP server answers at all (a different outcome
+    from a service that answers wrongly).
+    """
     rows: list[Row] = []
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as client:
+    try:
+        client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
+        raise Unreachable(f"not an HTTP URL ({exc})") from None
+    with client:
+        try:
+            client.get("/")
+        except (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise Unreachable(type(exc).__name__) from None
         for check in CHECKS:
+            name = check.__name__.strip("_").replace("_", " ")
             try:
                 rows.extend(check(client))
             except httpx.HTTPError as exc:
                 rows.append(
+                    Row(name, False, f"request failed: {type(exc).__name__}", "is it overloaded?")
+                )
+            except Exception as exc:  # an answer of a shape the check did not expect
+                rows.append(
                     Row(
-                        check.__name__.strip("_").replace("_", " "),
+                        name,
                         False,
-                        f"request failed: {type(exc).__name__}",
-                        "is the service running at this URL?",
+                        f"unexpected answer ({type(exc).__name__})",
+                        "answer as kiban.Service does: JSON bodies, problem+json errors",
                     )
                 )
     if log is not None:

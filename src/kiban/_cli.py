@@ -22,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="serve a kiban service: kiban run module:app")
     run_parser.add_argument("target", help="module:attribute of the FastAPI app or kiban.Service")
+    run_parser.add_argument("--host", help="listen address (default: HTTP_HOST)")
+    run_parser.add_argument("--port", type=int, help="listen port (default: HTTP_PORT)")
     token_parser = commands.add_parser(
         "token", help="mint a development token: kiban token internal --sub u-42"
     )
@@ -39,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_parser = commands.add_parser("check", help="audit a running service: kiban check URL")
     check_parser.add_argument("url")
     check_parser.add_argument("--log", type=Path, help="a file of the service's log output")
+    check_parser.add_argument("--json", action="store_true", help="one JSON document, for CI")
     new_parser = commands.add_parser("new", help="make a new service from the template")
     new_parser.add_argument("name", help="the service name, e.g. billing")
     new_parser.add_argument("--dest", type=Path, help="default: ./NAME")
@@ -83,14 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"signing key {signing} (keep it out of git), public key {public}")
         return 0
     if args.command == "check":
-        from kiban._check import audit, render
-
-        rows = audit(args.url, args.log)
-        print(render(rows))
-        return 0 if all(row.ok for row in rows) else 1
+        return _check(args)
     if args.command == "run":
         from kiban._server import run
 
+        # Flags win over the environment: they are what the operator typed just now.
+        if args.host is not None:
+            os.environ["HTTP_HOST"] = args.host
+        if args.port is not None:
+            os.environ["HTTP_PORT"] = str(args.port)
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # as ``python -m`` would: the app is local code
         try:
@@ -99,6 +103,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kiban: {exc}", file=sys.stderr)
             return 2
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``kiban check``: 0 conformant, 1 findings, 2 cannot audit (unreachable, no log)."""
+    import json
+
+    from kiban._check import Unreachable, audit, render
+
+    if args.log is not None and not args.log.is_file():
+        print(f"kiban: no log file at {args.log}", file=sys.stderr)
+        return 2
+    try:
+        rows = audit(args.url, args.log)
+    except Unreachable as exc:
+        if args.json:
+            print(json.dumps({"url": args.url, "reachable": False, "error": str(exc)}))
+        print(f"kiban: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    failed = sum(not row.ok for row in rows)
+    if args.json:
+        document = {
+            "url": args.url,
+            "reachable": True,
+            "passed": len(rows) - failed,
+            "failed": failed,
+            "checks": [
+                {"check": row.check, "ok": row.ok, "detail": row.detail, "fix": row.fix}
+                for row in rows
+            ],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(render(rows))
+    return 1 if failed else 0
 
 
 #: Modules a service package must not shadow: Python's own, and what a service imports.

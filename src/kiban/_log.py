@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 import threading
 import time
@@ -134,6 +135,7 @@ class _State:
     """Process-wide log settings, read by the processors on every line."""
 
     level = _LEVELS["info"]
+    colours = False
     service: str | None = None
     #: Whether a request's debug header may lower the level for that request.
     request_debug = False
@@ -221,7 +223,9 @@ class _StdlibBridge(logging.Handler):
 _json_render = structlog.processors.JSONRenderer(serializer=_dumps)
 _rename = structlog.processors.EventRenamer("msg")
 _tracebacks = structlog.processors.format_exc_info  # a string; never frame locals
-_console_render = structlog.dev.ConsoleRenderer(colors=True)
+#: Console lines (a terminal, or LOG_FORMAT=console): coloured only on a terminal and
+#: never under ``NO_COLOR`` (no-color.org). ``configure`` chooses.
+_renderers = {colours: structlog.dev.ConsoleRenderer(colors=colours) for colours in (True, False)}
 
 
 def _add_service(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
@@ -237,7 +241,7 @@ def _render(logger: WrappedLogger, method: str, event: EventDict) -> str | bytes
             logger, method, _rename(logger, method, _tracebacks(logger, method, event))
         )
         return rendered
-    return _console_render(logger, method, event)
+    return _renderers[_state.colours](logger, method, event)
 
 
 #: kiban's pipeline. kiban's own logger uses it without touching structlog's global
@@ -280,6 +284,7 @@ def configure(
     terminal = _is_terminal(sink.stream)
     sink.json = fmt == "json" or (fmt == "auto" and not terminal)
     sink.immediate = terminal
+    _state.colours = terminal and not os.environ.get("NO_COLOR")
     _state.service = service
     root = logging.getLogger()
     if not any(isinstance(handler, _StdlibBridge) for handler in root.handlers):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from kiban import _log as log
-from kiban._config import Settings
+from kiban._config import ConfigError, Settings
 from kiban._uvicorn import Config, HttpProtocol
 
 if TYPE_CHECKING:
@@ -156,12 +156,24 @@ EXIT_ABANDONED = 3
 
 
 def load_target(target: str) -> Any:
-    """Import ``module:attribute``, the way uvicorn names an app."""
+    """Import ``module:attribute``, the way uvicorn names an app.
+
+    A target that does not name something raises ``ConfigError`` saying what is
+    missing; an error inside the module's own code is left as it is (its traceback is
+    the useful part).
+    """
     module_name, _, attribute = target.partition(":")
-    if not attribute:
-        raise ValueError(f"expected 'module:attribute', got {target!r}")
-    value: Any = importlib.import_module(module_name)
+    if not module_name or not attribute:
+        raise ConfigError(f"expected module:attribute such as app:create_app, got {target!r}")
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise
+        raise ConfigError(f"no module {module_name!r} here (cwd and sys.path)") from None
     for part in attribute.split("."):
+        if not hasattr(value, part):
+            raise ConfigError(f"{module_name} has no {attribute!r}") from None
         value = getattr(value, part)
     return value
 
@@ -179,7 +191,13 @@ def run(target: Any, settings: Settings | None = None) -> int:
         target = load_target(target)
     if inspect.isfunction(target):  # an app factory: ``create_app``
         target = target()
-    service = Service.of(target)
+    try:
+        service = Service.of(target)
+    except TypeError:
+        raise ConfigError(
+            f"{target!r} is not a kiban service: return kiban.Service(app, security=...) "
+            "from the factory, or name the Service"
+        ) from None
     settings = settings or service.settings
     config = Config(
         service.app,
