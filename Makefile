@@ -8,7 +8,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bootstrap clean bench
+.PHONY: run test lint bootstrap clean bench test-lock test-lowest test-newest
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -23,8 +23,22 @@ bootstrap: $(VENV)/.synced
 run: bootstrap
 	$(PY) -m services.run
 
-test: bootstrap lint
+# The suite runs on the lock, then on the lowest versions pyproject.toml allows (its
+# minimums are tested, not guessed) and on the newest it allows (its upper bounds too).
+test: lint test-lock test-lowest test-newest
+
+test-lock: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.venv-%/.synced: $(UV) pyproject.toml | bootstrap
+	rm -rf .venv-$*
+	$(UV) venv --quiet --python $(PY) .venv-$*
+	$(UV) pip install --quiet --python .venv-$*/bin/python \
+		$(if $(filter lowest,$*),--resolution lowest-direct,--upgrade) -e '.[all]' --group dev
+	touch $@
+
+test-lowest test-newest: test-%: .venv-%/.synced
+	.venv-$*/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check src tests services bench
@@ -32,7 +46,7 @@ lint: bootstrap
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-lowest .venv-newest $(TOOLS) .mypy_cache .pytest_cache .ruff_cache
 
 bench: bootstrap
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -41,8 +41,9 @@ def test_one_line_per_request_with_every_field_in_order(lines: Lines) -> None:
     with TestClient(make_app(), client=("10.0.0.3", 50000)) as client:  # a trusted gateway
         response = client.post(
             "/items/7?color=red",
-            json={"name": "pen"},
+            content=b'{"name":"pen"}',  # these bytes, whatever httpx's JSON spacing
             headers={
+                "content-type": "application/json",
                 "x-uid": "u-1",
                 "x-api-client": "web",
                 "user-agent": "ua/1",

@@ -42,6 +42,10 @@ def test_the_readme_example_runs(lines: Lines, tmp_path: Path) -> None:
 
 def test_fastapis_own_body_limit_still_holds_under_kiban() -> None:
     """kiban is an ordinary middleware: FastAPI's own layers around it keep working."""
+    import inspect
+
+    if "max_body_size" not in inspect.signature(FastAPI).parameters:
+        pytest.skip("this FastAPI release has no max_body_size of its own")
     app = FastAPI(max_body_size=16)
     kiban.Service(app, Settings(), security=NoSecurity())
 

@@ -8,8 +8,6 @@ FastAPI dependency, so a route whose requirement the request path could not enfo
 before routing (see ``Policy.before_routing``) is enforced by its marker once routed.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,7 +45,7 @@ class SecurityConfigError(Exception):
 
 @dataclass(frozen=True)
 class Alternative:
-    scheme: Scheme
+    scheme: "Scheme"
     scopes: frozenset[str] = frozenset()
 
 
@@ -70,6 +68,10 @@ class Requirement:
     async def __call__(self, request: HTTPConnection) -> None:
         """Enforce, when this is the route's resolved requirement and not yet enforced.
 
+        The annotation is a real class, not a string (this module does not postpone
+        annotations): FastAPI before 0.116 cannot resolve a string annotation of a
+        callable instance, and would take ``request`` for a query parameter.
+
         An ``HTTPConnection``, so that the same marker serves HTTP and websocket routes.
         """
         policy: Policy = request.app.state.kiban.policy
@@ -79,7 +81,7 @@ class Requirement:
             await policy.admit(resolved, request, routes.template(scope) or request.url.path)
 
 
-def Security(*schemes: Scheme | Alternative, scopes: Iterable[str] = ()) -> Any:
+def Security(*schemes: "Scheme | Alternative", scopes: Iterable[str] = ()) -> Any:
     """Require any of ``schemes``; bare schemes must hold every scope in ``scopes``."""
     if not schemes:
         raise ValueError("Security() needs at least one scheme; use NoSecurity() for public")
