@@ -90,6 +90,37 @@ def test_the_core_is_small_typed_and_names_a_missing_extra(outside: Path) -> Non
     for heavy in ("sqlalchemy", "grpc", "sentry_sdk", "copier", "jwt", "alembic"):
         assert not (site / heavy).exists(), heavy
 
+    # Typed for a downstream ``mypy --strict``: a misuse is an error, not an Any.
+    (outside / "typed_use.py").write_text(
+        "from fastapi import FastAPI\n"
+        "import kiban\n"
+        "from kiban.security import NoSecurity\n"
+        "service: kiban.Service = kiban.Service(FastAPI(), security=NoSecurity())\n"
+        "port: str = service.settings.http_port\n"
+    )
+    checked = subprocess.run(
+        [
+            ROOT / ".venv/bin/mypy",
+            "--strict",
+            "--python-executable",
+            venv / "bin/python",
+            "--no-incremental",
+            "typed_use.py",
+        ],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_clean_env(),
+        check=False,
+    )
+    assert checked.returncode == 1, checked.stdout
+    (error,) = [line for line in checked.stdout.splitlines() if ": error:" in line]
+    assert (
+        'typed_use.py:5: error: Incompatible types in assignment (expression has type "int"'
+        in error
+    )
+
     (outside / "keyed.py").write_text(
         "from fastapi import FastAPI\n"
         "import kiban\n"

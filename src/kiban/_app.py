@@ -25,7 +25,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, params
 
 from kiban import _debug as debug
 from kiban import _errors as errors
@@ -59,9 +59,9 @@ class Service:
         app: FastAPI,
         settings: Settings | None = None,
         *,
-        security: Any = None,
+        security: params.Depends | None = None,
         rate_limit: RateLimit | None = None,
-        debug_security: Any = None,
+        debug_security: params.Depends | None = None,
         sampler: Sampler | None = None,
     ) -> None:
         if getattr(app.state, "kiban", None) is not None:

@@ -16,7 +16,7 @@ from fastapi import params
 from starlette.requests import HTTPConnection
 
 from kiban import _routes as routes
-from kiban._ratelimit import RateLimit
+from kiban._ratelimit import KeyKind, RateLimit
 
 if TYPE_CHECKING:
     from kiban.security._policy import Policy
@@ -81,7 +81,7 @@ class Requirement:
             await policy.admit(resolved, request, routes.template(scope) or request.url.path)
 
 
-def Security(*schemes: "Scheme | Alternative", scopes: Iterable[str] = ()) -> Any:
+def Security(*schemes: "Scheme | Alternative", scopes: Iterable[str] = ()) -> params.Depends:
     """Require any of ``schemes``; bare schemes must hold every scope in ``scopes``."""
     if not schemes:
         raise ValueError("Security() needs at least one scheme; use NoSecurity() for public")
@@ -92,17 +92,17 @@ def Security(*schemes: "Scheme | Alternative", scopes: Iterable[str] = ()) -> An
     return params.Depends(Requirement(alternatives))
 
 
-def NoSecurity() -> Any:
+def NoSecurity() -> params.Depends:
     """Declare a route (or router, or API) public, explicitly."""
     return params.Depends(Requirement(()))
 
 
-def RateLimited(limit: str, key: str = "subject", name: str | None = None) -> Any:
+def RateLimited(limit: str, key: KeyKind = "subject", name: str | None = None) -> params.Depends:
     """Declare a rate limit at router or route level: ``RateLimited("10/second")``."""
-    return params.Depends(RateLimitMarker(RateLimit(limit, key, name or limit)))  # type: ignore[arg-type]
+    return params.Depends(RateLimitMarker(RateLimit(limit, key, name or limit)))
 
 
-def Unlimited() -> Any:
+def Unlimited() -> params.Depends:
     """Declare a route or router free of the API's rate limit (probes, scrapes)."""
     return params.Depends(RateLimitMarker(None))
 

@@ -66,7 +66,7 @@ class Policy:
 
     def __init__(
         self,
-        default: Any = None,
+        default: params.Depends | None = None,
         rate_limit: RateLimit | None = None,
         limiter: Limiter | None = None,
         telemetry: Telemetry | None = None,

@@ -14,7 +14,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.requests import HTTPConnection
 
@@ -22,6 +22,9 @@ from kiban import _log as log
 from kiban import _propagation as propagation
 from kiban._errors import Problem
 from kiban.security._tokens import JWKS, InvalidToken, TokenVerifier
+
+if TYPE_CHECKING:
+    from kiban.security._declare import Alternative
 
 __all__ = [
     "JWT",
@@ -81,7 +84,7 @@ class Scheme:
     def openapi(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def requiring(self, *scopes: str) -> Any:
+    def requiring(self, *scopes: str) -> Alternative:
         """This scheme with its own scopes, to combine: ``Security(jwt.requiring("a"), key)``."""
         from kiban.security._declare import Alternative
 
