@@ -263,7 +263,9 @@ def test_a_service_made_by_one_kiban_updates_with_the_next(
     git("commit", "-qm", "generated", cwd=service)
     readme = service / "README.md"
     readme.write_text(readme.read_text() + "\nOur own notes.\n")
-    git("commit", "-qam", "notes", cwd=service)
+    (service / "service.mk").write_text("seed:\n\techo seeding\n")  # the service's target
+    git("add", "-A", cwd=service)
+    git("commit", "-qm", "notes", cwd=service)
 
     release = _release_of(TEMPLATE, "0.2.0", tmp_path)
     configmap = release / "template/k8s/configmap.yaml.jinja"
@@ -272,8 +274,12 @@ def test_a_service_made_by_one_kiban_updates_with_the_next(
             "LOG_LEVEL: info", 'LOG_LEVEL: info\n  TRACE_SAMPLE_RATIO: "0.5"'
         )
     )
+    makefile = release / "template/Makefile.jinja"  # the template's new target
+    makefile.write_text(makefile.read_text() + "\nfmt: bootstrap\n\t.venv/bin/ruff format src\n")
     monkeypatch.setattr(package, "__version__", "0.2.0")
     assert _template.update(service, root=release) == []
+    assert "fmt: bootstrap" in (service / "Makefile").read_text()
+    assert "seed:" in (service / "service.mk").read_text()
     assert 'TRACE_SAMPLE_RATIO: "0.5"' in (service / "k8s/configmap.yaml").read_text()
     assert "Our own notes." in readme.read_text()
     answers = (service / ".copier-answers.yml").read_text()
