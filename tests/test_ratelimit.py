@@ -19,7 +19,7 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.testclient import TestClient
 
 import kiban
-from kiban._config import Settings
+from kiban._config import Settings, parse_rate
 from kiban._ratelimit import LocalCounter, RateLimit
 from kiban.security import JWT, NoSecurity, RateLimited, Security
 from tests.conftest import DEV_KEYS, Lines, closed_port, token
@@ -191,3 +191,29 @@ def test_the_in_memory_counter_forgets_keys_whose_windows_have_passed() -> None:
     assert len(local.windows) == 2
     local.hit(rate, "c", 103.0)  # the third hit sweeps: a and b are two windows behind
     assert set(key for _, key in local.windows) == {"c"}
+
+
+@given(
+    amount=st.integers(1, 10**6),
+    multiples=st.one_of(st.none(), st.integers(1, 1000)),
+    unit=st.sampled_from(["second", "minute", "hour", "day", "month", "year"]),
+    plural=st.booleans(),
+    separator=st.sampled_from(["/", " / ", " per ", "per"]),
+    upper=st.booleans(),
+)
+def test_kibans_rate_notation_is_the_limits_librarys(
+    amount: int, multiples: int | None, unit: str, plural: bool, separator: str, upper: bool
+) -> None:
+    """The in-memory limiter parses rates itself; the Redis one hands them to ``limits``."""
+    import limits
+
+    text = f"{amount}{separator}{multiples or ''} {unit}{'s' if plural else ''}"
+    text = text.upper() if upper else text
+    item = limits.parse(text)
+    assert parse_rate(text) == (item.amount, item.get_expiry())
+
+
+@pytest.mark.parametrize("text", ["", "ten/second", "10/fortnight", "0/second", "10/0 minutes"])
+def test_a_rate_that_is_not_one_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a rate"):
+        parse_rate(text)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-__all__ = ["ConfigError", "HeaderNames", "Settings", "load"]
+__all__ = ["ConfigError", "HeaderNames", "Settings", "load", "parse_rate"]
 
 
 class HeaderNames(BaseModel):
@@ -199,13 +199,40 @@ class Settings(BaseSettings):
     def _rate(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        import limits
-
         try:
-            limits.parse(value)
+            parse_rate(value)
         except ValueError:
             raise ValueError("not a rate such as 20/minute") from None
         return value
+
+
+#: Seconds in each unit, as ``limits`` counts them (a month is 30 days, a year 12 months).
+_UNITS = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "month": 30 * 86400,
+    "year": 12 * 30 * 86400,
+}
+_RATE = re.compile(
+    r"\s*([0-9]+)\s*(?:/|\s*per\s*)\s*([0-9]+)?\s*(second|minute|hour|day|month|year)s?\s*",
+    re.IGNORECASE,
+)
+
+
+def parse_rate(text: str) -> tuple[int, int]:
+    """``"100/minute"`` -> (100, 60): the amount and the window in seconds.
+
+    The notation of the ``limits`` library (``10 per 5 minutes`` too), parsed here so
+    that the in-memory limiter needs no library; ``tests/test_ratelimit.py`` holds the
+    two parsers to the same answers.
+    """
+    match = _RATE.fullmatch(text)
+    if match is None or int(match.group(1)) < 1 or match.group(2) == "0":
+        raise ValueError(f"not a rate such as 100/minute: {text!r}")
+    multiples = int(match.group(2) or 1)
+    return int(match.group(1)), multiples * _UNITS[match.group(3).lower()]
 
 
 #: The async drivers kiban's database support is tested with, by dialect.

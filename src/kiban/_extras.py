@@ -52,6 +52,7 @@ def check_settings(settings: Settings) -> None:
         needed.append(("sentry_sdk", "sentry", "SENTRY_DSN"))
     if settings.redis_url is not None:
         needed.append(("redis", "redis", "REDIS_URL"))
+        needed.append(("limits", "redis", "REDIS_URL"))
     if settings.debug_endpoints:
         needed.append(("pyinstrument", "debug", "DEBUG_ENDPOINTS"))
     missing = [

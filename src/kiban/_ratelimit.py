@@ -21,16 +21,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import limits
-from limits.aio.storage import Storage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from limits.storage import storage_from_string
-
+from kiban import _extras
 from kiban import _log as log
+from kiban._config import parse_rate
 from kiban._errors import Problem
 from kiban._telemetry import Telemetry
+
+if TYPE_CHECKING:  # with REDIS_URL only (kiban[redis])
+    import limits
+    from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 __all__ = ["Decision", "Limiter", "LocalCounter", "RateLimit"]
 
@@ -48,20 +49,20 @@ class RateLimit:
     key: KeyKind = "subject"
     name: str = "default"
     # Parsed from ``limit`` once, in __post_init__.
-    _item: limits.RateLimitItem | None = field(init=False, repr=False, default=None)
     amount: int = field(init=False, repr=False, default=0)
     expiry: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
-        item = limits.parse(self.limit)
-        object.__setattr__(self, "_item", item)
-        object.__setattr__(self, "amount", item.amount)
-        object.__setattr__(self, "expiry", item.get_expiry())
+        amount, expiry = parse_rate(self.limit)
+        object.__setattr__(self, "amount", amount)
+        object.__setattr__(self, "expiry", expiry)
 
     @property
     def item(self) -> limits.RateLimitItem:
-        assert self._item is not None  # set in __post_init__
-        return self._item
+        """The ``limits`` library's item, for its Redis storage (kiban[redis])."""
+        import limits
+
+        return limits.RateLimitItemPerSecond(self.amount, self.expiry)
 
 
 @dataclass(slots=True)
@@ -194,8 +195,12 @@ class Limiter:
         self.local: LocalCounter | None = None
         self.strategy: SlidingWindowCounterRateLimiter | None = None
         if redis_url:
+            _extras.require("limits", "redis", "REDIS_URL")
+            from limits.aio.strategies import SlidingWindowCounterRateLimiter
+            from limits.storage import storage_from_string
+
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
-            storage: Storage = storage_from_string(  # type: ignore[assignment]
+            storage: Any = storage_from_string(
                 uri,
                 implementation="redispy",
                 socket_timeout=timeout,
