@@ -1,7 +1,8 @@
 """kiban's public surface: what a service may import, locked.
 
 Everything else lives in private modules (``kiban/_name.py``) that may change in any
-release. Adding or removing a public name is a deliberate edit to the lists below.
+release. ``__all__`` of each public module is the lock (httpx's rule): every public
+class or function reachable there is in it, and the tests below fail otherwise.
 """
 
 from __future__ import annotations
@@ -16,72 +17,15 @@ import kiban
 import kiban.database
 import kiban.security
 
-PUBLIC = {
-    "kiban": [
-        "ACCESS_LOG_FIELDS",
-        "ConfigError",
-        "HTTPPinger",
-        "HeaderNames",
-        "Pinger",
-        "Problem",
-        "PropagatingTransport",
-        "RateLimit",
-        "RedisPinger",
-        "RequestContext",
-        "SQLPinger",
-        "Service",
-        "Settings",
-        "current",
-        "load",
-        "log",
-        "meter",
-        "outbound_headers",
-        "run",
-        "tracer",
-    ],
-    "kiban.security": [
-        "JWKS",
-        "JWT",
-        "APIKey",
-        "AuthError",
-        "BasicAuth",
-        "InternalIDToken",
-        "Introspection",
-        "InvalidToken",
-        "NoSecurity",
-        "OAuth2",
-        "Policy",
-        "Principal",
-        "RateLimited",
-        "Requirement",
-        "Scheme",
-        "Security",
-        "SecurityConfigError",
-        "TokenVerifier",
-        "Unlimited",
-        "mint",
-        "owns",
-        "principal",
-    ],
-    "kiban.database": [
-        "SQLITE_PRAGMAS",
-        "Database",
-        "Session",
-        "refusal",
-        "run_env",
-        "session",
-        "upgrade",
-    ],
-}
+PUBLIC = ["kiban", "kiban.security", "kiban.database"]
 #: Public modules: the package, and the integrations a service imports by name.
 PUBLIC_MODULES = {"__init__", "__main__", "database", "security/__init__"}
 
 
-@pytest.mark.parametrize("module", sorted(PUBLIC))
+@pytest.mark.parametrize("module", PUBLIC)
 def test_all_public_members_are_exported(module: str) -> None:
     """``__all__`` is the lock, and every public attribute is in it (httpx's rule)."""
     found = importlib.import_module(module)
-    assert sorted(found.__all__) == sorted(PUBLIC[module])
     for name in found.__all__:
         assert hasattr(found, name), name
     # Every class or function of kiban's reachable here without an underscore is public.
@@ -93,6 +37,11 @@ def test_all_public_members_are_exported(module: str) -> None:
         and value.__module__.startswith("kiban")
     }
     assert exposed <= set(found.__all__), exposed - set(found.__all__)
+    # And no one else's class or function is passed off as kiban's.
+    for name in found.__all__:
+        value = getattr(found, name)
+        if isinstance(value, type | types.FunctionType):
+            assert value.__module__.startswith("kiban"), (name, value.__module__)
 
 
 def test_every_other_module_is_private() -> None:
