@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, SecretStr, StringConstraints
+from pydantic import Field, SecretStr, StringConstraints
 
 import kiban
 from kiban.security import JWT, APIKey, InternalIDToken, Principal
@@ -14,19 +13,11 @@ from kiban.security import JWT, APIKey, InternalIDToken, Principal
 DEV_KEYS = Path(__file__).resolve().parent / "devkeys"
 
 
-def _utc(value: datetime) -> datetime:
-    """Databases without time zones (SQLite) give naive datetimes; they are UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 #: A short text with at least one visible character, stored as given: the schema
 #: states every rule, so what it allows is accepted and nothing else.
 Label = Annotated[
     str, StringConstraints(min_length=1, max_length=100, pattern=r"[^\u0000-\u0020\u007f]")
 ]
-
-#: A datetime that always leaves the API with its time zone (RFC 3339).
-UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class SampleSettings(kiban.Settings):

@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kiban
+from kiban._config import Settings
 from kiban.database import Session
 from kiban.security import NoSecurity
 from tests.conftest import Lines
@@ -193,3 +194,48 @@ def test_session_without_a_database_is_a_bug_that_says_so(lines: Lines) -> None:
         assert test_client.get("/x").status_code == 500
     [bug] = [line for line in lines.app() if line.get("msg") == "unhandled exception"]
     assert "call service.database() first" in bug["exception"]
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+def test_migrations_run_at_start_up_when_asked(tmp_path: Path, migrate: bool) -> None:
+    """``service.database(migrations=...)`` upgrades the schema before the service is ready."""
+    import sqlite3
+
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from kiban.security import NoSecurity
+    from services.members.migrations import HERE
+
+    path = tmp_path / "members.db"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{path}", migrate_on_start=migrate)
+    app = FastAPI()
+    service = kiban.Service(app, settings, security=NoSecurity())
+    service.database(migrations=HERE)
+    with TestClient(app) as client:
+        assert client.get("/health/readiness").status_code == 200
+    tables = {row[0] for row in sqlite3.connect(path).execute("select name from sqlite_master")}
+    assert ("members" in tables) is migrate
+
+
+def test_a_failing_start_up_hook_stops_the_start_and_runs_the_cleanups() -> None:
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from kiban.security import NoSecurity
+
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    closed: list[str] = []
+
+    async def broken() -> None:
+        raise RuntimeError("schema is ahead of the code")
+
+    async def close() -> None:
+        closed.append("pool")
+
+    service.on_startup(broken)
+    service.on_shutdown(close)
+    with pytest.raises(RuntimeError, match="schema is ahead"), TestClient(app):
+        pass
+    assert closed == ["pool"]

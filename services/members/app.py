@@ -5,16 +5,13 @@ Run it with ``kiban run services.members.app:create_app``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 import kiban
 from kiban import RateLimit
 from kiban.security import Security
 from services.common import SampleSettings, Schemes
-from services.members.migrations import migrate
+from services.members.migrations import HERE as MIGRATIONS
 from services.members.routes import router
 
 
@@ -31,16 +28,9 @@ class MembersSettings(SampleSettings):
 def create_app(settings: MembersSettings | None = None) -> FastAPI:
     settings = settings or kiban.load(MembersSettings)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.migrate_on_start:
-            await migrate(database.engine)
-        yield
-
     app = FastAPI(
         title="members",
         version=settings.service_version,
-        lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # client names: get_member, ...
     )
     schemes = Schemes(settings)
@@ -50,6 +40,6 @@ def create_app(settings: MembersSettings | None = None) -> FastAPI:
         security=Security(schemes.jwt, scopes=["members:admin"]),
         rate_limit=RateLimit(settings.rate_limit),
     )
-    database = service.database()
+    service.database(migrations=MIGRATIONS)
     app.include_router(router(schemes, settings.registration_rate_limit))
     return app

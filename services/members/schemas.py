@@ -6,7 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from services.common import Label, UTCDateTime
+from kiban.database import UTCDateTime
+from services.common import Label
 
 Name = Label
 #: One @, something before it, a dot after it, no spaces: what the schema says is what

@@ -6,9 +6,6 @@ Run it with ``kiban run services.orders.app:create_app``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 import kiban
@@ -16,7 +13,7 @@ from kiban import RateLimit
 from kiban.security import Security
 from services.common import SampleSettings, Schemes
 from services.orders.members import Members
-from services.orders.migrations import migrate
+from services.orders.migrations import HERE as MIGRATIONS
 from services.orders.routes import router
 
 
@@ -31,16 +28,9 @@ class OrdersSettings(SampleSettings):
 def create_app(settings: OrdersSettings | None = None) -> FastAPI:
     settings = settings or kiban.load(OrdersSettings)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.migrate_on_start:
-            await migrate(database.engine)
-        yield
-
     app = FastAPI(
         title="orders",
         version=settings.service_version,
-        lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,
     )
     schemes = Schemes(settings)
@@ -51,7 +41,7 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         security=Security(schemes.internal),
         rate_limit=RateLimit(settings.rate_limit),
     )
-    database = service.database()
+    service.database(migrations=MIGRATIONS)
     app.state.members = Members(service.http_client(settings.members_url), settings.members_url)
     # Reported, not critical: a members outage must not take every orders pod out of rotation.
     service.add_pinger(

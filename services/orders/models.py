@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import DateTime, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+from kiban.database import utcnow
 
 
 class Base(DeclarativeBase):
@@ -23,4 +21,4 @@ class Order(Base):
     member_id: Mapped[int] = mapped_column(Integer, index=True)
     item: Mapped[str] = mapped_column(String(100))
     quantity: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common import Label, UTCDateTime
+from kiban.database import UTCDateTime
+from services.common import Label
 
 Item = Label
 

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, params
@@ -73,6 +74,7 @@ class Service:
             timeout=self.settings.health_timeout, cache_seconds=self.settings.health_cache_seconds
         )
         self._cleanups: list[Cleanup] = []
+        self._startups: list[Callable[[], Awaitable[None]]] = []
         #: What shutdown had to give up on (requests cut, cleanups past their time).
         self.abandoned: list[str] = []
         self.default_database: Database | None = None
@@ -139,11 +141,25 @@ class Service:
         """Run ``cleanup`` after the server has drained, newest first."""
         self._cleanups.append(cleanup)
 
-    def database(self, url: str | None = None, name: str = "database", **options: Any) -> Database:
+    def on_startup(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` at start-up, in order, before the app's own lifespan and before
+        readiness can pass; one that fails stops the start (``lifespan.startup.failed``)."""
+        self._startups.append(hook)
+
+    def database(
+        self,
+        url: str | None = None,
+        name: str = "database",
+        *,
+        migrations: str | Path | None = None,
+        **options: Any,
+    ) -> Database:
         """A database that readiness pings and shutdown disposes (``kiban.database``).
 
         Handlers take its sessions through ``kiban.database.Session`` (the first
         database made) or ``db.session``: they commit before the response starts.
+        With ``migrations`` (an alembic script folder) and ``MIGRATE_ON_START``, the
+        schema is upgraded at start-up, before the service can be ready.
         """
         url = url or self.settings.database_url
         _extras.check_database(url)
@@ -154,6 +170,15 @@ class Service:
         errors.install_dependency_errors(self.app)
         engine = create_async_engine(url, pool_pre_ping=True, **options)
         database = Database(engine, name)
+        if migrations is not None and self.settings.migrate_on_start:
+            from kiban.database import upgrade
+
+            location = migrations
+
+            async def migrate() -> None:
+                await upgrade(engine, location)
+
+            self.on_startup(migrate)
         self.add_pinger(SQLPinger(engine, name))
         self.on_shutdown(database.dispose)
         if self.default_database is None:
@@ -237,16 +262,19 @@ class Service:
             await asyncio.wait([asyncio.ensure_future(a) for a in answers], timeout=within)
         return count
 
-    def startup(self) -> None:
+    async def startup(self) -> None:
         """What the ASGI ``lifespan.startup`` runs before the app's own lifespan.
 
-        Refuses to start (``SecurityConfigError``) while a route has no security.
+        Refuses to start (``SecurityConfigError``) while a route has no security; then
+        runs the start-up hooks (migrations), in order.
         """
         try:
             self.policy.resolve(self.app)
         except SecurityConfigError as exc:
             log.error("invalid security declarations", error=str(exc))
             raise
+        for hook in self._startups:
+            await hook()
 
     def started(self) -> None:
         log.info(

@@ -157,7 +157,7 @@ class Chassis:
             return
         service = self.service
         try:
-            service.startup()
+            await service.startup()
         except Exception as exc:
             await service.shutdown()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     log_redact_params: frozenset[str] = frozenset({"code", "sig", "signature", "auth"})
 
     database_url: str = "sqlite+aiosqlite:///./kiban.db"
+    #: Upgrade the schema at start-up (``service.database(migrations=...)``): handy in
+    #: development; in production run the migrations as a job before the rollout.
+    migrate_on_start: bool = False
     redis_url: str | None = None
     #: When the rate-limit storage (Redis) is unreachable: True lets requests through.
     ratelimit_fail_open: bool = True

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import AfterValidator
 
 from kiban import _extras
 
@@ -33,7 +35,32 @@ from kiban import _errors
 from kiban import _log as log
 from kiban._migrate import run_env, upgrade
 
-__all__ = ["SQLITE_PRAGMAS", "Database", "Session", "refusal", "run_env", "session", "upgrade"]
+__all__ = [
+    "SQLITE_PRAGMAS",
+    "Database",
+    "Session",
+    "UTCDateTime",
+    "refusal",
+    "run_env",
+    "session",
+    "upgrade",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, time zone attached: the default for a model's timestamps."""
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    """Databases without time zones (SQLite) give naive datetimes; they are UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+#: A datetime that always leaves the API with its time zone (RFC 3339), whichever
+#: database it was read from: use it in response schemas.
+UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 
 #: Set on every SQLite connection: committed transactions survive ``kill -9`` and power
 #: loss (WAL, fsync at each commit); writers wait for each other instead of failing.

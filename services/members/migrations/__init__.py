@@ -1,13 +1,5 @@
-"""Alembic migrations of the members service."""
+"""Alembic migrations of the members service: ``service.database(migrations=HERE)``."""
 
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from kiban.database import upgrade
-
 HERE = Path(__file__).parent
-
-
-async def migrate(engine: AsyncEngine) -> None:
-    await upgrade(engine, HERE)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import DateTime, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+from kiban.database import utcnow
 
 
 class Base(DeclarativeBase):
@@ -24,4 +22,4 @@ class Item(Base):
     description: Mapped[str] = mapped_column(String(1000), default="")
     #: The subject of the credential that created it: only they (or an admin) delete it.
     owner: Mapped[str] = mapped_column(String(255), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
