@@ -328,3 +328,24 @@ def test_check_fails_a_service_without_the_convention(tmp_path: Path) -> None:
         )
     assert failed
     assert "fix:" in rows
+
+
+def test_a_generated_services_settings_keep_kibans_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HTTP_PORT=70000`` is refused by name, as in kiban, not wrapped to another port."""
+    import importlib
+
+    import kiban
+    from kiban import _template
+
+    service = _template.new("bounded-svc", tmp_path / "svc", {"database": "sqlite"}, root=TEMPLATE)
+    monkeypatch.syspath_prepend(str(service / "src"))
+    settings = importlib.import_module("bounded_svc.settings")
+    monkeypatch.setenv("JWT_PUBLIC_KEY", "unused here")
+    monkeypatch.setenv("HTTP_PORT", "70000")
+    monkeypatch.setenv("LOG_LEVEL", "INFO")
+    with pytest.raises(kiban.ConfigError) as caught:
+        kiban.load(settings.ServiceSettings)
+    assert "  HTTP_PORT: " in str(caught.value)
+    assert "LOG_LEVEL" not in str(caught.value)

@@ -108,18 +108,37 @@ def repository(root: Path, destination: Path) -> Path:
     return destination
 
 
+def fingerprint(root: Path) -> str:
+    """What the template versions ``root`` carries hash to: names, paths and contents."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for version, source in versions(root):
+        digest.update(version.encode())
+        for path in sorted([source / "copier.yml", *(source / "template").rglob("*")]):
+            if path.is_file():
+                digest.update(str(path.relative_to(source)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def materialize(root: Path) -> Path:
     """Build the template repository where ``PACKAGED`` points, from ``root``'s versions.
 
-    Rebuilt on every ``new`` and ``update`` (it takes a moment), in a fresh folder
-    renamed into place, so it always holds exactly the installed kiban's versions.
+    Left as it is when it already holds exactly these versions (another kiban command
+    may be reading it); otherwise built in a fresh folder and renamed into place.
     """
     target = Path(PACKAGED).expanduser()
+    wanted = fingerprint(root)
+    stamp = target / ".git" / "kiban-fingerprint"
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="service-template-", dir=target.parent))
     repository(root, scratch / "repo")
+    (scratch / "repo" / ".git" / "kiban-fingerprint").write_text(wanted)
     if target.exists():
-        shutil.rmtree(target)
+        shutil.rmtree(target, ignore_errors=True)
     (scratch / "repo").rename(target)
     scratch.rmdir()
     return target

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from kiban.database import utcnow
 from sqlalchemy import DateTime, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from kiban.database import utcnow
 
 
 class Base(DeclarativeBase):
