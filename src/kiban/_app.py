@@ -101,6 +101,7 @@ class Service:
                 else None
             ),
         )
+        self.on_shutdown(self.policy.limiter.aclose)
         # The API default goes first in every later route's chain; narrower ones win.
         app.router.dependencies.extend(self.policy.api_dependencies())
         app.state.kiban = self

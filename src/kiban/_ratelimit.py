@@ -193,24 +193,33 @@ class Limiter:
         telemetry: Telemetry | None = None,
     ) -> None:
         self.local: LocalCounter | None = None
+        self.pool: Any = None
         self.strategy: SlidingWindowCounterRateLimiter | None = None
         if redis_url:
             _extras.require("limits", "redis", "REDIS_URL")
             from limits.aio.strategies import SlidingWindowCounterRateLimiter
             from limits.storage import storage_from_string
+            from redis.asyncio import ConnectionPool
 
-            uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
+            plain = redis_url.removeprefix("async+")
+            # kiban's own pool (limits' documented ``connection_pool`` option): the
+            # shutdown closes it, instead of leaving sockets to the garbage collector.
+            self.pool = ConnectionPool.from_url(
+                plain, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
             storage: Any = storage_from_string(
-                uri,
-                implementation="redispy",
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
+                "async+" + plain, implementation="redispy", connection_pool=self.pool
             )
             self.strategy = SlidingWindowCounterRateLimiter(storage)
         else:
             self.local = LocalCounter()
         self.fail_open = fail_open
         self.telemetry = telemetry
+
+    async def aclose(self) -> None:
+        """Close the Redis connections (a shutdown cleanup); nothing to do in memory."""
+        if self.pool is not None:
+            await self.pool.disconnect()
 
     async def allows(self, rate: RateLimit, key: str) -> bool:
         """Whether ``key`` is under ``rate`` now, without counting a hit.
