@@ -38,8 +38,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _run(*args: str | Path, cwd: Path, timeout: float = 600, **env: str) -> str:
-    done = subprocess.run(
+def _attempt(
+    *args: str | Path, cwd: Path, timeout: float = 600, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run a command as an adopter's shell would, whatever its exit status."""
+    return subprocess.run(
         [str(arg) for arg in args],
         cwd=cwd,
         capture_output=True,
@@ -48,6 +51,10 @@ def _run(*args: str | Path, cwd: Path, timeout: float = 600, **env: str) -> str:
         env=_clean_env(**env),
         check=False,
     )
+
+
+def _run(*args: str | Path, cwd: Path, timeout: float = 600, **env: str) -> str:
+    done = _attempt(*args, cwd=cwd, timeout=timeout, **env)
     assert done.returncode == 0, f"{args}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
@@ -98,21 +105,15 @@ def test_the_core_is_small_typed_and_names_a_missing_extra(outside: Path) -> Non
         "service: kiban.Service = kiban.Service(FastAPI(), security=NoSecurity())\n"
         "port: str = service.settings.http_port\n"
     )
-    checked = subprocess.run(
-        [
-            ROOT / ".venv/bin/mypy",
-            "--strict",
-            "--python-executable",
-            venv / "bin/python",
-            "--no-incremental",
-            "typed_use.py",
-        ],
+    checked = _attempt(
+        ROOT / ".venv/bin/mypy",
+        "--strict",
+        "--python-executable",
+        venv / "bin/python",
+        "--no-incremental",
+        "typed_use.py",
         cwd=outside,
-        capture_output=True,
-        text=True,
         timeout=300,
-        env=_clean_env(),
-        check=False,
     )
     assert checked.returncode == 1, checked.stdout
     (error,) = [line for line in checked.stdout.splitlines() if ": error:" in line]
@@ -129,15 +130,7 @@ def test_the_core_is_small_typed_and_names_a_missing_extra(outside: Path) -> Non
         "    user = JWT(algorithms=['EdDSA'], key=b'k')\n"
         "    return kiban.Service(FastAPI(), security=Security(user))\n"
     )
-    done = subprocess.run(
-        [venv / "bin/kiban", "run", "keyed:create_app"],
-        cwd=outside,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_clean_env(),
-        check=False,
-    )
+    done = _attempt(venv / "bin/kiban", "run", "keyed:create_app", cwd=outside, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "kiban: JWT verification needs kiban[jwt]: pip install 'kiban[jwt]'"
@@ -149,14 +142,14 @@ def test_the_core_is_small_typed_and_names_a_missing_extra(outside: Path) -> Non
         "def create_app():\n"
         "    return kiban.Service(FastAPI(), security=NoSecurity())\n"
     )
-    done = subprocess.run(
-        [venv / "bin/kiban", "run", "exporting:create_app"],
+    done = _attempt(
+        venv / "bin/kiban",
+        "run",
+        "exporting:create_app",
         cwd=outside,
-        capture_output=True,
-        text=True,
         timeout=60,
-        env=_clean_env(OTLP_ENDPOINT="http://collector:4317", SENTRY_DSN="https://k@h/1"),
-        check=False,
+        OTLP_ENDPOINT="http://collector:4317",
+        SENTRY_DSN="https://k@h/1",
     )
     assert done.returncode == 2
     assert "OTLP_ENDPOINT: needs kiban[otlp]" in done.stderr
@@ -204,14 +197,7 @@ def test_a_service_made_from_the_wheel_runs_as_its_readme_says(outside: Path) ->
                 pass
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        audit = subprocess.run(
-            [kiban, "check", url, "--log", log],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=_clean_env(),
-            check=False,
-        )
+        audit = _attempt(kiban, "check", url, "--log", log, cwd=outside, timeout=120)
         assert audit.returncode == 0, audit.stdout + audit.stderr
         token = _run("make", "-s", "token", "SUB=adopter", "SCOPES=items:write", cwd=service)
         created = httpx.post(
