@@ -9,6 +9,11 @@
   prometheus-fastapi-instrumentator, asgi-correlation-id, a structlog JSON access line
   and a FastAPI ``Security`` API-key dependency.
 - ``members``: the sample members service's GET-by-id on SQLite.
+- ``members-fastapi``: the same GET-by-id, same model and SQLite, on bare FastAPI with a
+  SQLAlchemy session per request: the database path with and without kiban.
+- ``litestar``: the route on bare Litestar.
+- ``litestar-stack``: what a Litestar team would use: Litestar's own OpenTelemetry,
+  Prometheus and structlog (request logging) plugins and an API-key guard.
 
 ``KIBAN_BENCH_OFF`` (comma-separated: telemetry, accesslog, security, ratelimit) turns
 chassis features off one at a time for the cost table.
@@ -160,6 +165,61 @@ def _members() -> FastAPI:
     )
 
 
+def _members_fastapi() -> FastAPI:
+    from bench.members_fastapi import create_app
+
+    return create_app(
+        os.environ.get("BENCH_DATABASE_URL", "sqlite+aiosqlite:///./.run/bench-fastapi.db")
+    )
+
+
+def _litestar() -> Any:
+    from litestar import Litestar, get
+
+    @get("/items/{item_id:int}")
+    async def item(item_id: int) -> dict[str, Any]:
+        return PAYLOAD
+
+    return Litestar([item])
+
+
+def _litestar_stack() -> Any:
+    from litestar import Litestar, get
+    from litestar.connection import ASGIConnection
+    from litestar.exceptions import NotAuthorizedException
+    from litestar.handlers.base import BaseRouteHandler
+    from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+    from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+    from litestar.plugins.structlog import StructlogPlugin
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+
+    async def api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if connection.headers.get("x-api-key") != API_KEY:
+            raise NotAuthorizedException()
+
+    @get("/items/{item_id:int}", guards=[api_key])
+    async def item(item_id: int) -> dict[str, Any]:
+        return PAYLOAD
+
+    prometheus = PrometheusConfig(app_name="bench")
+    return Litestar(
+        [item, PrometheusController],
+        middleware=[prometheus.middleware],
+        plugins=[
+            OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider)),
+            StructlogPlugin(),
+        ],
+    )
+
+
 def load(name: str) -> Any:
     return {
         "raw": lambda: raw,
@@ -167,4 +227,7 @@ def load(name: str) -> Any:
         "kiban": _kiban,
         "typical": _typical,
         "members": _members,
+        "members-fastapi": _members_fastapi,
+        "litestar": _litestar,
+        "litestar-stack": _litestar_stack,
     }[name]()
