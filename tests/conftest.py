@@ -20,6 +20,9 @@ import pytest
 
 from kiban import _log as log
 
+# Services made in tests serve gRPC on a free port, never on a fixed one another
+# process (or a developer's `make run`) may hold.
+os.environ.setdefault("GRPC_PORT", "0")
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -15,11 +15,12 @@ import pytest
 
 import kiban
 import kiban.database
+import kiban.grpc
 import kiban.security
 
-PUBLIC = ["kiban", "kiban.security", "kiban.database"]
+PUBLIC = ["kiban", "kiban.security", "kiban.database", "kiban.grpc"]
 #: Public modules: the package, and the integrations a service imports by name.
-PUBLIC_MODULES = {"__init__", "__main__", "database", "security/__init__"}
+PUBLIC_MODULES = {"__init__", "__main__", "database", "grpc", "security/__init__"}
 
 
 @pytest.mark.parametrize("module", PUBLIC)

@@ -31,6 +31,7 @@ FIELDS = (
     "query",
     "route",
     "status",
+    "grpc_status",
     "interrupted",
     "request_bytes",
     "response_bytes",
@@ -102,7 +103,9 @@ class AccessLog:
         latency: float,
         span_id: str | None,
         interrupted: str | None = None,
+        grpc_status: str | None = None,
     ) -> None:
+        """``grpc_status`` is an RPC's code name (``status`` its HTTP equivalent)."""
         query = scope["query_string"]
         record: dict[str, Any] = {
             "time": self._time(),
@@ -118,6 +121,7 @@ class AccessLog:
             ),
             "route": route,
             "status": status,
+            "grpc_status": grpc_status,
             #: Why kiban cut the request short (``"shutdown"``), else null.
             "interrupted": interrupted,
             "request_bytes": request_bytes,

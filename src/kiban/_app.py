@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # imported when used: a service without a database or client 
     from opentelemetry.sdk.trace.sampling import Sampler
 
     from kiban._chassis import Exchange
+    from kiban._rpcserver import GrpcServer
     from kiban.database import Database
 
 __all__ = ["Service"]
@@ -80,6 +81,7 @@ class Service:
         self.default_database: Database | None = None
         #: The requests being served (``chassis.Exchange``), for the shutdown to cut.
         self.inflight: set[Exchange] = set()
+        self._grpc: GrpcServer | None = None
         log.configure(
             self.settings.log_level, self.settings.log_format, service=self.settings.service_name
         )
@@ -137,6 +139,35 @@ class Service:
     def add_pinger(self, pinger: Pinger, critical: bool = True) -> None:
         """Make readiness report ``pinger``, and fail with it when it is critical."""
         self.health.add(pinger, critical)
+
+    @property
+    def grpc(self) -> GrpcServer:
+        """The service's gRPC server: ``service.grpc.add(add_XServicer_to_server, servicer)``.
+
+        Needs ``kiban[grpc]``. It starts with the service, on ``GRPC_PORT``, once a
+        servicer is added, under the same chassis as HTTP (``docs/grpc.md``).
+        """
+        if self._grpc is None:
+            _extras.require("grpc_health", "grpc", "a gRPC server")
+            from kiban._rpcserver import GrpcServer
+
+            self._grpc = GrpcServer(self)
+        return self._grpc
+
+    def grpc_channel(self, target: str, **options: Any) -> Any:
+        """A ``grpc.aio`` channel to ``target`` that propagates the request context and
+        deadline (``kiban[grpc]``); closed on shutdown."""
+        _extras.require("grpc_health", "grpc", "a gRPC channel")
+        from kiban._rpcclient import channel
+
+        opened = channel(self.settings, target, **options)
+        self.on_shutdown(opened.close)
+        return opened
+
+    def stop_accepting(self) -> None:
+        """The drain is over: other servers stop taking calls, in-flight ones get the budget."""
+        if self._grpc is not None:
+            self._grpc.begin_stop(self.settings.http_shutdown_timeout)
 
     def on_shutdown(self, cleanup: Cleanup) -> None:
         """Run ``cleanup`` after the server has drained, newest first."""
@@ -276,6 +307,8 @@ class Service:
             raise
         for hook in self._startups:
             await hook()
+        if self._grpc is not None and self._grpc.enabled:
+            await self._grpc.start()
 
     def started(self) -> None:
         log.info(
@@ -291,6 +324,9 @@ class Service:
 
         The exporters flush while the pools close: a hung pool cannot starve them.
         """
+        if self._grpc is not None:
+            # In-flight calls finish (within the shutdown budget) before the pools close.
+            await self._grpc.stopped(self.settings.http_shutdown_timeout)
         deadline = self._cleanup_deadline()
         flushing = asyncio.ensure_future(self._flush_telemetry())
         await self.aclose(deadline)

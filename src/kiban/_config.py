@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     http_max_header_bytes: int = Field(16 * 1024, ge=1024)
     http_max_body_bytes: int = Field(1024 * 1024, ge=0)
 
+    #: The gRPC server (when the service adds servicers): its own port, the HTTP host
+    #: unless ``GRPC_HOST`` says otherwise, the HTTP shutdown budget.
+    grpc_host: str | None = None
+    grpc_port: int = Field(8081, ge=0, le=65535)
+    grpc_max_receive_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    grpc_max_send_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    grpc_max_concurrent_streams: int = Field(100, ge=1)
+    #: A client that pings more often than this without calls is sent away (GOAWAY).
+    grpc_min_ping_interval: float = Field(10.0, gt=0)
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     #: One access line per request; turn off only where another layer writes them.

@@ -304,6 +304,25 @@ def sentry_enabled() -> bool:
     return module is not None and bool(module.is_initialized())
 
 
+def dependency_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a dependency is down, of the libraries loaded now."""
+    found: list[type[Exception]] = []
+    if "sqlalchemy" in sys.modules:
+        from sqlalchemy import exc
+
+        found += [exc.OperationalError, exc.InterfaceError, exc.TimeoutError]
+    if "httpx" in sys.modules:
+        import httpx
+
+        found.append(httpx.TransportError)
+    return tuple(found)
+
+
+def report(exc: BaseException, scope: Scope) -> None:
+    """Send a bug to Sentry (when it is on) with the request's ids and route."""
+    _report(exc, scope)
+
+
 def _report(exc: BaseException, scope: Scope) -> None:
     if not sentry_enabled():
         return

@@ -129,6 +129,7 @@ class Server(uvicorn.Server):
         """
         if self._watchdog is None:  # stopped without a signal (the app's lifespan failed)
             self._start_watchdog()
+        self.service.stop_accepting()  # the gRPC server, beside this one
         cut = asyncio.ensure_future(self._cut_after(self.shutdown_timeout))
         try:
             await super().shutdown(sockets)

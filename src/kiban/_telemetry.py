@@ -18,6 +18,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Observation
 from opentelemetry.propagators.textmap import Getter
@@ -144,6 +145,29 @@ def _metric_reader(settings: Settings) -> PeriodicExportingMetricReader:
     return PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
 
 
+#: gRPC codes that mark a server span as failed (OTel's RPC conventions): UNKNOWN,
+#: DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+_RPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})
+
+
+def _parent(
+    traceparent: str | None, tracestate: str | None, link: bool
+) -> tuple[Context | None, list[Link] | None]:
+    """The remote parent in a ``traceparent``, or (``link``) a link to it and no parent."""
+    if traceparent is None:
+        return None, None
+    carrier = {"traceparent": traceparent}
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    parent = _tracecontext.extract(carrier, getter=_getter)
+    if not link:
+        return parent, None
+    caller = trace.get_current_span(parent).get_span_context()
+    if caller.is_valid:
+        return None, [Link(caller, {"kiban.link": "untrusted caller"})]
+    return None, None
+
+
 class Telemetry:
     """The tracer and meter of one service, and where their data goes.
 
@@ -188,6 +212,10 @@ class Telemetry:
         self.durations = self.meter.create_histogram(
             "http.server.request.duration", unit="s", description="Duration of HTTP requests."
         )
+        self.rpc_durations = self.meter.create_histogram(
+            "rpc.server.duration", unit="s", description="Duration of gRPC calls."
+        )
+        self._rpc_attributes: dict[tuple[str, str, int], dict[str, str | int]] = {}
         # A request's attributes, made once for each (method, status, route) seen.
         self._attributes: dict[tuple[str, int, str | None], dict[str, str | int]] = {}
         self._names: dict[tuple[str, str], str] = {}  # "GET /items/{id}", made once a route
@@ -267,18 +295,7 @@ class Telemetry:
         the parent: the span starts a new trace, sampled on its own, and keeps the
         caller's as a link.
         """
-        parent = None
-        links = None
-        if traceparent is not None:
-            carrier = {"traceparent": traceparent}
-            if tracestate is not None:
-                carrier["tracestate"] = tracestate
-            parent = _tracecontext.extract(carrier, getter=_getter)
-            if link:
-                caller = trace.get_current_span(parent).get_span_context()
-                parent = None
-                if caller.is_valid:
-                    links = [Link(caller, {"kiban.link": "untrusted caller"})]
+        parent, links = _parent(traceparent, tracestate, link)
         return self.tracer.start_span(
             method,
             parent,
@@ -291,6 +308,51 @@ class Telemetry:
             },
             links,
         )
+
+    def start_rpc_span(
+        self,
+        service: str,
+        method: str,
+        client: str,
+        traceparent: str | None,
+        tracestate: str | None,
+        link: bool = False,
+    ) -> trace.Span:
+        """An RPC's server span, decided and parented as ``start_span`` does a request's."""
+        parent, links = _parent(traceparent, tracestate, link)
+        return self.tracer.start_span(
+            f"{service}/{method}",
+            parent,
+            SpanKind.SERVER,
+            {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": method,
+                "client.address": client,
+            },
+            links,
+        )
+
+    def end_rpc_span(
+        self, span: trace.Span, service: str, method: str, code: int, seconds: float
+    ) -> str:
+        """Finish an RPC's span, count it in ``rpc.server.duration``; the span id, W3C form."""
+        key = (service, method, code)
+        attributes = self._rpc_attributes.get(key)
+        if attributes is None:
+            attributes = self._rpc_attributes[key] = {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": method,
+                "rpc.grpc.status_code": code,
+            }
+        self.rpc_durations.record(seconds, attributes)
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code)
+            if code in _RPC_SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+        return "%016x" % span.get_span_context().span_id  # noqa: UP031 (faster)
 
     def end_span(
         self, span: trace.Span, method: str, status: int, route: str | None, seconds: float

@@ -1,0 +1,137 @@
+"""Outgoing gRPC: a channel whose every call carries the request context, as the HTTP client.
+
+``service.grpc_channel("members:8081")`` gives a ``grpc.aio`` channel whose interceptors
+set the same metadata the HTTP client sets as headers (trace id, ``traceparent`` of a
+client span, uid, forwarded user-agent, user IP, API client, this hop in
+X-Forwarded-For, and the identity token only to internal hosts), and give each call
+the smaller of its own timeout, ``CLIENT_READ_TIMEOUT`` and what is left of the
+current RPC's deadline: a caller that gave up is not waited for downstream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from kiban import _propagation as propagation
+from kiban._client import _ascii, is_internal
+from kiban._config import Settings
+
+__all__ = ["DEADLINE", "channel"]
+
+#: The current RPC's deadline (``time.monotonic()``), set by the server chassis.
+DEADLINE: ContextVar[float | None] = ContextVar("kiban.rpc.deadline", default=None)
+_tracecontext = TraceContextTextMapPropagator()
+
+
+class _Propagating(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    def __init__(self, settings: Settings, host: str) -> None:
+        self.names = settings.headers
+        self.internal = is_internal(host, settings.internal_hosts)
+        self.timeout = settings.client_read_timeout
+        self.tracer = trace.get_tracer("kiban._rpcclient")
+        self.host = host
+        self._managed = {
+            *settings.headers.model_dump().values(),
+            "traceparent",
+            "tracestate",
+        }
+
+    def _details(
+        self, details: grpc.aio.ClientCallDetails, span: trace.Span
+    ) -> grpc.aio.ClientCallDetails:
+        # Whatever the caller set for these is replaced: they come from the context only.
+        metadata = [
+            (key, value)
+            for key, value in (details.metadata or ())
+            if key.lower() not in self._managed
+        ]
+        context = propagation.current()
+        if context is not None and self.internal:
+            metadata += list(_ascii(propagation.outbound_headers(context, self.names)).items())
+        if self.internal:
+            carrier: dict[str, str] = {}
+            _tracecontext.inject(carrier, trace.set_span_in_context(span))
+            metadata += list(carrier.items())
+        timeout = min(details.timeout or self.timeout, self.timeout)
+        deadline = DEADLINE.get()
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            timeout,
+            grpc.aio.Metadata(*metadata),
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+    def _span(self, details: grpc.aio.ClientCallDetails) -> trace.Span:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        service, _, name = method.strip("/").partition("/")
+        return self.tracer.start_span(
+            method.strip("/"),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": name,
+                "server.address": self.host,
+            },
+        )
+
+    async def _call(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        span = self._span(details)
+        call = await continuation(self._details(details, span), request)
+        call.add_done_callback(lambda done: _end(span, done))
+        return call
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._call(continuation, details, request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._call(continuation, details, request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await self._call(continuation, details, requests)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await self._call(continuation, details, requests)
+
+
+def _end(span: trace.Span, call: Any) -> None:
+    try:
+        code = call.code()
+    except Exception:
+        code = grpc.StatusCode.CANCELLED
+    if isinstance(code, grpc.StatusCode):
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end()
+
+
+def channel(settings: Settings, target: str, **options: Any) -> grpc.aio.Channel:
+    """An insecure ``grpc.aio`` channel to ``target`` (``host:port``) that propagates context.
+
+    ``options`` are grpc channel options (``grpc.max_receive_message_length=...``).
+    """
+    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
+    return grpc.aio.insecure_channel(
+        target,
+        options=[(f"{name}", value) for name, value in options.items()],
+        interceptors=[_Propagating(settings, host)],
+    )
