@@ -14,7 +14,7 @@ statuses with ``google.rpc.Status`` details instead of problem+json:
     a dependency down  UNAVAILABLE            a bug          INTERNAL, nothing leaked
 
 Servicers are async (``grpc.aio``); a sync servicer method runs on a worker thread with
-the request's context copied to it, so ``kiban.context()`` answers there too.
+the request's context copied to it, so ``kiban.current()`` answers there too.
 """
 
 from __future__ import annotations

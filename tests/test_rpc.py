@@ -1,0 +1,292 @@
+"""gRPC on the chassis, against real ``kiban run`` processes on loopback (tests/apps/probe.py)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kiban._rpc import _metadata_headers, peer_ip
+from tests.apps.rpc import probe_pb2 as pb
+from tests.apps.rpc import probe_pb2_grpc as pbg
+from tests.conftest import free_port, token
+
+pytestmark = pytest.mark.process
+
+APP = "tests.apps.probe:create_app"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+class Probe:
+    """A running probe service: its process, a stub, and its lines."""
+
+    def __init__(self, process: Any, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(self.channel).result(timeout=10)
+        self.stub = pbg.ProbeStub(self.channel)
+
+    def access(self, method: str) -> list[dict[str, Any]]:
+        return [
+            line
+            for line in self.process.lines()
+            if line.get("log") == "access" and line["path"] == f"/probe.v1.Probe/{method}"
+        ]
+
+
+@pytest.fixture
+def probe(spawn: Any) -> Iterator[Probe]:
+    port = free_port()
+    process = spawn(APP, GRPC_PORT=str(port), TRUSTED_PROXIES="127.0.0.1")
+    running = Probe(process, port)
+    yield running
+    running.channel.close()
+
+
+def reader(*scopes: str, subject: str = "ada") -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token('jwt', subject, *scopes)}")]
+
+
+def details(error: grpc.RpcError) -> list[Any]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    found = []
+    for detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                found.append(message)
+    return found
+
+
+def test_a_call_gets_the_request_context_and_one_access_line(probe: Probe) -> None:
+    seen = probe.stub.Whoami(
+        pb.Empty(),
+        metadata=[*reader("probe:read"), ("x-trace-id", TRACE), ("x-user-ip", "203.0.113.9")],
+    )
+    assert seen.trace_id == TRACE  # from a trusted peer, the header's word
+    assert seen.uid == "ada"  # from the verified token, never from a header
+    assert seen.user_ip == "203.0.113.9"
+    time.sleep(0.3)
+    (line,) = probe.access("Whoami")
+    assert line["method"] == "POST"
+    assert line["route"] == "/probe.v1.Probe/Whoami"
+    assert (line["status"], line["grpc_status"]) == (200, "OK")
+    assert (line["trace_id"], line["uid"], line["user_ip"]) == (TRACE, "ada", "203.0.113.9")
+    assert line["span_id"]
+    assert line["request_id"] == seen.request_id
+
+
+def test_an_untrusted_peer_decides_no_identity_and_no_trace_id(spawn: Any) -> None:
+    port = free_port()
+    probe = Probe(spawn(APP, GRPC_PORT=str(port)), port)  # loopback not trusted here
+    seen = probe.stub.Limited(
+        pb.Empty(), metadata=[("x-uid", "mallory"), ("x-trace-id", TRACE), ("x-user-ip", "1.2.3.4")]
+    )
+    assert (seen.uid, seen.user_ip) == ("", "127.0.0.1")
+    assert seen.trace_id != TRACE
+
+
+def test_missing_and_insufficient_credentials_are_refused_with_details(probe: Probe) -> None:
+    with pytest.raises(grpc.RpcError) as missing:
+        probe.stub.Whoami(pb.Empty())
+    assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    (info,) = details(missing.value)
+    assert info.metadata["http_status"] == "401"
+    with pytest.raises(grpc.RpcError) as scoped:
+        probe.stub.Whoami(pb.Empty(), metadata=reader("other:scope"))
+    assert scoped.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "probe:read" in scoped.value.details()  # type: ignore[attr-defined]
+    time.sleep(0.3)
+    statuses = [(line["status"], line["grpc_status"]) for line in probe.access("Whoami")]
+    assert statuses == [(401, "UNAUTHENTICATED"), (403, "PERMISSION_DENIED")]
+
+
+def test_a_rate_limit_is_resource_exhausted_with_retry_info(probe: Probe) -> None:
+    probe.stub.Limited(pb.Empty())
+    probe.stub.Limited(pb.Empty())
+    with pytest.raises(grpc.RpcError) as over:
+        probe.stub.Limited(pb.Empty())
+    assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    retry = [d for d in details(over.value) if isinstance(d, error_details_pb2.RetryInfo)]
+    assert retry
+    assert retry[0].retry_delay.seconds > 0
+
+
+def test_a_bug_is_internal_and_leaks_nothing(probe: Probe) -> None:
+    with pytest.raises(grpc.RpcError) as crashed:
+        probe.stub.Crash(pb.Empty())
+    assert crashed.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+    assert crashed.value.details() == "Internal error."  # type: ignore[attr-defined]
+    assert "hunter2" not in str(crashed.value.trailing_metadata())  # type: ignore[attr-defined]
+    time.sleep(0.3)
+    errors = [line for line in probe.process.lines() if line.get("msg") == "unhandled exception"]
+    assert errors
+    assert errors[0]["rpc"] == "/probe.v1.Probe/Crash"
+    (line,) = probe.access("Crash")
+    assert (line["status"], line["grpc_status"]) == (500, "INTERNAL")
+    # The server goes on serving.
+    assert probe.stub.Limited(pb.Empty()).trace_id
+
+
+def test_messages_over_the_limit_are_refused(spawn: Any) -> None:
+    port = free_port()
+    process = spawn(APP, GRPC_PORT=str(port), GRPC_MAX_RECEIVE_BYTES="2048")
+    probe = Probe(process, port)
+    assert probe.stub.Echo(pb.Blob(data=b"x" * 1000)).data == b"x" * 1000
+    with pytest.raises(grpc.RpcError) as big:
+        probe.stub.Echo(pb.Blob(data=b"x" * 4096))
+    assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert probe.stub.Echo(pb.Blob(data=b"ok")).data == b"ok"
+
+
+def test_odd_and_oversized_metadata_never_crash_the_server(probe: Probe) -> None:
+    odd = [
+        ("x-trace-id", "not a trace id at all" * 5),
+        ("x-user-ip", "<script>alert(1)</script>"),
+        ("x-forwarded-for", ", , ,"),
+        ("x-uid-bin", b"\xff\x00binary"),
+        ("traceparent", "00-zz-yy-01"),
+    ]
+    seen = probe.stub.Limited(pb.Empty(), metadata=odd)
+    assert len(seen.trace_id) == 32
+    with pytest.raises(grpc.RpcError) as huge:
+        probe.stub.Limited(pb.Empty(), metadata=[("x-trace-id", "a" * 64 * 1024)])
+    assert huge.value.code() in (  # type: ignore[attr-defined]
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+    )
+    assert probe.stub.Echo(pb.Blob(data=b"still here")).data == b"still here"
+
+
+def test_health_and_reflection_are_served(probe: Probe) -> None:
+    health = health_pb2_grpc.HealthStub(probe.channel)
+    for name in ("", "probe.v1.Probe"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(probe.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (answer,) = list(reflection.ServerReflectionInfo(iter([request])))
+    names = {service.name for service in answer.list_services_response.service}
+    assert {"probe.v1.Probe", "grpc.health.v1.Health"} <= names
+
+
+def test_streams_are_served_and_measured(probe: Probe) -> None:
+    seen = list(probe.stub.Count(pb.Nap(seconds=0.001, count=5)))
+    assert [s.count for s in seen] == [0, 1, 2, 3, 4]
+    assert len({s.trace_id for s in seen}) == 1
+    total = probe.stub.Sum(iter([pb.Blob(data=b"abc")] * 7))
+    assert total.count == 7
+    time.sleep(0.3)
+    (sum_line,) = probe.access("Sum")
+    assert sum_line["request_bytes"] == 7 * 5
+    assert sum_line["grpc_status"] == "OK"
+
+
+def test_a_client_that_stops_reading_a_stream_does_not_hold_the_server(probe: Probe) -> None:
+    stream = probe.stub.Count(pb.Nap(seconds=0.01, count=100_000))
+    next(stream)
+    stream.cancel()
+    time.sleep(0.5)
+    (line,) = probe.access("Count")
+    assert line["grpc_status"] == "CANCELLED"
+    assert probe.stub.Echo(pb.Blob(data=b"x")).data == b"x"
+
+
+def test_the_channel_propagates_context_and_the_deadline(spawn: Any) -> None:
+    port = free_port()
+    process = spawn(
+        APP,
+        GRPC_PORT=str(port),
+        TRUSTED_PROXIES="127.0.0.1",
+        PROBE_RELAY_TOKEN=token("jwt", "relay", "probe:read"),
+    )
+    probe = Probe(process, port)
+    seen = probe.stub.Relay(pb.Empty(), metadata=[("x-trace-id", TRACE)], timeout=5)
+    assert seen.trace_id == TRACE  # carried by kiban's channel to the next call
+    assert seen.uid == "relay"  # the downstream's own verified caller
+    assert 0 < seen.deadline_s <= 5  # what was left of the caller's deadline
+    time.sleep(0.3)
+    (outer,) = probe.access("Relay")
+    (inner,) = probe.access("Whoami")
+    assert outer["trace_id"] == inner["trace_id"] == TRACE
+
+
+def test_a_method_without_security_stops_the_start(spawn: Any) -> None:
+    port = free_port()
+    process = spawn(APP, wait=False, GRPC_PORT=str(port), PROBE_NO_DEFAULT="1")
+    assert process.popen.wait(timeout=30) != 0
+    output = process.output.read_text()
+    assert "no security requirement for the gRPC methods /probe.v1.Probe/Whoami" in output
+
+
+def test_sigterm_turns_health_not_serving_and_in_flight_calls_finish(spawn: Any) -> None:
+    port = free_port()
+    process = spawn(APP, GRPC_PORT=str(port), HTTP_DRAIN_SECONDS="1")
+    probe = Probe(process, port)
+    health = health_pb2_grpc.HealthStub(probe.channel)
+    results: list[Any] = []
+    slow = threading.Thread(
+        target=lambda: results.append(probe.stub.Sleep(pb.Nap(seconds=1.5), timeout=10))
+    )
+    slow.start()
+    time.sleep(0.2)
+    process.popen.send_signal(signal.SIGTERM)
+    time.sleep(0.4)
+    answer = health.Check(health_pb2.HealthCheckRequest(service="probe.v1.Probe"))
+    assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING  # during the drain
+    slow.join(timeout=10)
+    assert results
+    assert results[0].trace_id
+    assert process.popen.wait(timeout=30) == 0
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=20),
+            st.one_of(st.text(max_size=50), st.binary(max_size=50)),
+        ),
+        max_size=10,
+    )
+)
+def test_metadata_becomes_latin1_headers_whatever_it_holds(
+    metadata: list[tuple[str, str | bytes]],
+) -> None:
+    for name, value in _metadata_headers(metadata):
+        assert name == name.lower()
+        name.decode("latin-1")
+        value.decode("latin-1")
+
+
+@pytest.mark.parametrize(
+    ("peer", "ip"),
+    [
+        ("ipv4:10.0.0.1:5000", "10.0.0.1"),
+        ("ipv6:[::1]:5000", "::1"),
+        ("ipv6:[fe80::1%eth0]:80", "fe80::1"),
+        ("unix:/tmp/socket", None),
+        ("", None),
+    ],
+)
+def test_the_peer_ip_is_read_from_grpc_peer_strings(peer: str, ip: str | None) -> None:
+    assert peer_ip(peer) == ip
+
+
+@given(st.text(max_size=60))
+def test_any_peer_string_is_read_without_error(peer: str) -> None:
+    peer_ip(peer)
