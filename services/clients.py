@@ -1,7 +1,8 @@
-"""Generate the typed clients of the sample services from their OpenAPI documents.
+"""Generate the typed clients of the sample services: HTTP from OpenAPI, gRPC from protos.
 
 ``python -m services.clients`` regenerates ``services/orders/members_client`` with
-openapi-python-client; a test fails when the committed client drifts from the API.
+openapi-python-client and the gRPC stubs next to each ``.proto`` (``PROTOS``) with
+grpcio-tools; tests fail when what is committed drifts from the API or the proto.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = {"members": ROOT / "services" / "orders" / "members_client"}
+#: The protos whose stubs are committed beside them (paths from the repository root).
+PROTOS = ("services/members/rpc/members.proto", "tests/apps/rpc/probe.proto")
+
+
+def generate_stubs(proto: str, output: Path) -> list[Path]:
+    """Write ``proto``'s messages, typing stubs and gRPC stubs under ``output``."""
+    from grpc_tools import protoc  # dev dependency
+
+    arguments = [
+        "protoc",
+        f"-I{ROOT}",
+        f"--python_out={output}",
+        f"--pyi_out={output}",
+        f"--grpc_python_out={output}",
+        str(ROOT / proto),
+    ]
+    if protoc.main(arguments) != 0:
+        raise RuntimeError(f"protoc failed on {proto}")
+    stem = proto.removesuffix(".proto")
+    return [output / f"{stem}{suffix}" for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
 
 
 def openapi(service: str) -> dict[str, object]:
@@ -61,6 +82,9 @@ def main() -> int:
     for service, target in CLIENTS.items():
         generate(service, target)
         print(f"generated {target.relative_to(ROOT)}")
+    for proto in PROTOS:
+        for path in generate_stubs(proto, ROOT):
+            print(f"generated {path.relative_to(ROOT)}")
     return 0
 
 

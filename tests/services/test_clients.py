@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.clients import CLIENTS, generate
+from services.clients import CLIENTS, PROTOS, generate, generate_stubs
 from tests.conftest import ROOT
 
 #: What the generated code depends on: the OpenAPI document (FastAPI, pydantic), the
@@ -44,3 +44,16 @@ def test_generated_members_client_is_up_to_date(tmp_path: Path) -> None:
     assert _differences(CLIENTS["members"], fresh) == [], (
         "the members API changed: run `python -m services.clients` and commit the result"
     )
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_committed_grpc_stubs_match_their_proto(proto: str, tmp_path: Path) -> None:
+    tool = importlib.metadata.version("grpcio-tools")
+    if tool != _locked("grpcio-tools"):
+        pytest.skip(f"stubs are generated with the lock's grpcio-tools; here: {tool}")
+    for fresh in generate_stubs(proto, tmp_path):
+        committed = ROOT / fresh.relative_to(tmp_path)
+        assert committed.read_text() == fresh.read_text(), (
+            f"{committed.relative_to(ROOT)} differs from {proto}: "
+            "run `python -m services.clients` and commit the result"
+        )
