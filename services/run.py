@@ -71,6 +71,7 @@ def main() -> int:
         members = f"http://127.0.0.1:{SERVICES['members'][1]}"
         orders = f"http://127.0.0.1:{SERVICES['orders'][1]}"
         trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        members_grpc = os.environ.get("GRPC_PORT", "9001")
         user = dev_token("internal", "1")
         admin = dev_token("jwt", "ops", "members:admin", "members:read")
         print(
@@ -78,6 +79,8 @@ def main() -> int:
 kiban sample system is up (Ctrl+C stops it):
   members  {members}   docs {members}/docs   readiness {members}/health/readiness
   orders   {orders}   docs {orders}/docs   metrics {orders}/metrics
+  members gRPC  127.0.0.1:{members_grpc}   members.v1.Members, health and reflection
+     (MEMBERS_GRPC=127.0.0.1:{members_grpc} make run: orders calls members over gRPC)
 
 Development tokens (signed with services/devkeys; mint more with `kiban token`):
   USER={user}    # the gateway's identity token for member 1
@@ -95,6 +98,8 @@ Try:
        -H 'content-type: application/json' -d '{{"name": "Ada Lovelace"}}'
   curl -s '{members}/members?limit=10' -H 'x-api-key: dev-partner-key'
   curl -s {members}/members/1          # a problem+json 401
+  grpcurl -plaintext -H "authorization: Bearer $ADMIN" -d '{{"id": 1}}' \\
+       127.0.0.1:{members_grpc} members.v1.Members/GetMember
 """,
             flush=True,
         )

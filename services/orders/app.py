@@ -12,7 +12,7 @@ import kiban
 from kiban import RateLimit
 from kiban.security import Security
 from services.common import SampleSettings, Schemes
-from services.orders.members import Members
+from services.orders.members import GRPCMembers, HTTPMembers, Members
 from services.orders.migrations import HERE as MIGRATIONS
 from services.orders.routes import router
 
@@ -22,6 +22,8 @@ class OrdersSettings(SampleSettings):
     http_port: int = 8002
     database_url: str = "sqlite+aiosqlite:///./.run/orders.db"
     members_url: str = "http://127.0.0.1:8001"
+    #: ``host:port`` of members' gRPC server: orders then calls members over gRPC.
+    members_grpc: str | None = None
     migrate_on_start: bool = True
 
 
@@ -42,7 +44,12 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         rate_limit=RateLimit(settings.rate_limit),
     )
     service.database(migrations=MIGRATIONS)
-    app.state.members = Members(service.http_client(settings.members_url), settings.members_url)
+    members: Members = (
+        GRPCMembers(service.grpc_channel(settings.members_grpc))
+        if settings.members_grpc
+        else HTTPMembers(service.http_client(settings.members_url), settings.members_url)
+    )
+    app.state.members = members
     # Reported, not critical: a members outage must not take every orders pod out of rotation.
     service.add_pinger(
         kiban.HTTPPinger(

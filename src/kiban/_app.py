@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # imported when used: a service without a database or client 
     from opentelemetry.sdk.trace.sampling import Sampler
 
     from kiban._chassis import Exchange
+    from kiban._rpcclient import Channel
     from kiban._rpcserver import GrpcServer
     from kiban.database import Database
 
@@ -154,7 +155,7 @@ class Service:
             self._grpc = GrpcServer(self)
         return self._grpc
 
-    def grpc_channel(self, target: str, **options: Any) -> Any:
+    def grpc_channel(self, target: str, **options: Any) -> Channel:
         """A ``grpc.aio`` channel to ``target`` that propagates the request context and
         deadline (``kiban[grpc]``); closed on shutdown."""
         _extras.require("grpc_health", "grpc", "a gRPC channel")

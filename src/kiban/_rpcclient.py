@@ -24,7 +24,7 @@ from kiban import _propagation as propagation
 from kiban._client import _ascii, is_internal
 from kiban._config import Settings
 
-__all__ = ["DEADLINE", "channel"]
+__all__ = ["DEADLINE", "Channel", "channel"]
 
 #: The current RPC's deadline (``time.monotonic()``), set by the server chassis.
 DEADLINE: ContextVar[float | None] = ContextVar("kiban.rpc.deadline", default=None)
@@ -124,14 +124,70 @@ def _end(span: trace.Span, call: Any) -> None:
     span.end()
 
 
-def channel(settings: Settings, target: str, **options: Any) -> grpc.aio.Channel:
+class _Deferred:
+    """A multi-callable made on its first call, from the channel opened then."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._callable: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._callable is None:
+            self._callable = self._make()
+        return self._callable(*args, **kwargs)
+
+
+class Channel:
+    """A ``grpc.aio`` channel opened on first use, in the loop that serves.
+
+    ``grpc.aio`` binds a channel to the event loop it is made in, and a service builds
+    its clients (and their stubs) before the server's loop runs. This channel can be
+    given to a generated stub at once: the real one is opened on the first call.
+    """
+
+    def __init__(self, open_channel: Callable[[], grpc.aio.Channel]) -> None:
+        self._open = open_channel
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def opened(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = self._open()
+        return self._channel
+
+    def _deferred(self, kind: str, method: str, args: Any, kwargs: Any) -> _Deferred:
+        return _Deferred(lambda: getattr(self.opened, kind)(method, *args, **kwargs))
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._deferred("unary_unary", method, args, kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._deferred("unary_stream", method, args, kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._deferred("stream_unary", method, args, kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._deferred("stream_stream", method, args, kwargs)
+
+    async def close(self, grace: float | None = None) -> None:
+        if self._channel is not None:
+            await self._channel.close(grace)
+
+    def __getattr__(self, name: str) -> Any:  # channel_ready, get_state, ...
+        return getattr(self.opened, name)
+
+
+def channel(settings: Settings, target: str, **options: Any) -> Channel:
     """An insecure ``grpc.aio`` channel to ``target`` (``host:port``) that propagates context.
 
-    ``options`` are grpc channel options (``grpc.max_receive_message_length=...``).
+    ``options`` are grpc channel options: ``**{"grpc.max_receive_message_length": n}``.
     """
     host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
-    return grpc.aio.insecure_channel(
-        target,
-        options=[(f"{name}", value) for name, value in options.items()],
-        interceptors=[_Propagating(settings, host)],
+    return Channel(
+        lambda: grpc.aio.insecure_channel(
+            target,
+            options=list(options.items()),
+            interceptors=[_Propagating(settings, host)],
+        )
     )

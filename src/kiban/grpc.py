@@ -8,7 +8,7 @@ service with the request context and deadline propagated. See docs/grpc.md.
 """
 
 from kiban._rpc import GRPC_STATUS_OF, HTTP_STATUS_OF
-from kiban._rpcclient import channel
+from kiban._rpcclient import Channel, channel
 from kiban._rpcserver import GrpcServer
 
-__all__ = ["GRPC_STATUS_OF", "HTTP_STATUS_OF", "GrpcServer", "channel"]
+__all__ = ["GRPC_STATUS_OF", "HTTP_STATUS_OF", "Channel", "GrpcServer", "channel"]

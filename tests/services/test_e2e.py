@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import identity
+from tests.conftest import free_port, identity
 from tests.receivers import OTLPReceiver
 
 pytestmark = pytest.mark.process
@@ -17,21 +17,29 @@ SERVER, CLIENT = 2, 3
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
-@pytest.fixture
-def system(otlp: OTLPReceiver, spawn: Any, tmp_path: Path) -> tuple[Any, Any]:
+@pytest.fixture(params=["http", "grpc"])
+def system(
+    request: pytest.FixtureRequest, otlp: OTLPReceiver, spawn: Any, tmp_path: Path
+) -> tuple[Any, Any]:
+    """members and orders; orders calls members over HTTP or over gRPC."""
+    grpc_port = free_port()
     members = spawn(
         "services.members.app:create_app",
         OTLP_ENDPOINT=otlp.grpc_endpoint,
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/members.db",
         TRUSTED_PROXIES="127.0.0.1",  # as in `make run`: the gateway and orders, on loopback
+        GRPC_PORT=str(grpc_port),
     )
+    over_grpc = {"MEMBERS_GRPC": f"127.0.0.1:{grpc_port}"} if request.param == "grpc" else {}
     orders = spawn(
         "services.orders.app:create_app",
         OTLP_ENDPOINT=otlp.grpc_endpoint,
         MEMBERS_URL=members.url,
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/orders.db",
         TRUSTED_PROXIES="127.0.0.1",
+        **over_grpc,
     )
+    members.transport = request.param
     return members, orders
 
 
@@ -73,14 +81,18 @@ def test_one_trace_and_one_context_across_two_services(
     )
     assert orders_client.parent_span_id == orders_server.span_id
     assert members_server.parent_span_id == orders_client.span_id
-    assert members_server.name == "GET /members/{member_id}"
+    over_grpc = members.transport == "grpc"
+    assert members_server.name == (
+        "members.v1.Members/GetMember" if over_grpc else "GET /members/{member_id}"
+    )
 
     members.stop()
     orders.stop()
     orders_line = next(line for line in orders.lines() if line.get("path") == "/orders")
-    members_line = next(
-        line for line in members.lines() if line.get("path") == f"/members/{member['id']}"
+    members_path = (
+        "/members.v1.Members/GetMember" if over_grpc else f"/members/{member['id']}"
     )
+    members_line = next(line for line in members.lines() if line.get("path") == members_path)
     for line in (orders_line, members_line):
         assert line["trace_id"] == TRACE
         assert line["uid"] == str(member["id"])
