@@ -16,12 +16,14 @@ from kiban._propagation import RequestContext, current, outbound_headers
 from kiban._ratelimit import RateLimit
 from kiban._server import run
 from kiban._telemetry import meter, tracer
+from kiban.security._declare import NoTimeout, Timeout
 
 __all__ = [
     "ACCESS_LOG_FIELDS",
     "ConfigError",
     "HTTPPinger",
     "HeaderNames",
+    "NoTimeout",
     "Pinger",
     "Problem",
     "PropagatingTransport",
@@ -31,6 +33,7 @@ __all__ = [
     "SQLPinger",
     "Service",
     "Settings",
+    "Timeout",
     "current",
     "load",
     "log",

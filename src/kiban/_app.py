@@ -103,6 +103,7 @@ class Service:
                 if self.settings.auth_failure_limit
                 else None
             ),
+            handler_timeout=self.settings.http_handler_timeout or None,
         )
         self.on_shutdown(self.policy.limiter.aclose)
         # The API default goes first in every later route's chain; narrower ones win.

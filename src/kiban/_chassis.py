@@ -24,10 +24,12 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban import _errors as errors
+from kiban import _log as log
 from kiban import _propagation as propagation
 from kiban import _routes as routes
 from kiban._accesslog import CLIENT_CLOSED, AccessLog
@@ -38,6 +40,7 @@ from kiban._propagation import RequestContext
 from kiban._ratelimit import Decision
 from kiban._telemetry import activate, deactivate
 from kiban._trust import AllowedHosts, TrustedPeers, local_location
+from kiban.security._declare import HANDLER_TIMEOUT
 from kiban.security._policy import RATE_DECISION
 
 if TYPE_CHECKING:
@@ -46,6 +49,12 @@ if TYPE_CHECKING:
 __all__ = ["Chassis", "Exchange"]
 
 _CLOSE = (b"connection", b"close")
+#: A body this size goes to the socket's buffers at once: no write timeout needed.
+_BUFFERED = 64 * 1024
+
+
+class ClientTooSlow(Exception):
+    """The client stopped taking the response (``HTTP_WRITE_TIMEOUT``)."""
 
 
 class Chassis:
@@ -91,6 +100,11 @@ class Chassis:
             untrusted_parent=settings.trace_untrusted_parent,
         )
         self.hosts = AllowedHosts(settings.allowed_hosts)
+        self.max_inflight = settings.http_max_inflight
+        self.handler_timeout = settings.http_handler_timeout or None
+        self.read_body_timeout = settings.http_read_body_timeout
+        self.write_timeout = settings.http_write_timeout
+        self._shed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -120,9 +134,26 @@ class Chassis:
             hosts = self.hosts
             if not hosts.any and headers.get("host") not in hosts:
                 raise errors.Problem(400, "The Host header names no host this service serves.")
-            await self.policy.before_routing(self.api, scope, exchange.context)
-            inner = self.logged if self.payloads.enabled else self.app
-            await inner(scope, exchange.receive, exchange.send)
+            if self.max_inflight and len(inflight) > self.max_inflight:
+                self.shed(exchange)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            default = self.handler_timeout
+            try:
+                async with asyncio.timeout_at(
+                    None if default is None else began + default
+                ) as limit:
+                    # The route's marker narrows it once FastAPI has routed the request.
+                    scope[HANDLER_TIMEOUT] = (limit, began, default)
+                    await self.policy.before_routing(self.api, scope, exchange.context)
+                    inner = self.logged if self.payloads.enabled else self.app
+                    await inner(scope, exchange.receive, exchange.send)
+            except TimeoutError:
+                if not limit.expired():
+                    raise  # the handler's own
+                self.timed_out(exchange, limit, began)
+        except ClientTooSlow:
+            pass  # logged; the server closes the connection of an unfinished response
         except Exception as exc:
             if exchange.interrupted is None:
                 handlers = self.api.exception_handlers
@@ -143,6 +174,27 @@ class Chassis:
             inflight.discard(exchange)
             exchange.finish(propagation.current())
             propagation.leave(exchange.context_token)
+
+    def shed(self, exchange: Exchange) -> None:
+        """Too many requests in flight: refuse this one before routing, cheaply."""
+        self.telemetry.shed.add(1, {"reason": "inflight"})
+        self._shed += 1
+        if self._shed % 100 == 1:  # sampled: shedding is when logs are least affordable
+            log.warning("request shed", inflight=len(self.inflight), shed=self._shed)
+        raise errors.Problem(
+            503,
+            "The service is at capacity; retry shortly.",
+            headers={"retry-after": "1", "connection": "close"},
+        )
+
+    def timed_out(self, exchange: Exchange, limit: asyncio.Timeout, began: float) -> None:
+        """The handler ran past its time: it was cancelled; answer 504 if nothing was sent."""
+        when = limit.when()
+        seconds = round(when - began, 3) if when is not None else None
+        log.warning("handler timed out", path=exchange.path, timeout_s=seconds)
+        if exchange.status is None:
+            raise errors.Problem(504, f"The request took longer than its {seconds} s budget.")
+        # The response had started: the connection is closed as the app ends mid-response.
 
     async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI lifespan, around the app's own: kiban's start-up before, cleanups after.
@@ -291,6 +343,7 @@ class Exchange:
         #: Why kiban cut the request short ("shutdown"), or None.
         self.interrupted: str | None = None
         self.finished = False
+        self.body_done = False
 
     async def send(self, message: Message) -> None:
         if self.interrupted is not None:
@@ -301,7 +354,18 @@ class Exchange:
                 _keep_redirect_local(message, self.headers.get("host"))
             self._start(message, self.context)
         else:
-            self.response_bytes += len(message.get("body", b""))
+            size = len(message.get("body", b""))
+            self.response_bytes += size
+            if size > _BUFFERED or message.get("more_body", False):
+                # Big enough to wait on the client: bounded, so one that stops reading
+                # does not hold the connection (the app ends, the server closes it).
+                try:
+                    async with asyncio.timeout(self.chassis.write_timeout):
+                        await self._send(message)
+                except TimeoutError:
+                    log.warning("client did not read the response in time, closing")
+                    raise ClientTooSlow from None
+                return
         await self._send(message)
 
     def _start(self, message: Message, context: RequestContext, close: bool = False) -> None:
@@ -317,12 +381,25 @@ class Exchange:
             message["headers"] = [*message.get("headers", ()), *added]
 
     async def receive(self) -> Message:
-        message = await self._receive()
+        if self.body_done:  # after the body: a wait for the disconnect, unbounded
+            return await self._receive()
+        remaining = self.chassis.read_body_timeout - (perf_counter() - self.start)
+        try:
+            async with asyncio.timeout(max(remaining, 0)):
+                message = await self._receive()
+        except TimeoutError:
+            # An HTTPException: FastAPI passes those on from reading a body (others, 400).
+            raise HTTPException(
+                408, "The request body did not arrive in time.", headers={"connection": "close"}
+            ) from None
         if message["type"] == "http.request":
             body = self.body
             if body is None:
                 body = self.body = Body(self.chassis.max_body, self.headers.get("content-type"))
             body.take(message)
+            self.body_done = not message.get("more_body", False)
+        else:
+            self.body_done = True
         return message
 
     def interrupt(self, reason: str) -> Awaitable[None] | None:

@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     #: Pools, clients and exporters get this long, all together, to close after that.
     #: The process exits by drain + shutdown timeout + this + 2 s, whatever they do.
     shutdown_cleanup_timeout: float = Field(3.0, gt=0)
+    #: A request's whole body must arrive within this many seconds (408 past it).
+    http_read_body_timeout: float = Field(30.0, gt=0)
+    #: A response must be taken by the client within this many seconds a write; a
+    #: client that stops reading is disconnected instead of holding the connection.
+    http_write_timeout: float = Field(30.0, gt=0)
+    #: The API default for a handler's time (504 past it, the handler cancelled);
+    #: ``Timeout(...)``/``NoTimeout()`` on a router or route narrow it; 0: none.
+    http_handler_timeout: float = Field(30.0, ge=0)
+    #: Requests served at once before new ones get 503 (probes and /metrics exempt);
+    #: 0: no cap.
+    http_max_inflight: int = Field(0, ge=0)
     http_max_header_bytes: int = Field(16 * 1024, ge=1024)
     http_max_body_bytes: int = Field(1024 * 1024, ge=0)
 

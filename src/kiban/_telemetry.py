@@ -234,6 +234,9 @@ class Telemetry:
         self.rate_limited = self.meter.create_counter(
             "kiban.ratelimit.rejected", unit="{request}", description="Requests over a limit."
         )
+        self.shed = self.meter.create_counter(
+            "kiban.shed", unit="{request}", description="Requests refused at capacity (503)."
+        )
         self.ratelimit_errors = self.meter.create_counter(
             "kiban.ratelimit.storage_errors",
             unit="{error}",

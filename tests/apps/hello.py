@@ -93,3 +93,15 @@ async def stubborn(seconds: float = 60) -> dict[str, float]:
         except asyncio.CancelledError:
             continue
     return {"slept": seconds}
+
+
+@app.get("/big")
+async def big(mb: int = 64) -> StreamingResponse:
+    """``mb`` MiB of response, for a client that stops reading it."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        block = b"x" * (1024 * 1024)
+        for _ in range(mb):
+            yield block
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream")

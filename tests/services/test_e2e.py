@@ -89,9 +89,7 @@ def test_one_trace_and_one_context_across_two_services(
     members.stop()
     orders.stop()
     orders_line = next(line for line in orders.lines() if line.get("path") == "/orders")
-    members_path = (
-        "/members.v1.Members/GetMember" if over_grpc else f"/members/{member['id']}"
-    )
+    members_path = "/members.v1.Members/GetMember" if over_grpc else f"/members/{member['id']}"
     members_line = next(line for line in members.lines() if line.get("path") == members_path)
     for line in (orders_line, members_line):
         assert line["trace_id"] == TRACE

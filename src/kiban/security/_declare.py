@@ -24,19 +24,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADMITTED",
+    "HANDLER_TIMEOUT",
     "Alternative",
     "NoSecurity",
+    "NoTimeout",
     "RateLimitMarker",
     "RateLimited",
     "Requirement",
     "Security",
     "SecurityConfigError",
+    "Timeout",
+    "TimeoutMarker",
     "Unlimited",
     "requirement_of",
 ]
 
 #: The Resolved requirement the request path already enforced for this request.
 ADMITTED = "kiban.security.admitted"
+#: The request's handler timeout (an ``asyncio.Timeout``) and when it began (loop time).
+HANDLER_TIMEOUT = "kiban.handler.timeout"
 
 
 class SecurityConfigError(Exception):
@@ -77,7 +83,14 @@ class Requirement:
         policy: Policy = request.app.state.kiban.policy
         scope = request.scope
         resolved = policy.for_route(request.app, scope.get("route"))
-        if resolved.requirement is self and scope.get(ADMITTED) != resolved:
+        if resolved.requirement is not self:
+            return
+        limit = scope.get(HANDLER_TIMEOUT)
+        if limit is not None:  # the route's own time, counted from the request's start
+            timeout, began, default = limit
+            if resolved.timeout != default:
+                timeout.reschedule(None if resolved.timeout is None else began + resolved.timeout)
+        if scope.get(ADMITTED) != resolved:
             await policy.admit(resolved, request, routes.template(scope) or request.url.path)
 
 
@@ -105,6 +118,28 @@ def RateLimited(limit: str, key: KeyKind = "subject", name: str | None = None) -
 def Unlimited() -> params.Depends:
     """Declare a route or router free of the API's rate limit (probes, scrapes)."""
     return params.Depends(RateLimitMarker(None))
+
+
+def Timeout(seconds: float) -> params.Depends:
+    """Give a router's or route's handlers ``seconds`` (504 past them, the handler cancelled)."""
+    if not seconds > 0:
+        raise ValueError("Timeout() needs a positive number of seconds; use NoTimeout() for none")
+    return params.Depends(TimeoutMarker(float(seconds)))
+
+
+def NoTimeout() -> params.Depends:
+    """Let a router's or route's handlers run as long as they need (streams, long polls)."""
+    return params.Depends(TimeoutMarker(None))
+
+
+class TimeoutMarker:
+    """A handler-timeout declaration; applied with the route's security requirement."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    async def __call__(self) -> None:
+        return None
 
 
 class RateLimitMarker:

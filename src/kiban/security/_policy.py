@@ -71,13 +71,14 @@ class Policy:
         limiter: Limiter | None = None,
         telemetry: Telemetry | None = None,
         auth_failures: RateLimit | None = None,
+        handler_timeout: float | None = None,
     ) -> None:
         self.default = requirement_of(default) if default is not None else None
         #: Bad credentials allowed per client IP before 429 (None: no throttle).
         self.auth_failures = auth_failures
         self.limiter = limiter or Limiter()
         self.telemetry = telemetry
-        self.routes = RouteTable(rate_limit)
+        self.routes = RouteTable(rate_limit, handler_timeout)
 
     @property
     def query_credentials(self) -> set[str]:

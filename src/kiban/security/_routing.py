@@ -21,7 +21,12 @@ from starlette.types import Scope
 
 from kiban import _routes as routes
 from kiban._ratelimit import RateLimit
-from kiban.security._declare import RateLimitMarker, Requirement, SecurityConfigError
+from kiban.security._declare import (
+    RateLimitMarker,
+    Requirement,
+    SecurityConfigError,
+    TimeoutMarker,
+)
 
 __all__ = ["Resolved", "RouteTable"]
 
@@ -30,6 +35,8 @@ __all__ = ["Resolved", "RouteTable"]
 class Resolved:
     requirement: Requirement
     rate_limit: RateLimit | None
+    #: Seconds the route's handler may take; None: no limit.
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,11 @@ def _literal_prefix(path: str) -> str:
 class RouteTable:
     """The resolved requirement of every route, by route and by what a request shows."""
 
-    def __init__(self, default_rate: RateLimit | None = None) -> None:
+    def __init__(
+        self, default_rate: RateLimit | None = None, default_timeout: float | None = None
+    ) -> None:
         self.default_rate = default_rate
+        self.default_timeout = default_timeout
         self.table: dict[int, Resolved] = {}
         self.operations: dict[tuple[str, str], Resolved] = {}
         self.websockets: list[tuple[re.Pattern[str], str, Resolved]] = []
@@ -96,11 +106,16 @@ class RouteTable:
             declared = [d.dependency for d in dependencies]
             requirements = [d for d in declared if isinstance(d, Requirement)]
             rates = [d.rate for d in declared if isinstance(d, RateLimitMarker)]
+            timeouts = [d.seconds for d in declared if isinstance(d, TimeoutMarker)]
             if not requirements:
                 methods = ["WEBSOCKET"] if websocket else sorted(route.methods or [])
                 unsecured.append(f"{methods} {route.path_format}")
                 continue
-            resolved = Resolved(requirements[-1], rates[-1] if rates else self.default_rate)
+            resolved = Resolved(
+                requirements[-1],
+                rates[-1] if rates else self.default_rate,
+                timeouts[-1] if timeouts else self.default_timeout,
+            )
             for alternative in resolved.requirement.alternatives:
                 credentials.update(alternative.scheme.query_credentials())
             if websocket:
