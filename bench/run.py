@@ -3,8 +3,9 @@
 Each variant runs as one server process pinned to core 0, all started at once; in
 each round wrk, pinned to core 1, drives every server in turn over loopback for a
 bounded time, at 16 and then at 64 connections. Medians over rounds are reported,
-with each variant's ratio to bare FastAPI taken within a round. Results go to stdout and bench/results.md; the last
-line says whether kiban's overhead budget held (and the exit code is 1 when it did not).
+with each variant's ratio to bare FastAPI taken within a round. Results go to stdout
+and bench/results.md; the last line says whether kiban's overhead budget held (and the
+exit code is 1 when it did not).
 """
 
 from __future__ import annotations
