@@ -224,3 +224,46 @@ async def test_a_subject_past_latin_1_is_sent_escaped_not_raised(echo: Any) -> N
         propagation.leave(token)
     assert seen["x-uid"] == "%E3%83%A6%E3%83%BC%E3%82%B6%E3%83%BC"
     assert seen["x-trace-id"] == "a" * 32
+
+
+BUDGET = "x-request-timeout-ms"
+
+
+def test_a_budget_from_the_edge_arrives_downstream_smaller(echo: Any) -> None:
+    with caller(echo.url) as client:
+        seen = client.get("/call/headers", headers={BUDGET: "2000"}).json()
+    assert 0 < int(seen[BUDGET]) < 2000
+
+
+def test_an_untrusted_callers_budget_is_not_believed(echo: Any) -> None:
+    with caller(echo.url, peer=STRANGER) as client:
+        seen = client.get("/call/headers", headers={BUDGET: "1"}).json()
+    assert BUDGET not in seen
+
+
+def test_no_budget_left_makes_no_call_and_a_504(echo: Any) -> None:
+    with caller(echo.url) as client:
+        response = client.get("/call/flaky/spent", params={"failures": 0}, headers={BUDGET: "0"})
+    assert response.status_code == 504
+    assert httpx.get(f"{echo.url}/attempts/spent").json() == 0  # no call was made
+
+
+def test_a_slow_downstream_is_cut_at_the_callers_budget_not_the_read_timeout(echo: Any) -> None:
+    with caller(echo.url) as client:  # CLIENT_READ_TIMEOUT: 5 s
+        started = time.monotonic()
+        response = client.get("/call/sleep?seconds=3", headers={BUDGET: "400"})
+    assert time.monotonic() - started < 1.5
+    # The callee, told what was left, gives up first (its own 504), or the caller's
+    # read timeout, set to the budget, does.
+    assert response.status_code == 504 or response.json()["status"] == 504
+
+
+async def test_retries_stay_within_a_tenth_of_the_calls(echo: Any) -> None:
+    """A downstream that fails every call gets its load and a bounded extra, not 3x."""
+    async with kiban_client.create(Settings(), base_url=echo.url, retries=2) as http:
+        for number in range(100):
+            response = await http.get(f"/flaky/down-{number}", params={"failures": 1000})
+            assert response.status_code == 503
+        attempts = [(await http.get(f"/attempts/down-{n}")).json() for n in range(100)]
+    # 100 calls; the reserve (10) and a tenth of the calls (10) in retries, at most.
+    assert 100 < sum(attempts) <= 120

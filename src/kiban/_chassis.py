@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from time import perf_counter
+from contextvars import Token
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
@@ -139,12 +140,15 @@ class Chassis:
             loop = asyncio.get_running_loop()
             began = loop.time()
             default = self.handler_timeout
+            deadline = None if default is None else began + default
+            cap = None  # the caller's budget, which no route's timeout exceeds
+            if exchange.budget is not None:
+                cap = began + exchange.budget
+                deadline = cap if deadline is None else min(deadline, cap)
             try:
-                async with asyncio.timeout_at(
-                    None if default is None else began + default
-                ) as limit:
+                async with asyncio.timeout_at(deadline) as limit:
                     # The route's marker narrows it once FastAPI has routed the request.
-                    scope[HANDLER_TIMEOUT] = (limit, began, default)
+                    scope[HANDLER_TIMEOUT] = (limit, began, default, cap)
                     await self.policy.before_routing(self.api, scope, exchange.context)
                     inner = self.logged if self.payloads.enabled else self.app
                     await inner(scope, exchange.receive, exchange.send)
@@ -174,6 +178,8 @@ class Chassis:
             inflight.discard(exchange)
             exchange.finish(propagation.current())
             propagation.leave(exchange.context_token)
+            if exchange.deadline_token is not None:
+                propagation.DEADLINE.reset(exchange.deadline_token)
 
     def shed(self, exchange: Exchange) -> None:
         """Too many requests in flight: refuse this one before routing, cheaply."""
@@ -312,6 +318,13 @@ class Exchange:
         trusted = remote in inbound.trusted
         self.context = context = inbound.context(headers, remote, trusted)
         self.context_token = propagation.enter(context)
+        #: Seconds the caller gave this request (a trusted peer's x-request-timeout-ms).
+        self.budget: float | None = None
+        self.deadline_token: Token[float | None] | None = None
+        if trusted:
+            self.budget = propagation.budget_seconds(headers.get(inbound.names.timeout))
+            if self.budget is not None:
+                self.deadline_token = propagation.DEADLINE.set(monotonic() + self.budget)
         self.method = method = scope["method"]
         self.path = path = scope["path"]
         telemetry = chassis.telemetry

@@ -6,7 +6,10 @@ pooled ``httpx.AsyncClient`` whose transport, on every request, sets the trace i
 client and, for internal hosts only, the identity token, and appends this hop to
 X-Forwarded-For. Nothing is passed by hand, and a call made outside a request (a
 background task) carries none of the user headers rather than stale ones. Idempotent
-calls are retried a bounded number of times on connection failures and 502/503/504.
+calls are retried a bounded number of times on connection failures and 502/503/504
+(not when the answer says ``Retry-After``), within a retry budget (about a tenth of the
+calls) and within the request's time budget: each call gets no more than what is left
+of it, and an internal callee is told the rest (``x-request-timeout-ms``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from kiban import _propagation as propagation
 from kiban._config import HeaderNames, Settings
 
-__all__ = ["PropagatingTransport", "create"]
+__all__ = ["PropagatingTransport", "RetryBudget", "create"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -50,10 +53,50 @@ def _escape(value: str) -> str:
     return "".join(chr(byte) if byte < 0x80 else f"%{byte:02X}" for byte in raw)
 
 
+#: Kept back from the budget forwarded downstream: the time to carry its answer back.
+BUDGET_MARGIN = 0.01
+
+
+def _within_budget(request: httpx.Request, left: float, internal: bool, names: HeaderNames) -> None:
+    """Give the call no more than the request's budget, and tell an internal callee.
+
+    With nothing left the call is not made at all: it could only time out downstream.
+    """
+    if left <= 0:
+        raise httpx.ReadTimeout("no time left of the request's budget", request=request)
+    timeouts = dict(request.extensions.get("timeout") or {})
+    for phase in ("connect", "read", "write", "pool"):
+        current = timeouts.get(phase)
+        timeouts[phase] = left if current is None else min(current, left)
+    request.extensions["timeout"] = timeouts
+    if internal:
+        request.headers[names.timeout] = str(max(0, int((left - BUDGET_MARGIN) * 1000)))
+
+
 def is_internal(host: str, patterns: Iterable[str]) -> bool:
     """Whether ``host`` is one of ours (matches a pattern such as ``*.svc.cluster.local``)."""
     host = host.lower()
     return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in patterns)
+
+
+class RetryBudget:
+    """Retries as a share of calls (Finagle's and gRPC's retry budget): at most about
+    ``ratio`` of the calls made, plus a small reserve, so a failing downstream gets
+    its load plus a tenth, never three times it."""
+
+    def __init__(self, ratio: float = 0.1, reserve: float = 10.0) -> None:
+        self.ratio = ratio
+        self.reserve = reserve
+        self.tokens = reserve
+
+    def deposit(self) -> None:
+        self.tokens = min(self.reserve, self.tokens + self.ratio)
+
+    def withdraw(self) -> bool:
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class PropagatingTransport(httpx.AsyncBaseTransport):
@@ -72,6 +115,7 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
         self.internal_hosts = tuple(internal_hosts)
         self.retries = retries
         self.backoff = backoff
+        self.retry_budget = RetryBudget()
         self.tracer = trace.get_tracer("kiban._client")
         self._managed = {
             names.trace_id,
@@ -81,6 +125,7 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
             names.forwarded_for,
             names.api_client,
             names.id_token,
+            names.timeout,
             "traceparent",
             "tracestate",
         }
@@ -91,6 +136,9 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
             if name in request.headers:
                 del request.headers[name]
         internal = is_internal(request.url.host, self.internal_hosts)
+        left = propagation.remaining()
+        if left is not None:
+            _within_budget(request, left, internal, self.names)
         context = propagation.current()
         if context is not None and internal:
             request.headers.update(_ascii(propagation.outbound_headers(context, self.names)))
@@ -117,23 +165,40 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
 
     async def _send(self, request: httpx.Request, span: trace.Span) -> httpx.Response:
         attempt = 0
+        self.retry_budget.deposit()
         while True:
             try:
                 response = await self.inner.handle_async_request(request)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 # Never sent: safe to retry whatever the method.
-                if attempt >= self.retries:
+                if attempt >= self.retries or not self._may_retry(attempt):
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                     raise
             else:
-                retryable = request.method in IDEMPOTENT and response.status_code in RETRY_STATUSES
-                if not retryable or attempt >= self.retries:
+                retryable = (
+                    request.method in IDEMPOTENT
+                    and response.status_code in RETRY_STATUSES
+                    # A server that says when to come back is overloaded: not now.
+                    and "retry-after" not in response.headers
+                )
+                if not retryable or attempt >= self.retries or not self._may_retry(attempt):
                     return response
                 await response.aclose()
             attempt += 1
             span.set_attribute("http.request.resend_count", attempt)
-            await asyncio.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))  # noqa: S311
+            await asyncio.sleep(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        jitter = 0.5 + random.random()  # noqa: S311 (not a secret)
+        return float(self.backoff * 2 ** (attempt - 1) * jitter)
+
+    def _may_retry(self, attempt: int) -> bool:
+        """Whether one more attempt fits the request's time and the retry budget."""
+        left = propagation.remaining()
+        if left is not None and left <= self.backoff * (2**attempt):
+            return False
+        return self.retry_budget.withdraw()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -32,6 +32,8 @@ class HeaderNames(BaseModel):
     forwarded_for: str = "x-forwarded-for"
     api_client: str = "x-api-client"
     id_token: str = "x-internal-id-token"  # noqa: S105 (a header name)
+    #: What is left of the caller's time budget, in milliseconds (trusted peers only).
+    timeout: str = "x-request-timeout-ms"
     #: ``x-debug: 1`` turns on debug logs for that request only (when debug is enabled).
     debug: str = "x-debug"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Iterable
 from contextvars import ContextVar, Token
 from dataclasses import FrozenInstanceError
@@ -89,6 +90,28 @@ _current: ContextVar[RequestContext | None] = ContextVar("kiban_request_context"
 def current() -> RequestContext | None:
     """The context of the request being served, or None outside a request."""
     return _current.get()
+
+
+#: When the request being served must be answered by (``time.monotonic()``), if its
+#: caller gave a budget: ``x-request-timeout-ms`` from a trusted peer, or gRPC's own
+#: deadline. kiban's clients give each call no more than what is left.
+DEADLINE: ContextVar[float | None] = ContextVar("kiban_request_deadline", default=None)
+#: The longest budget believed from a caller; more is no budget.
+_MAX_BUDGET_MS = 3_600_000
+
+
+def remaining() -> float | None:
+    """Seconds left of the current request's budget (may be <= 0), or None: no budget."""
+    deadline = DEADLINE.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def budget_seconds(value: str | None) -> float | None:
+    """A ``x-request-timeout-ms`` value as seconds; None when absent or not a budget."""
+    if value is None or not value.isdigit() or len(value) > 10:
+        return None
+    milliseconds = int(value)
+    return milliseconds / 1000 if 0 <= milliseconds <= _MAX_BUDGET_MS else None
 
 
 def identify(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -26,8 +25,8 @@ from kiban._config import Settings
 
 __all__ = ["DEADLINE", "Channel", "channel"]
 
-#: The current RPC's deadline (``time.monotonic()``), set by the server chassis.
-DEADLINE: ContextVar[float | None] = ContextVar("kiban.rpc.deadline", default=None)
+#: The current request's or RPC's deadline (``time.monotonic()``).
+DEADLINE = propagation.DEADLINE
 _tracecontext = TraceContextTextMapPropagator()
 
 

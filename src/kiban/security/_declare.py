@@ -87,9 +87,12 @@ class Requirement:
             return
         limit = scope.get(HANDLER_TIMEOUT)
         if limit is not None:  # the route's own time, counted from the request's start
-            timeout, began, default = limit
+            timeout, began, default, cap = limit
             if resolved.timeout != default:
-                timeout.reschedule(None if resolved.timeout is None else began + resolved.timeout)
+                when = None if resolved.timeout is None else began + resolved.timeout
+                if cap is not None:  # never past the caller's budget
+                    when = cap if when is None else min(when, cap)
+                timeout.reschedule(when)
         if scope.get(ADMITTED) != resolved:
             await policy.admit(resolved, request, routes.template(scope) or request.url.path)
 
