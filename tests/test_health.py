@@ -212,3 +212,45 @@ async def test_a_failing_non_critical_dependency_is_reported_without_failing_rea
         "status": "fail",
         "critical": False,
     }
+
+
+class Stalled:
+    """A dependency that accepts and then says nothing; closing to it takes a while too."""
+
+    def __init__(self, name: str = "database", unwind: float = 2.0) -> None:
+        self.name = name
+        self.unwind = unwind
+        self.started = 0
+        self.stalled = True
+
+    async def ping(self) -> None:
+        self.started += 1
+        try:
+            if self.stalled:
+                await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(self.unwind)  # the connection's close, to a silent server
+            raise
+
+
+async def test_a_stalled_dependency_answers_within_the_timeout_not_its_cleanup() -> None:
+    stalled = Stalled()
+    checker = Checker([stalled], timeout=0.2, cache_seconds=0)
+    began = time.monotonic()
+    report = await checker.check()
+    assert time.monotonic() - began < 0.5  # not 0.2 s + the 2 s cleanup
+    assert (report.ok, report.checks[0].error) == (False, "timeout")
+    began = time.monotonic()
+    again = await checker.check()  # the first ping is still unwinding: not started again
+    assert time.monotonic() - began < 0.1
+    assert again.checks[0].error == "timeout"
+    assert stalled.started == 1
+
+
+async def test_a_dependency_that_recovers_is_ready_once_its_last_ping_unwound() -> None:
+    stalled = Stalled(unwind=0.1)
+    checker = Checker([stalled], timeout=0.1, cache_seconds=0)
+    assert not (await checker.check()).ok
+    stalled.stalled = False
+    await asyncio.sleep(0.2)  # the abandoned ping finishes its cleanup
+    assert (await checker.check()).ok

@@ -11,6 +11,7 @@ status, never a DSN or an error message that could leak hosts or passwords.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -150,6 +151,9 @@ class Checker:
         self.draining = False
         self._cached: tuple[float, Report] | None = None
         self._lock = asyncio.Lock()
+        #: Pings that timed out and were cancelled but are still unwinding (a connection
+        #: to a stalled server being closed): not awaited, and not started again.
+        self._unwinding: dict[str, asyncio.Task[None]] = {}
 
     def add(self, pinger: Pinger, critical: bool = True) -> None:
         """Register ``pinger``; a failing non-critical one is reported without failing
@@ -180,24 +184,43 @@ class Checker:
             return report
 
     async def _run(self, pinger: Pinger) -> Check:
+        """Ping, bounded by ``timeout`` whatever the ping's cleanup does.
+
+        A ping past its time is cancelled and left to unwind on its own: the check does
+        not wait for it (closing a connection to a server that stopped answering can
+        take seconds), and while it unwinds the dependency is reported timed out
+        without starting another.
+        """
         start = time.perf_counter()
         error: str | None = None
-        try:
-            async with asyncio.timeout(self.timeout):
-                await pinger.ping()
-        except TimeoutError:
+        if pinger.name in self._unwinding:
             error = "timeout"
-        except Exception as exc:
-            error = "unavailable"
-            log.warning(
-                "dependency check failed", dependency=pinger.name, error_type=type(exc).__name__
-            )
+        else:
+            task = asyncio.ensure_future(pinger.ping())
+            done, _ = await asyncio.wait({task}, timeout=self.timeout)
+            if not done:
+                error = "timeout"
+                task.cancel()
+                self._unwinding[pinger.name] = task
+                task.add_done_callback(functools.partial(self._unwound, pinger.name))
+            elif (exc := task.exception()) is not None:
+                error = "unavailable"
+                log.warning(
+                    "dependency check failed",
+                    dependency=pinger.name,
+                    error_type=type(exc).__name__,
+                )
         if error == "timeout":
             log.warning(
                 "dependency check timed out", dependency=pinger.name, timeout_s=self.timeout
             )
         latency = (time.perf_counter() - start) * 1000
         return Check(pinger.name, error is None, latency, error, pinger.name not in self.optional)
+
+    def _unwound(self, name: str, task: asyncio.Task[None]) -> None:
+        self._unwinding.pop(name, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed cleanup is not an unhandled error
 
 
 def _json(body: dict[str, Any], status: int) -> Response:
