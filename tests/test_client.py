@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -262,8 +263,63 @@ async def test_retries_stay_within_a_tenth_of_the_calls(echo: Any) -> None:
     """A downstream that fails every call gets its load and a bounded extra, not 3x."""
     async with kiban_client.create(Settings(), base_url=echo.url, retries=2) as http:
         for number in range(100):
-            response = await http.get(f"/flaky/down-{number}", params={"failures": 1000})
-            assert response.status_code == 503
-        attempts = [(await http.get(f"/attempts/down-{n}")).json() for n in range(100)]
-    # 100 calls; the reserve (10) and a tenth of the calls (10) in retries, at most.
-    assert 100 < sum(attempts) <= 120
+            with contextlib.suppress(kiban_client.CircuitOpen):  # the breaker, later on
+                response = await http.get(f"/flaky/down-{number}", params={"failures": 1000})
+                assert response.status_code == 503
+    async with httpx.AsyncClient(base_url=echo.url) as plain:
+        attempts = [(await plain.get(f"/attempts/down-{n}")).json() for n in range(100)]
+    made = sum(1 for count in attempts if count)
+    # The reserve (10) and a tenth of the calls made (10) in retries, at most.
+    assert sum(attempts) - made <= 20
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_breaker_refuses_nothing_while_the_downstream_is_healthy() -> None:
+    breaker = kiban_client.Breaker(clock=Clock(), chance=lambda: 0.0)
+    for _ in range(1000):
+        breaker.record(True)
+    assert breaker.drop_probability() == 0.0
+    assert breaker.allow()
+    few = kiban_client.Breaker(clock=Clock())
+    for accepted in (True, False, False, False):  # a handful of failures trips nothing
+        few.record(accepted)
+    assert few.drop_probability() == 0.0
+
+
+def test_the_breaker_fails_fast_when_down_and_lets_calls_through_as_it_recovers() -> None:
+    clock = Clock()
+    breaker = kiban_client.Breaker(clock=clock, chance=lambda: 0.5)
+    for _ in range(100):
+        breaker.record(False)
+    assert breaker.drop_probability() > 0.9
+    assert not breaker.allow()
+    clock.now += 11  # the window has moved past the failures
+    assert breaker.drop_probability() == 0.0
+    assert breaker.allow()
+    for _ in range(10):  # some failures among successes: still mostly let through
+        breaker.record(True)
+    breaker.record(False)
+    assert breaker.drop_probability() == 0.0
+
+
+async def test_calls_to_a_failing_downstream_fail_fast_instead_of_piling_on(echo: Any) -> None:
+    async with kiban_client.create(Settings(), base_url=echo.url, retries=0) as http:
+        refused = 0
+        for _ in range(200):
+            try:
+                response = await http.get("/flaky/failing", params={"failures": 10**6})
+            except kiban_client.CircuitOpen:
+                refused += 1
+            else:
+                assert response.status_code == 503
+    async with httpx.AsyncClient(base_url=echo.url) as plain:
+        attempts = (await plain.get("/attempts/failing")).json()
+    assert refused > 100  # most calls were not made at all
+    assert attempts + refused == 200

@@ -9,7 +9,9 @@ background task) carries none of the user headers rather than stale ones. Idempo
 calls are retried a bounded number of times on connection failures and 502/503/504
 (not when the answer says ``Retry-After``), within a retry budget (about a tenth of the
 calls) and within the request's time budget: each call gets no more than what is left
-of it, and an internal callee is told the rest (``x-request-timeout-ms``).
+of it, and an internal callee is told the rest (``x-request-timeout-ms``). A
+downstream failing most calls is throttled locally (``Breaker``): calls to it fail fast
+(``CircuitOpen``, answered 503 upstream) until it recovers.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from kiban import _propagation as propagation
 from kiban._config import HeaderNames, Settings
 
-__all__ = ["PropagatingTransport", "RetryBudget", "create"]
+__all__ = ["Breaker", "CircuitOpen", "PropagatingTransport", "RetryBudget", "create"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -79,6 +82,62 @@ def is_internal(host: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in patterns)
 
 
+class CircuitOpen(httpx.TransportError):
+    """The downstream has failed most recent calls: this one was not made (fails fast)."""
+
+
+class Breaker:
+    """Google SRE's adaptive throttling for one downstream (go-zero's breaker).
+
+    Over a rolling ``window``, with ``requests`` calls attempted and ``accepts`` of them
+    answered without a server error, a new call is refused locally with probability
+    ``max(0, (requests - protection - k * accepts) / (requests + 1))``: nothing is
+    refused while the downstream is healthy (nor for a handful of failures), most calls
+    fail fast while it is down, and calls get through again in proportion as it
+    recovers, without a half-open state to tune.
+    """
+
+    def __init__(
+        self,
+        k: float = 1.5,
+        protection: int = 5,
+        window: float = 10.0,
+        buckets: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+        chance: Callable[[], float] = random.random,
+    ) -> None:
+        self.k = k
+        self.protection = protection
+        self.width = window / buckets
+        self.buckets = buckets
+        self.clock = clock
+        self.chance = chance
+        self._counts: dict[int, list[int]] = {}  # bucket -> [requests, accepts]
+
+    def _bucket(self) -> list[int]:
+        now = int(self.clock() / self.width)
+        for old in [key for key in self._counts if key <= now - self.buckets]:
+            del self._counts[old]
+        return self._counts.setdefault(now, [0, 0])
+
+    def drop_probability(self) -> float:
+        self._bucket()
+        requests = sum(counts[0] for counts in self._counts.values())
+        accepts = sum(counts[1] for counts in self._counts.values())
+        return max(0.0, (requests - self.protection - self.k * accepts) / (requests + 1))
+
+    def allow(self) -> bool:
+        if self.chance() < self.drop_probability():
+            self._bucket()[0] += 1  # refused here: still a request the downstream did not serve
+            return False
+        return True
+
+    def record(self, accepted: bool) -> None:
+        counts = self._bucket()
+        counts[0] += 1
+        counts[1] += accepted
+
+
 class RetryBudget:
     """Retries as a share of calls (Finagle's and gRPC's retry budget): at most about
     ``ratio`` of the calls made, plus a small reserve, so a failing downstream gets
@@ -116,6 +175,10 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
         self.retries = retries
         self.backoff = backoff
         self.retry_budget = RetryBudget()
+        self.breakers: dict[str, Breaker] = {}
+        self.durations = metrics.get_meter("kiban._client").create_histogram(
+            "http.client.request.duration", unit="s", description="Duration of outgoing calls."
+        )
         self.tracer = trace.get_tracer("kiban._client")
         self._managed = {
             names.trace_id,
@@ -157,11 +220,37 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
                 carrier: dict[str, str] = {}
                 _tracecontext.inject(carrier)
                 request.headers.update(carrier)
-            response = await self._send(request, span)
+            response = await self._guarded(request, span)
             span.set_attribute("http.response.status_code", response.status_code)
             if response.status_code >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             return response
+
+    async def _guarded(self, request: httpx.Request, span: trace.Span) -> httpx.Response:
+        """The call through its host's breaker, measured."""
+        host = request.url.host
+        breaker = self.breakers.get(host)
+        if breaker is None:
+            breaker = self.breakers[host] = Breaker()
+        attributes: dict[str, str | int] = {
+            "http.request.method": request.method,
+            "server.address": host,
+        }
+        if not breaker.allow():
+            span.set_status(Status(StatusCode.ERROR, "circuit open"))
+            raise CircuitOpen(f"{host} is failing: the call was not made", request=request)
+        started = time.perf_counter()
+        try:
+            response = await self._send(request, span)
+        except httpx.TransportError as exc:
+            breaker.record(False)
+            attributes["error.type"] = type(exc).__name__
+            self.durations.record(time.perf_counter() - started, attributes)
+            raise
+        breaker.record(response.status_code < 500 and response.status_code != 429)
+        attributes["http.response.status_code"] = response.status_code
+        self.durations.record(time.perf_counter() - started, attributes)
+        return response
 
     async def _send(self, request: httpx.Request, span: trace.Span) -> httpx.Response:
         attempt = 0
