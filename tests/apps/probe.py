@@ -61,7 +61,7 @@ class Probe(pbg.ProbeServicer):
         return seen
 
     async def Crash(self, request: pb.Empty, context: Any) -> pb.Seen:
-        raise RuntimeError("the database password is hunter2")
+        raise RuntimeError("internal detail: pool 7 of db-3 exhausted")
 
     async def Limited(self, request: pb.Empty, context: Any) -> pb.Seen:
         return _seen()

@@ -113,10 +113,15 @@ def test_a_database_outage_is_503_and_recovers_without_restart(
 
         proxy.cut()
         started = time.monotonic()
+        # Within one check: an answer may come from the cache (HEALTH_CACHE_SECONDS, kept
+        # warm by the gRPC health service too), the next runs the ping, bounded.
         readiness = client.get("/health/readiness")
+        while readiness.status_code == 200 and time.monotonic() - started < 1.5:
+            time.sleep(0.05)
+            readiness = client.get("/health/readiness")
         assert readiness.status_code == 503
         assert readiness.json()["checks"]["database"]["status"] == "fail"
-        assert time.monotonic() - started < 1.5  # within one check, under the probe timeout
+        assert time.monotonic() - started < 1.5  # cache + timeout, under the probe timeout
         assert client.get("/health/liveness").status_code == 200
         started = time.monotonic()
         response = client.get(path, headers=READER)
