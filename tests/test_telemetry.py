@@ -157,6 +157,59 @@ def test_metrics_endpoint_serves_standard_http_metrics() -> None:
     assert "http_server_active_requests" in text
 
 
+def test_metrics_has_the_runtime_and_the_apps_own_prometheus_metrics() -> None:
+    from prometheus_client import Counter
+
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
+    legacy = Counter("legacy_jobs", "Jobs counted by the app with prometheus_client.")
+    try:
+        legacy.inc(3)
+        with TestClient(app) as client:
+            client.get("/health/liveness")
+            text = client.get("/metrics").text
+    finally:
+        from prometheus_client import REGISTRY
+
+        REGISTRY.unregister(legacy)
+    for name in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "python_gc_collections_total",
+        "process_thread_count",
+        "kiban_event_loop_lag_seconds",
+        "legacy_jobs_total 3.0",
+    ):
+        assert name in text, name
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names))  # no family twice: a scraper would refuse it
+
+
+def test_a_bug_is_recorded_on_its_server_span() -> None:
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    exporter = InMemorySpanExporter()
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    @app.get("/teapot")
+    async def teapot() -> None:
+        raise kiban.Problem(418)
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/boom").status_code == 500
+        assert client.get("/teapot").status_code == 418
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    (event,) = spans["GET /boom"].events
+    assert event.name == "exception"
+    assert event.attributes["exception.type"] == "RuntimeError"
+    assert spans["GET /teapot"].events == ()  # an answer, not a bug
+
+
 @pytest.fixture
 def prometheus_binary() -> str:
     binary = shutil.which("prometheus")

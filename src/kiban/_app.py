@@ -83,6 +83,7 @@ class Service:
         #: The requests being served (``chassis.Exchange``), for the shutdown to cut.
         self.inflight: set[Exchange] = set()
         self._grpc: GrpcServer | None = None
+        self._loop_watch: asyncio.Future[None] | None = None
         log.configure(
             self.settings.log_level, self.settings.log_format, service=self.settings.service_name
         )
@@ -311,6 +312,7 @@ class Service:
             await hook()
         if self._grpc is not None and self._grpc.enabled:
             await self._grpc.start()
+        self._loop_watch = asyncio.ensure_future(self.telemetry.watch_loop())
 
     def started(self) -> None:
         log.info(
@@ -326,6 +328,8 @@ class Service:
 
         The exporters flush while the pools close: a hung pool cannot starve them.
         """
+        if self._loop_watch is not None:
+            self._loop_watch.cancel()
         if self._grpc is not None:
             # In-flight calls finish (within the shutdown budget) before the pools close.
             await self._grpc.stopped(self.settings.http_shutdown_timeout)

@@ -54,6 +54,10 @@ _CLOSE = (b"connection", b"close")
 _BUFFERED = 64 * 1024
 
 
+#: Exceptions that are answers (a 4xx or 5xx problem), not bugs to record on the span.
+_EXPECTED = (errors.Problem, HTTPException)
+
+
 class ClientTooSlow(Exception):
     """The client stopped taking the response (``HTTP_WRITE_TIMEOUT``)."""
 
@@ -159,6 +163,9 @@ class Chassis:
         except ClientTooSlow:
             pass  # logged; the server closes the connection of an unfinished response
         except Exception as exc:
+            span = exchange.span
+            if span is not None and span.is_recording() and not isinstance(exc, _EXPECTED):
+                span.record_exception(exc)  # a bug: its type and traceback on the span
             if exchange.interrupted is None:
                 handlers = self.api.exception_handlers
                 await errors.answer_escaped(

@@ -486,6 +486,8 @@ class Interceptor(grpc.aio.ServerInterceptor):
         if not isinstance(exc, Exception):
             raise exc
         call.code = grpc.StatusCode.INTERNAL
+        if call.span.is_recording():
+            call.span.record_exception(exc)
         errors.report(exc, {"method": "POST", "path": call.method.path})
         log.exception("unhandled exception", rpc=call.method.path)
         await _abort(

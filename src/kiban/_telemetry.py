@@ -13,6 +13,8 @@ processor sees its ``on_start`` and ``on_end``; spans are exported by the SDK's
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,7 +34,15 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -186,6 +196,12 @@ class Telemetry:
             id_generator=_ContextIds(),
         )
         self.registry = CollectorRegistry()
+        if REGISTRY.get_sample_value("process_start_time_seconds") is None:
+            # The app took prometheus_client's own process metrics off its default
+            # registry (which /metrics serves too): kiban's registry has them then.
+            ProcessCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
         if settings.otlp_endpoint:
             self.export_spans(_span_exporter(settings))
@@ -228,6 +244,20 @@ class Telemetry:
             unit="{request}",
             description="HTTP requests being served.",
         )
+        self.meter.create_observable_gauge(
+            "process.thread.count",
+            callbacks=[lambda _: [Observation(threading.active_count())]],
+            unit="{thread}",
+            description="Threads of the process.",
+        )
+        #: The event loop's lag as last measured (``watch_loop``), in seconds.
+        self.loop_lag = 0.0
+        self.meter.create_observable_gauge(
+            "kiban.event_loop.lag",
+            callbacks=[lambda _: [Observation(self.loop_lag)]],
+            unit="s",
+            description="How late the event loop ran a timer, last measured.",
+        )
         self.auth_failures = self.meter.create_counter(
             "kiban.auth.failures", unit="{failure}", description="Requests refused by security."
         )
@@ -242,6 +272,15 @@ class Telemetry:
             unit="{error}",
             description="Rate-limit checks that could not reach their storage.",
         )
+
+    async def watch_loop(self, interval: float = 0.5) -> None:
+        """Measure the event loop's lag, forever: how late a timer fires is how long
+        every request waits behind whatever holds the loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag = max(0.0, loop.time() - expected)
 
     def export_spans(self, exporter: SpanExporter) -> BatchSpanProcessor:
         """Send every sampled span to ``exporter`` too, in batches, as OTLP's are sent."""
@@ -265,7 +304,10 @@ class Telemetry:
         return "in process (spans not exported) and /metrics"
 
     async def metrics_endpoint(self, _: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        """kiban's metrics, then what the app registered with ``prometheus_client``'s
+        default registry (and its process, GC and platform metrics)."""
+        body = generate_latest(self.registry) + generate_latest(REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def shutdown(self) -> None:
         """Flush what is buffered to the exporters.
