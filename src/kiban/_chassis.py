@@ -39,6 +39,7 @@ from kiban._debug import PayloadLogMiddleware
 from kiban._health import liveness, readiness_endpoint
 from kiban._propagation import RequestContext
 from kiban._ratelimit import Decision
+from kiban._shedding import Shedder
 from kiban._telemetry import activate, deactivate
 from kiban._trust import AllowedHosts, TrustedPeers, local_location
 from kiban.security._declare import HANDLER_TIMEOUT
@@ -110,6 +111,12 @@ class Chassis:
         self.read_body_timeout = settings.http_read_body_timeout
         self.write_timeout = settings.http_write_timeout
         self._shed = 0
+        telemetry = service.telemetry
+        self.shedder = (
+            Shedder(settings.http_shed_loop_lag, lag=lambda: telemetry.loop_lag)
+            if settings.http_shed_loop_lag
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -140,7 +147,10 @@ class Chassis:
             if not hosts.any and headers.get("host") not in hosts:
                 raise errors.Problem(400, "The Host header names no host this service serves.")
             if self.max_inflight and len(inflight) > self.max_inflight:
-                self.shed(exchange)
+                self.shed(exchange, "inflight")
+            shedder = self.shedder
+            if shedder is not None and shedder.should_shed(len(inflight) - 1):
+                self.shed(exchange, "overload")
             loop = asyncio.get_running_loop()
             began = loop.time()
             default = self.handler_timeout
@@ -188,12 +198,13 @@ class Chassis:
             if exchange.deadline_token is not None:
                 propagation.DEADLINE.reset(exchange.deadline_token)
 
-    def shed(self, exchange: Exchange) -> None:
-        """Too many requests in flight: refuse this one before routing, cheaply."""
-        self.telemetry.shed.add(1, {"reason": "inflight"})
+    def shed(self, exchange: Exchange, reason: str) -> None:
+        """Past capacity: refuse this request before routing, cheaply."""
+        self.telemetry.shed.add(1, {"reason": reason})
+        exchange.shed = True
         self._shed += 1
         if self._shed % 100 == 1:  # sampled: shedding is when logs are least affordable
-            log.warning("request shed", inflight=len(self.inflight), shed=self._shed)
+            log.warning("request shed", reason=reason, inflight=len(self.inflight), shed=self._shed)
         raise errors.Problem(
             503,
             "The service is at capacity; retry shortly.",
@@ -364,6 +375,7 @@ class Exchange:
         self.interrupted: str | None = None
         self.finished = False
         self.body_done = False
+        self.shed = False
 
     async def send(self, message: Message) -> None:
         if self.interrupted is not None:
@@ -473,6 +485,9 @@ class Exchange:
         route = routes.template(scope)
         status = self.status
         final = CLIENT_CLOSED if status is None else status
+        shedder = chassis.shedder
+        if shedder is not None and not self.shed and final < 500:
+            shedder.done(elapsed)
         span_id = None
         span = self.span
         if span is not None:

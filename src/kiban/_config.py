@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     #: Requests served at once before new ones get 503 (probes and /metrics exempt);
     #: 0: no cap.
     http_max_inflight: int = Field(0, ge=0)
+    #: Adaptive shedding: while the event loop runs this many seconds late, requests
+    #: past the capacity the service has shown get 503 (``docs/resilience.md``); 0: off.
+    http_shed_loop_lag: float = Field(0.0, ge=0)
     http_max_header_bytes: int = Field(16 * 1024, ge=1024)
     http_max_body_bytes: int = Field(1024 * 1024, ge=0)
 

@@ -1,0 +1,79 @@
+"""Adaptive load shedding: refuse new requests when the service is past its capacity.
+
+go-zero's model, with the event loop's lag as the overload signal (an asyncio service
+is overloaded when its loop runs late, whatever the machine's CPU says): while the loop
+is late by more than ``lag_threshold``, a request is refused if the requests in flight
+exceed what the service has shown it can carry, the most it completed in a bucket of
+time times the least time a request took (Little's law: throughput x latency). Once
+something was shed, shedding goes on being considered for ``cool_off`` seconds, so a
+loop that catches up for an instant does not let the whole backlog back in.
+
+Counting is in buckets of ``bucket`` seconds over ``window`` seconds, read through a
+clock that tests control.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+__all__ = ["Shedder"]
+
+
+class Shedder:
+    def __init__(
+        self,
+        lag_threshold: float = 0.1,
+        window: float = 5.0,
+        bucket: float = 0.1,
+        cool_off: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        lag: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.lag_threshold = lag_threshold
+        #: The event loop's lag now (the telemetry's last measurement), in seconds.
+        self.lag = lag
+        self.bucket = bucket
+        self.buckets = int(window / bucket)
+        self.cool_off = cool_off
+        self.clock = clock
+        #: bucket number -> [requests completed, sum of their seconds, least seconds]
+        self._stats: dict[int, list[float]] = {}
+        self._dropped_at = -1e18
+
+    def _current(self) -> list[float]:
+        now = int(self.clock() / self.bucket + 1e-9)  # 100.1 / 0.1 is 1000.999...
+        stale = [key for key in self._stats if key <= now - self.buckets]
+        for key in stale:
+            del self._stats[key]
+        stats = self._stats.get(now)
+        if stats is None:
+            stats = self._stats[now] = [0, 0.0, float("inf")]
+        return stats
+
+    def done(self, seconds: float) -> None:
+        """A request completed in ``seconds`` (admitted and answered)."""
+        stats = self._current()
+        stats[0] += 1
+        stats[1] += seconds
+        stats[2] = min(stats[2], seconds)
+
+    def capacity(self) -> float:
+        """Requests in flight the service has shown it can carry (max pass x min latency)."""
+        self._current()
+        passed = max((stats[0] for stats in self._stats.values()), default=0)
+        least = min(
+            (stats[1] / stats[0] for stats in self._stats.values() if stats[0]),
+            default=0.0,
+        )
+        return max(1.0, passed * least / self.bucket)
+
+    def overloaded(self) -> bool:
+        return self.lag() > self.lag_threshold or (self.clock() - self._dropped_at < self.cool_off)
+
+    def should_shed(self, inflight: int) -> bool:
+        """Whether a new request, with ``inflight`` already being served, is refused."""
+        if not self.overloaded() or inflight <= self.capacity():
+            return False
+        self._dropped_at = self.clock()
+        return True
