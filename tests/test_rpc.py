@@ -292,3 +292,37 @@ def test_the_peer_ip_is_read_from_grpc_peer_strings(peer: str, ip: str | None) -
 @given(st.text(max_size=60))
 def test_any_peer_string_is_read_without_error(peer: str) -> None:
     peer_ip(peer)
+
+
+def test_kiban_check_audits_the_grpc_side(probe: Probe) -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiban",
+            "check",
+            probe.process.url,
+            "--grpc",
+            f"127.0.0.1:{probe.port}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows = {row["detail"].split(" ")[0]: row for row in json.loads(done.stdout)["checks"]}
+    assert rows["grpc.health.v1"]["ok"]
+    assert rows["services:"]["ok"]
+    assert "probe.v1.Probe" in rows["services:"]["detail"]
+    whoami = rows["/probe.v1.Probe/Whoami"]
+    assert whoami["ok"]
+    assert "UNAUTHENTICATED" in whoami["detail"]
+    assert rows["/probe.v1.Probe/Echo"]["ok"]
+    crash = rows["/probe.v1.Probe/Crash"]  # a public method with a bug: found
+    assert not crash["ok"]
+    assert "INTERNAL" in crash["detail"]
+    assert done.returncode == 1

@@ -11,13 +11,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 
 from kiban._accesslog import FIELDS
 
-__all__ = ["Row", "Unreachable", "audit", "render"]
+__all__ = ["Row", "Unreachable", "audit", "audit_grpc", "render"]
 
 PROBLEM_JSON = "application/problem+json"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -238,6 +239,102 @@ def audit(url: str, log: Path | None = None, timeout: float = 5.0) -> list[Row]:
     if log is not None:
         rows.extend(_access_log(log))
     return rows
+
+
+def audit_grpc(target: str, timeout: float = 5.0) -> list[Row]:
+    """The gRPC side (``host:port``): health, reflection, and how an unauthenticated
+    call to each unary method is answered. Needs ``kiban[grpc]``."""
+    import grpc
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    rows: list[Row] = []
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unreachable(f"no gRPC server at {target}") from None
+        try:
+            health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs' types are partial
+            answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            rows.append(Row("grpc health", True, f"grpc.health.v1 Check -> {status}"))
+        except grpc.RpcError as exc:
+            rows.append(
+                Row(
+                    "grpc health",
+                    False,
+                    f"grpc.health.v1 Check -> {exc.code().name}",
+                    "serve grpc.health.v1 (kiban's gRPC server does, from readiness)",
+                )
+            )
+        reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        def ask(request: reflection_pb2.ServerReflectionRequest) -> Any:
+            return next(iter(reflection.ServerReflectionInfo(iter([request]), timeout=timeout)))
+
+        try:
+            listed = ask(reflection_pb2.ServerReflectionRequest(list_services=""))
+            services = [s.name for s in listed.list_services_response.service]
+        except grpc.RpcError as exc:
+            rows.append(
+                Row(
+                    "grpc reflection",
+                    False,
+                    f"ServerReflectionInfo -> {exc.code().name}",
+                    "enable server reflection (kiban's gRPC server does)",
+                )
+            )
+            return rows
+        own = [name for name in services if not name.startswith("grpc.")]
+        rows.append(Row("grpc reflection", True, f"services: {', '.join(own) or 'none'}"))
+        for service in own:
+            found = ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=service))
+            methods: list[str] = []
+            for raw in found.file_descriptor_response.file_descriptor_proto:
+                proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                prefix = f"{proto.package}." if proto.package else ""
+                for declared in proto.service:
+                    if prefix + declared.name != service:
+                        continue
+                    methods += [
+                        m.name
+                        for m in declared.method
+                        if not m.client_streaming and not m.server_streaming
+                    ]
+            for method in methods:
+                rows.append(_unauthenticated_call(channel, f"/{service}/{method}", timeout))
+    return rows
+
+
+def _unauthenticated_call(channel: Any, path: str, timeout: float) -> Row:
+    """An empty request with no credentials: refused with details, or served; never a bug."""
+    import grpc
+    from grpc_status import rpc_status
+
+    call = channel.unary_unary(path)
+    try:
+        call(b"", timeout=timeout)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            detailed = rpc_status.from_call(exc) is not None  # type: ignore[arg-type]
+            return Row(
+                "grpc security",
+                detailed,
+                f"{path} without credentials -> {code.name}"
+                + ("" if detailed else " without google.rpc.Status details"),
+                "refuse with kiban's security (it adds the details)",
+            )
+        ok = code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+        return Row(
+            "grpc security",
+            ok,
+            f"{path} (public) with an empty request -> {code.name}",
+            "an empty or invalid request is INVALID_ARGUMENT or NOT_FOUND, never a bug",
+        )
+    return Row("grpc security", True, f"{path} (public) with an empty request -> OK")
 
 
 def render(rows: list[Row]) -> str:

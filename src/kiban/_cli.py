@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_parser.add_argument("url")
     check_parser.add_argument("--log", type=Path, help="a file of the service's log output")
     check_parser.add_argument("--json", action="store_true", help="one JSON document, for CI")
+    check_parser.add_argument(
+        "--grpc", metavar="HOST:PORT", help="audit the service's gRPC server too"
+    )
     new_parser = commands.add_parser("new", help="make a new service from the template")
     new_parser.add_argument("name", help="the service name, e.g. billing")
     new_parser.add_argument("--dest", type=Path, help="default: ./NAME")
@@ -109,14 +112,19 @@ def _check(args: argparse.Namespace) -> int:
     """``kiban check``: 0 conformant, 1 findings, 2 cannot audit (unreachable, no log)."""
     import json
 
-    from kiban._check import Unreachable, audit, render
+    from kiban._check import Unreachable, audit, audit_grpc, render
 
     if args.log is not None and not args.log.is_file():
         print(f"kiban: no log file at {args.log}", file=sys.stderr)
         return 2
     try:
         rows = audit(args.url, args.log)
-    except Unreachable as exc:
+        if args.grpc:
+            from kiban import _extras
+
+            _extras.require("grpc_health", "grpc", "kiban check --grpc")
+            rows += audit_grpc(args.grpc)
+    except (Unreachable, ConfigError) as exc:
         if args.json:
             print(json.dumps({"url": args.url, "reachable": False, "error": str(exc)}))
         print(f"kiban: cannot reach {args.url}: {exc}", file=sys.stderr)
