@@ -262,6 +262,67 @@ def once(
     return sorted(measured, key=lambda run: run.rps)[len(measured) // 2]
 
 
+def rpc_bench(workdir: Path, rounds: int, seconds: float) -> tuple[list[str], float]:
+    """The gRPC rows: bare grpc.aio and kiban's chassis, side by side (bench/rpc.py).
+
+    Returns the table's rows and kiban's ratio to bare grpc.aio by server CPU per call.
+    """
+    servers = {}
+    for variant in ("grpc", "kiban"):
+        port = free_port()
+        log = (workdir / f"rpc-{variant}.log").open("ab")
+        process = subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, "-m", "bench.rpc", "serve", variant, str(port)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "LOG_FORMAT": "json"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        servers[variant] = (process, port)
+    runs: dict[str, list[Run]] = {variant: [] for variant in servers}
+    try:
+        time.sleep(4)  # both listening
+        for _ in range(rounds):
+            for variant, (process, port) in servers.items():
+                before = cpu_seconds(process.pid)
+                output = subprocess.run(
+                    [
+                        "taskset",
+                        "-c",
+                        "1",
+                        sys.executable,
+                        "-m",
+                        "bench.rpc",
+                        "drive",
+                        str(port),
+                        str(seconds),
+                        "16",
+                    ],
+                    cwd=ROOT,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()
+                used = cpu_seconds(process.pid) - before
+                rate, p99, calls = float(output[0]), float(output[1]), int(output[2])
+                runs[variant].append(Run(rate, 0.0, p99, used * 1e6 / calls, rss_mib(process.pid)))
+    finally:
+        for process, _ in servers.values():
+            stop(process)
+
+    def median(variant: str, field: str) -> float:
+        return statistics.median(getattr(run, field) for run in runs[variant])
+
+    ratio = median("grpc", "cpu_us") / median("kiban", "cpu_us")
+    rows = [
+        f"| {label} | {median(variant, 'rps'):,.0f} | {median(variant, 'p99_ms'):.2f} | "
+        f"{median(variant, 'cpu_us'):.0f} | {median(variant, 'rss_mib'):.1f} |"
+        for variant, label in (("grpc", "bare grpc.aio"), ("kiban", "kiban's gRPC chassis"))
+    ]
+    return rows, ratio
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -368,6 +429,9 @@ def main() -> int:
             f"{on_granian.rps:,.0f} | {on_granian.cpu_us:.0f} |"
         )
 
+    print("grpc...", flush=True)
+    rpc_rows, rpc_ratio = rpc_bench(workdir, args.rounds, args.seconds)
+
     print("request path in process...", flush=True)
     bare = in_process("fastapi")
     in_process_rows = [f"| bare FastAPI | {bare:.1f} | |"]
@@ -412,6 +476,13 @@ def main() -> int:
         ]
     rss_extra = median("kiban", "rss_mib", loads[-1]) - median("fastapi", "rss_mib", loads[-1])
     checks.append((f"kiban RSS <= bare FastAPI + 15 MiB (+{rss_extra:.1f} MiB)", rss_extra <= 15))
+    checks.append(
+        (
+            f"kiban's gRPC chassis >= 0.75x bare grpc.aio, by server CPU per call "
+            f"({rpc_ratio:.2f}x)",
+            rpc_ratio >= 0.75,
+        )
+    )
     held = all(ok for _, ok in checks)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -457,6 +528,17 @@ def main() -> int:
             "| variant | uvicorn req/s | uvicorn CPU µs/req | granian req/s | granian CPU µs/req |",
             "| --- | --- | --- | --- | --- |",
             *on_servers,
+            "",
+            "## gRPC: a unary call, bare grpc.aio and in kiban's chassis",
+            "",
+            "`bench/rpc.py`: `probe.v1.Probe/Echo` served on core 0, called from a grpc.aio "
+            "client on core 1 with 16 calls in flight. The client costs about as much per "
+            "call as the server, so the rate may be the client's; the ratio is taken from the "
+            "server's CPU time per call.",
+            "",
+            "| server | calls/s | p99 ms | server CPU µs/call | RSS MiB |",
+            "| --- | --- | --- | --- | --- |",
+            *rpc_rows,
             "",
             "## The request path in process (no server, no network)",
             "",

@@ -346,6 +346,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
         self.public = frozenset(public)
         self.unavailable = errors.dependency_errors()
         self.inflight = 0
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -358,13 +359,18 @@ class Interceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler  # grpc answers UNIMPLEMENTED
         path = details.method
+        cached = self._wrapped.get(path)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # a method's handler is the same object call after call
         method = self.registry.table.get(path)
         if method is None:
             service, _, name = path.strip("/").partition("/")
             if service not in self.public:
-                return handler  # a method registered outside kiban: refuse? it is not ours
+                return handler  # registered on the server outside kiban: not ours to wrap
             method = Method(path, service, name, Resolved(Requirement(()), None))
-        return self._wrap(handler, method)
+        wrapped = self._wrap(handler, method)
+        self._wrapped[path] = (handler, wrapped)
+        return wrapped
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: Method
