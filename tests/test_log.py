@@ -150,3 +150,49 @@ def test_lines_go_to_stdout_as_it_is_when_written(capsys: pytest.CaptureFixture[
     finally:
         log.sink.stream = previous
     assert "captured line" in capsys.readouterr().out
+
+
+def _buffering_app() -> FastAPI:
+    app = FastAPI()
+    kiban.Service(app, Settings(log_buffering=True), security=NoSecurity())
+
+    @app.get("/work/{outcome}")
+    async def work(outcome: str) -> dict[str, str]:
+        kiban.log.info("step one", outcome=outcome)
+        kiban.log.debug("a detail")  # under the level: never written either way
+        kiban.log.info("step two", outcome=outcome)
+        if outcome == "bug":
+            raise RuntimeError("broken")
+        if outcome == "error":
+            kiban.log.error("could not charge the card")
+        if outcome == "missing":
+            raise kiban.Problem(404)
+        return {"outcome": outcome}
+
+    return app
+
+
+def test_with_buffering_a_successful_request_writes_only_its_access_line(lines: Lines) -> None:
+    with TestClient(_buffering_app()) as client:
+        for _ in range(5):
+            assert client.get("/work/fine").status_code == 200
+        assert client.get("/work/missing").status_code == 404  # an answer, not a failure
+        metrics = client.get("/metrics").text
+    assert [line["msg"] for line in lines.app() if "outcome" in line] == []
+    assert len([line for line in lines.access() if line["path"].startswith("/work")]) == 6
+    dropped = next(line for line in metrics.splitlines() if line.startswith("kiban_log_dropped"))
+    assert dropped.endswith(" 12.0")  # two lines each, six requests
+
+
+def test_with_buffering_a_failing_request_writes_what_it_held_in_order(lines: Lines) -> None:
+    with TestClient(_buffering_app(), raise_server_exceptions=False) as client:
+        assert client.get("/work/bug").status_code == 500
+        assert client.get("/work/error").status_code == 200
+    bug = [line for line in lines.all() if line.get("outcome") == "bug"]
+    assert [line["msg"] for line in bug] == ["step one", "step two"]
+    errored = [line["msg"] for line in lines.app() if line.get("outcome") == "error"]
+    assert errored == ["step one", "step two"]
+    assert "could not charge the card" in [line["msg"] for line in lines.app()]
+    # The held lines come before the request's access line.
+    order = [line.get("msg") or line["log"] for line in lines.all()]
+    assert order.index("step two") < order.index("access")

@@ -106,6 +106,7 @@ class Chassis:
             untrusted_parent=settings.trace_untrusted_parent,
         )
         self.hosts = AllowedHosts(settings.allowed_hosts)
+        self.log_buffering = settings.log_buffering
         self.max_inflight = settings.http_max_inflight
         self.handler_timeout = settings.http_handler_timeout or None
         self.read_body_timeout = settings.http_read_body_timeout
@@ -173,6 +174,7 @@ class Chassis:
         except ClientTooSlow:
             pass  # logged; the server closes the connection of an unfinished response
         except Exception as exc:
+            exchange.failed = not isinstance(exc, _EXPECTED)
             span = exchange.span
             if span is not None and span.is_recording() and not isinstance(exc, _EXPECTED):
                 span.record_exception(exc)  # a bug: its type and traceback on the span
@@ -197,6 +199,8 @@ class Chassis:
             propagation.leave(exchange.context_token)
             if exchange.deadline_token is not None:
                 propagation.DEADLINE.reset(exchange.deadline_token)
+            if exchange.held is not None:
+                log.stop_holding(exchange.held[1])
 
     def shed(self, exchange: Exchange, reason: str) -> None:
         """Past capacity: refuse this request before routing, cheaply."""
@@ -376,6 +380,9 @@ class Exchange:
         self.finished = False
         self.body_done = False
         self.shed = False
+        #: The request's held log lines (``LOG_BUFFERING``), unless it asked for debug.
+        self.held = log.hold_lines() if chassis.log_buffering and not context.debug else None
+        self.failed = False
 
     async def send(self, message: Message) -> None:
         if self.interrupted is not None:
@@ -494,6 +501,11 @@ class Exchange:
             span_id = telemetry.end_span(span, self.method, final, route, elapsed)
             if self.interrupted is None:  # an interruption runs outside the request's task
                 deactivate(self.span_token)
+        held = self.held
+        if held is not None:
+            dropped = held[0].release(final >= 500 or self.failed)
+            if dropped:
+                telemetry.log_dropped.add(dropped)
         access = chassis.access
         if access is not None:
             body = self.body

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     #: One access line per request; turn off only where another layer writes them.
     access_log: bool = True
+    #: Hold each request's info and debug lines; write them only if it fails (5xx, an
+    #: exception, an error logged) or asks for debug, else drop them (docs/logging.md).
+    log_buffering: bool = False
     #: Query parameters whose values are replaced by ``[REDACTED]`` in the access log,
     #: besides any name containing token, password, secret or key.
     log_redact_params: frozenset[str] = frozenset({"code", "sig", "signature", "auth"})

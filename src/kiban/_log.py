@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from contextvars import ContextVar, Token
 from typing import IO, Any, cast
 
 import orjson
@@ -190,18 +191,81 @@ def _dumps(event: EventDict, **_: Any) -> bytes:
     return orjson.dumps(event, default=repr)
 
 
+class Buffered:
+    """A request's info and debug lines, held until it is known whether it failed.
+
+    Clue's log buffering (``LOG_BUFFERING``): a request that succeeds writes only its
+    access line; one that fails (a 5xx, an exception, an error logged) writes every
+    line it logged, in order, as if they had never been held. At most ``limit`` lines
+    are held; those past it are counted as dropped.
+    """
+
+    __slots__ = ("dropped", "keep", "limit", "lines")
+
+    def __init__(self, limit: int = 200) -> None:
+        self.lines: list[bytes] = []
+        self.limit = limit
+        self.keep = False
+        self.dropped = 0
+
+    def hold(self, line: bytes) -> None:
+        if len(self.lines) < self.limit:
+            self.lines.append(line)
+        else:
+            self.dropped += 1
+
+    def release(self, keep: bool) -> int:
+        """Write the held lines (``keep``) or drop them; how many were dropped."""
+        lines, self.lines = self.lines, []
+        if keep or self.keep:
+            for line in lines:
+                sink.write(line)
+            return self.dropped
+        return self.dropped + len(lines)
+
+
+_buffered: ContextVar[Buffered | None] = ContextVar("kiban_log_buffer", default=None)
+
+
+def hold_lines(limit: int = 200) -> tuple[Buffered, Token[Buffered | None]]:
+    """Hold the current request's info and debug lines (``release`` them at its end)."""
+    buffered = Buffered(limit)
+    return buffered, _buffered.set(buffered)
+
+
+def stop_holding(token: Token[Buffered | None]) -> None:
+    _buffered.reset(token)
+
+
+def _encoded(message: str | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.encode("utf-8")
+
+
 class _SinkLogger:
     """structlog's final logger: hands the rendered line to the shared sink."""
 
     def msg(self, message: str | bytes) -> None:
-        sink.write(message if isinstance(message, bytes) else message.encode("utf-8"))
+        buffered = _buffered.get()
+        if buffered is not None and not buffered.keep:
+            buffered.hold(_encoded(message))
+            return
+        sink.write(_encoded(message))
 
     def urgent(self, message: str | bytes) -> None:
-        """Warnings and errors are written at once: they matter most when things go wrong."""
-        sink.write(message if isinstance(message, bytes) else message.encode("utf-8"), True)
+        """Warnings are written at once: they matter most when things go wrong."""
+        sink.write(_encoded(message), True)
+
+    def failing(self, message: str | bytes) -> None:
+        """An error: the request is failing, so what it held is written first."""
+        buffered = _buffered.get()
+        if buffered is not None and not buffered.keep:
+            buffered.keep = True
+            buffered.release(True)
+        sink.write(_encoded(message), True)
 
     debug = info = log = msg
-    warning = warn = error = exception = critical = fatal = urgent
+    warning = warn = urgent
+    error = exception = critical = fatal = failing
 
 
 class _StdlibBridge(logging.Handler):

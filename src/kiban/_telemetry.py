@@ -264,6 +264,11 @@ class Telemetry:
         self.rate_limited = self.meter.create_counter(
             "kiban.ratelimit.rejected", unit="{request}", description="Requests over a limit."
         )
+        self.log_dropped = self.meter.create_counter(
+            "kiban.log.dropped",
+            unit="{line}",
+            description="Log lines of successful requests not written (LOG_BUFFERING).",
+        )
         self.shed = self.meter.create_counter(
             "kiban.shed", unit="{request}", description="Requests refused at capacity (503)."
         )
