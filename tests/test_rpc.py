@@ -326,3 +326,26 @@ def test_kiban_check_audits_the_grpc_side(probe: Probe) -> None:
     assert not crash["ok"]
     assert "INTERNAL" in crash["detail"]
     assert done.returncode == 1
+
+
+def test_payloads_and_per_call_debug_logs_as_for_http(spawn: Any) -> None:
+    port = free_port()
+    process = spawn(
+        APP,
+        GRPC_PORT=str(port),
+        PROBE_PAYLOADS="1",
+        DEBUG_ENDPOINTS="true",
+        TRUSTED_PROXIES="127.0.0.1",
+    )
+    probe = Probe(process, port)
+    assert probe.stub.Echo(pb.Blob(data=b"hi")).data == b"hi"
+    probe.stub.Limited(pb.Empty())
+    probe.stub.Limited(pb.Empty(), metadata=[("x-debug", "1")])
+    time.sleep(0.3)
+    lines = process.lines()
+    payloads = [line for line in lines if line.get("msg") == "payload"]
+    (payload,) = [line for line in payloads if line["path"] == "/probe.v1.Probe/Echo"]
+    assert payload["request_body"] == {"data": "aGk="}
+    assert payload["response_body"] == {"data": "aGk="}
+    debug = [line for line in lines if line.get("msg") == "limited called"]
+    assert len(debug) == 1  # only the call that asked for it

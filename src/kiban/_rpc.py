@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from fastapi import params
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from starlette.requests import HTTPConnection
@@ -38,6 +38,7 @@ from kiban import _errors as errors
 from kiban import _log as log
 from kiban import _propagation as propagation
 from kiban._accesslog import AccessLog
+from kiban._debug import redact_json
 from kiban._rpcclient import DEADLINE
 from kiban._telemetry import activate, deactivate
 from kiban._trust import TrustedPeers
@@ -347,6 +348,8 @@ class Interceptor(grpc.aio.ServerInterceptor):
         self.unavailable = errors.dependency_errors()
         self.inflight = 0
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+        #: Switched on at runtime with the HTTP payload log (the debug endpoints).
+        self.payloads = service.payloads
 
     async def intercept_service(
         self,
@@ -409,6 +412,8 @@ class Interceptor(grpc.aio.ServerInterceptor):
                         call.received = _size(request)
                     response = await _invoke(behavior, request, context)
                     call.sent = _size(response)
+                    if self.payloads.enabled and not stream_in:
+                        self._log_payloads(method, request, response)
                     return response
             except BaseException as exc:
                 await self._fail(call, exc, context)
@@ -446,6 +451,16 @@ class Interceptor(grpc.aio.ServerInterceptor):
             await self._abort_refused(call, context)
 
         return streaming
+
+    def _log_payloads(self, method: Method, request: Any, response: Any) -> None:
+        """The call's messages, as the HTTP payload log writes bodies (secrets redacted)."""
+        log.info(
+            "payload",
+            method="POST",
+            path=method.path,
+            request_body=_render(request, self.payloads.max_bytes),
+            response_body=_render(response, self.payloads.max_bytes),
+        )
 
     async def _counted(self, requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
         async for request in requests:
@@ -527,6 +542,19 @@ class Interceptor(grpc.aio.ServerInterceptor):
                 span_id,
                 grpc_status=code.name,
             )
+
+
+def _render(message: Any, limit: int) -> Any:
+    """A message as JSON with secret-looking fields redacted; a large one by its size."""
+    if message is None:
+        return None
+    size = _size(message)
+    descriptor = getattr(message, "DESCRIPTOR", None)
+    if descriptor is None:
+        return f"<{type(message).__name__}>"
+    if size > limit:
+        return f"<{size} bytes of {descriptor.full_name}>"
+    return redact_json(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
 async def _invoke(behavior: Callable[..., Any], request: Any, context: Any) -> Any:

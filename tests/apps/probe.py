@@ -64,6 +64,7 @@ class Probe(pbg.ProbeServicer):
         raise RuntimeError("internal detail: pool 7 of db-3 exhausted")
 
     async def Limited(self, request: pb.Empty, context: Any) -> pb.Seen:
+        kiban.log.debug("limited called")  # written only for a call asking for debug
         return _seen()
 
     async def Echo(self, request: pb.Blob, context: Any) -> pb.Blob:
@@ -89,7 +90,13 @@ def create_app() -> FastAPI:
         issuer="kiban-dev-auth",
     )
     default = None if os.environ.get("PROBE_NO_DEFAULT") else Security(jwt, scopes=["probe:read"])
-    service = kiban.Service(app, security=default, rate_limit=RateLimit("1000/second"))
+    service = kiban.Service(
+        app,
+        security=default,
+        rate_limit=RateLimit("1000/second"),
+        debug_security=Security(jwt, scopes=["debug"]),
+    )
+    service.payloads.enabled = bool(os.environ.get("PROBE_PAYLOADS"))
     service.grpc.add(
         pbg.add_ProbeServicer_to_server,
         Probe(service),
