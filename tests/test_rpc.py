@@ -349,3 +349,16 @@ def test_payloads_and_per_call_debug_logs_as_for_http(spawn: Any) -> None:
     assert payload["response_body"] == {"data": "aGk="}
     debug = [line for line in lines if line.get("msg") == "limited called"]
     assert len(debug) == 1  # only the call that asked for it
+
+
+def test_a_deadline_exceeded_upstream_cancels_the_downstream_call(probe: Probe) -> None:
+    began = time.monotonic()
+    with pytest.raises(grpc.RpcError) as late:
+        probe.stub.RelaySleep(pb.Nap(seconds=5), timeout=0.5)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    time.sleep(0.5)
+    (downstream,) = probe.access("Sleep")
+    # The downstream call got what was left of 0.5 s, and ended then, not after 5 s.
+    assert downstream["grpc_status"] in ("DEADLINE_EXCEEDED", "CANCELLED")
+    assert downstream["latency_s"] < 1
+    assert time.monotonic() - began < 2

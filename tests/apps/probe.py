@@ -55,6 +55,12 @@ class Probe(pbg.ProbeServicer):
         seen: pb.Seen = await stub.Whoami(pb.Empty(), metadata=metadata)
         return seen
 
+    async def RelaySleep(self, request: pb.Nap, context: Any) -> pb.Seen:
+        if self.channel is None:
+            self.channel = self.service.grpc_channel(f"127.0.0.1:{os.environ['GRPC_PORT']}")
+        seen: pb.Seen = await pbg.ProbeStub(self.channel).Sleep(request)
+        return seen
+
     async def Sleep(self, request: pb.Nap, context: Any) -> pb.Seen:
         seen = _seen()
         await asyncio.sleep(request.seconds)
@@ -108,6 +114,7 @@ def create_app() -> FastAPI:
             "Count": NoSecurity(),
             "Sum": NoSecurity(),
             "Relay": NoSecurity(),
+            "RelaySleep": NoSecurity(),
             "Limited": [NoSecurity(), RateLimited("2/minute", key="ip")],
         },
     )

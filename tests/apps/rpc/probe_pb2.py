@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atests/apps/rpc/probe.proto\x12\x08probe.v1\"\x07\n\x05\x45mpty\"%\n\x03Nap\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x14\n\x04\x42lob\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"m\n\x04Seen\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x0f\n\x07user_ip\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x12\n\ndeadline_s\x18\x06 \x01(\x01\x32\xd5\x02\n\x05Probe\x12)\n\x06Whoami\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12(\n\x05Relay\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12&\n\x05Sleep\x12\r.probe.v1.Nap\x1a\x0e.probe.v1.Seen\x12(\n\x05\x43rash\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12*\n\x07Limited\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12&\n\x04\x45\x63ho\x12\x0e.probe.v1.Blob\x1a\x0e.probe.v1.Blob\x12(\n\x05\x43ount\x12\r.probe.v1.Nap\x1a\x0e.probe.v1.Seen0\x01\x12\'\n\x03Sum\x12\x0e.probe.v1.Blob\x1a\x0e.probe.v1.Seen(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atests/apps/rpc/probe.proto\x12\x08probe.v1\"\x07\n\x05\x45mpty\"%\n\x03Nap\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x14\n\x04\x42lob\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"m\n\x04Seen\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x0f\n\x07user_ip\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x12\n\ndeadline_s\x18\x06 \x01(\x01\x32\x82\x03\n\x05Probe\x12)\n\x06Whoami\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12(\n\x05Relay\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12+\n\nRelaySleep\x12\r.probe.v1.Nap\x1a\x0e.probe.v1.Seen\x12&\n\x05Sleep\x12\r.probe.v1.Nap\x1a\x0e.probe.v1.Seen\x12(\n\x05\x43rash\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12*\n\x07Limited\x12\x0f.probe.v1.Empty\x1a\x0e.probe.v1.Seen\x12&\n\x04\x45\x63ho\x12\x0e.probe.v1.Blob\x1a\x0e.probe.v1.Blob\x12(\n\x05\x43ount\x12\r.probe.v1.Nap\x1a\x0e.probe.v1.Seen0\x01\x12\'\n\x03Sum\x12\x0e.probe.v1.Blob\x1a\x0e.probe.v1.Seen(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,5 +40,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEEN']._serialized_start=110
   _globals['_SEEN']._serialized_end=219
   _globals['_PROBE']._serialized_start=222
-  _globals['_PROBE']._serialized_end=563
+  _globals['_PROBE']._serialized_end=608
 # @@protoc_insertion_point(module_scope)

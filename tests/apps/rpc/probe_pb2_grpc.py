@@ -44,6 +44,11 @@ class ProbeStub:
                 request_serializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Empty.SerializeToString,
                 response_deserializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Seen.FromString,
                 _registered_method=True)
+        self.RelaySleep = channel.unary_unary(
+                '/probe.v1.Probe/RelaySleep',
+                request_serializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Nap.SerializeToString,
+                response_deserializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Seen.FromString,
+                _registered_method=True)
         self.Sleep = channel.unary_unary(
                 '/probe.v1.Probe/Sleep',
                 request_serializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Nap.SerializeToString,
@@ -88,6 +93,13 @@ class ProbeServicer:
 
     def Relay(self, request, context):
         """Whoami of the same server, called through kiban's channel: what propagation carried.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RelaySleep(self, request, context):
+        """Sleep of the same server through kiban's channel: a deadline cut downstream too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +158,11 @@ def add_ProbeServicer_to_server(servicer, server):
             'Relay': grpc.unary_unary_rpc_method_handler(
                     servicer.Relay,
                     request_deserializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Empty.FromString,
+                    response_serializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Seen.SerializeToString,
+            ),
+            'RelaySleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelaySleep,
+                    request_deserializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Nap.FromString,
                     response_serializer=tests_dot_apps_dot_rpc_dot_probe__pb2.Seen.SerializeToString,
             ),
             'Sleep': grpc.unary_unary_rpc_method_handler(
@@ -232,6 +249,33 @@ class Probe:
             target,
             '/probe.v1.Probe/Relay',
             tests_dot_apps_dot_rpc_dot_probe__pb2.Empty.SerializeToString,
+            tests_dot_apps_dot_rpc_dot_probe__pb2.Seen.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelaySleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/probe.v1.Probe/RelaySleep',
+            tests_dot_apps_dot_rpc_dot_probe__pb2.Nap.SerializeToString,
             tests_dot_apps_dot_rpc_dot_probe__pb2.Seen.FromString,
             options,
             channel_credentials,
