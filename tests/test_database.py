@@ -239,3 +239,52 @@ def test_a_failing_start_up_hook_stops_the_start_and_runs_the_cleanups() -> None
     with pytest.raises(RuntimeError, match="schema is ahead"), TestClient(app):
         pass
     assert closed == ["pool"]
+
+
+def test_each_statement_is_a_child_span_and_a_duration_and_the_pool_is_observed(
+    tmp_path: Path,
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    service.database(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    exporter = InMemorySpanExporter()
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    @app.get("/answer")
+    async def answer(session: Session) -> int:
+        return int((await session.execute(text("SELECT 42"))).scalar_one())
+
+    @app.get("/wrong")
+    async def wrong(session: Session) -> int:
+        await session.execute(text("SELECT * FROM no_such_table"))
+        return 0
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/answer").json() == 42
+        assert client.get("/wrong").status_code >= 500
+        metrics = client.get("/metrics").text
+    spans = exporter.get_finished_spans()
+    server = next(s for s in spans if s.name == "GET /answer")
+    statement = next(
+        s
+        for s in spans
+        if s.kind == SpanKind.CLIENT and s.attributes.get("db.query.text") == "SELECT 42"
+    )
+    assert statement.name == "SELECT database"
+    assert statement.attributes["db.system.name"] == "sqlite"
+    assert statement.parent is not None
+    assert statement.parent.span_id == server.context.span_id  # inside the request's span
+    failed = next(
+        s for s in spans if s.attributes.get("db.query.text") == "SELECT * FROM no_such_table"
+    )
+    assert failed.status.status_code == StatusCode.ERROR
+    assert 'db_operation_name="SELECT"' in metrics
+    assert "db_client_operation_duration_seconds_count" in metrics
+    assert 'error_type="OperationalError"' in metrics
+    pool = [line for line in metrics.splitlines() if line.startswith("db_client_connection_count{")]
+    assert any('state="idle"' in line and 'pool_name="database"' in line for line in pool)
+    assert any('state="used"' in line for line in pool)

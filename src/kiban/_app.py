@@ -204,6 +204,9 @@ class Service:
 
         errors.install_dependency_errors(self.app)
         engine = create_async_engine(url, pool_pre_ping=True, **options)
+        from kiban._dbtelemetry import observe
+
+        observe(engine, self.telemetry, name)
         database = Database(engine, name)
         if migrations is not None and self.settings.migrate_on_start:
             from kiban.database import upgrade

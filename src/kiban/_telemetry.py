@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -227,6 +227,17 @@ class Telemetry:
         self.meter = self.meter_provider.get_meter("kiban")
         self.durations = self.meter.create_histogram(
             "http.server.request.duration", unit="s", description="Duration of HTTP requests."
+        )
+        self.db_durations = self.meter.create_histogram(
+            "db.client.operation.duration", unit="s", description="Duration of SQL statements."
+        )
+        #: Each database's pool, observed at collection (``_dbtelemetry.observe``).
+        self.pools: list[Callable[[], Iterable[Observation]]] = []
+        self.meter.create_observable_up_down_counter(
+            "db.client.connection.count",
+            callbacks=[lambda _: [point for pool in self.pools for point in pool()]],
+            unit="{connection}",
+            description="Connections of each database pool, by state.",
         )
         self.rpc_durations = self.meter.create_histogram(
             "rpc.server.duration", unit="s", description="Duration of gRPC calls."
