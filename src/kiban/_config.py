@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     service_name: str = "kiban-service"
     service_version: str = "0.0.0"
 
+    #: The HTTP server: ``uvicorn`` (kiban's head deadline, split-proof head limit and
+    #: problem+json for what the parser refuses) or ``granian`` (docs/server.md).
+    server: Literal["uvicorn", "granian"] = "uvicorn"
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     #: A client must send its whole request head within this many seconds (slowloris).

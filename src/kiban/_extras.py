@@ -55,6 +55,8 @@ def check_settings(settings: Settings) -> None:
         needed.append(("limits", "redis", "REDIS_URL"))
     if settings.debug_endpoints:
         needed.append(("pyinstrument", "debug", "DEBUG_ENDPOINTS"))
+    if settings.server == "granian":
+        needed.append(("granian", "granian", "SERVER"))
     missing = [
         f"  {variable}: needs kiban[{extra}]: pip install 'kiban[{extra}]'"
         for module, extra, variable in needed

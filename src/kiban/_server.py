@@ -60,15 +60,10 @@ class Server(uvicorn.Server):
         self.checker = service.health
         self.drain_seconds = settings.http_drain_seconds
         self.shutdown_timeout = settings.http_shutdown_timeout
-        self.bound = (
-            self.drain_seconds
-            + self.shutdown_timeout
-            + settings.shutdown_cleanup_timeout
-            + self.MARGIN
-        )
+        self.bound = shutdown_bound(settings)
         self._drain_until: float | None = None
         self._announced = False
-        self._watchdog: threading.Timer | None = None
+        self._watchdog: Watchdog | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """The first signal starts the drain, a second stops now, a third forces.
@@ -101,24 +96,12 @@ class Server(uvicorn.Server):
         return await super().on_tick(counter)
 
     def _start_watchdog(self) -> None:
-        self._watchdog = threading.Timer(self.bound, self._overdue)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        self._watchdog = Watchdog(self.service, self.bound)
 
     def disarm(self) -> None:
         """The shutdown is over: the watchdog has nothing left to guard."""
         if self._watchdog is not None:
             self._watchdog.cancel()
-
-    def _overdue(self) -> None:
-        """The shutdown took longer than all its bounds: end the process now."""
-        log.error(
-            "shutdown exceeded its bound, exiting",
-            bound_s=round(self.bound, 3),
-            abandoned=self.service.abandoned or None,
-        )
-        log.sink.flush()
-        os._exit(EXIT_ABANDONED)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown, with in-flight requests cut by the service at the timeout.
@@ -154,6 +137,43 @@ class Server(uvicorn.Server):
 
 #: The exit status of a shutdown that had to abandon something (requests or cleanups).
 EXIT_ABANDONED = 3
+
+
+class Watchdog:
+    """Ends the process if the shutdown outlasts ``bound`` seconds, whatever hangs.
+
+    A thread's timer, not the event loop's: a loop held by a hung call cannot run it.
+    """
+
+    def __init__(self, service: Service, bound: float) -> None:
+        self.service = service
+        self.bound = bound
+        self._timer = threading.Timer(bound, self._overdue)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _overdue(self) -> None:
+        """The shutdown took longer than all its bounds: end the process now."""
+        log.error(
+            "shutdown exceeded its bound, exiting",
+            bound_s=round(self.bound, 3),
+            abandoned=self.service.abandoned or None,
+        )
+        log.sink.flush()
+        os._exit(EXIT_ABANDONED)
+
+
+def shutdown_bound(settings: Settings) -> float:
+    """Drain + in-flight + cleanups + a margin: the longest a shutdown may take."""
+    return (
+        settings.http_drain_seconds
+        + settings.http_shutdown_timeout
+        + settings.shutdown_cleanup_timeout
+        + Server.MARGIN
+    )
 
 
 def load_target(target: str) -> Any:
@@ -200,6 +220,13 @@ def run(target: Any, settings: Settings | None = None) -> int:
             "from the factory, or name the Service"
         ) from None
     settings = settings or service.settings
+    if settings.server == "granian":
+        from kiban._granian import serve
+
+        status = serve(service, settings)
+        log.info("stopped", exit_status=status, abandoned=service.abandoned or None)
+        log.sink.flush()
+        return status
     config = Config(
         service.app,
         host=settings.http_host,

@@ -1,0 +1,102 @@
+"""kiban's services on granian, with the same drain, bounds and exit status as on uvicorn.
+
+``SERVER=granian`` serves through granian's embedded server (``granian.server.embed``,
+its public API for running in a program's own event loop), the ASGI interface with its
+lifespan. granian has the request-head deadline (``header_read_timeout``) and a head
+buffer limit as settings; kiban adds what a server cannot know about the service: on
+SIGTERM readiness turns 503 and requests are still served for ``HTTP_DRAIN_SECONDS``,
+then granian stops taking connections and finishes what is in flight, those still
+running after ``HTTP_SHUTDOWN_TIMEOUT`` are answered 503 by the service, the cleanups
+run in the lifespan, and a watchdog bounds the whole. A second signal skips the rest of
+the drain; a third exits at once. pyproject.toml bounds granian from above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from granian.constants import Interfaces
+from granian.http import HTTP1Settings
+from granian.server.embed import Server
+
+from kiban import _log as log
+from kiban._config import Settings
+from kiban._server import EXIT_ABANDONED, Watchdog, shutdown_bound
+
+if TYPE_CHECKING:
+    from kiban._app import Service
+
+__all__ = ["serve"]
+
+
+class _Shutdown:
+    """The signals' effect: drain, then stop, then force."""
+
+    def __init__(self, service: Service, settings: Settings, server: Server) -> None:
+        self.service = service
+        self.settings = settings
+        self.server = server
+        self.signals = 0
+        self.stopping = False
+        self.watchdog: Watchdog | None = None
+
+    def on_signal(self) -> None:
+        self.signals += 1
+        loop = asyncio.get_running_loop()
+        if self.signals == 1:
+            self.service.health.start_draining()
+            self.watchdog = Watchdog(self.service, shutdown_bound(self.settings))
+            log.info("shutdown requested, draining", drain_s=self.settings.http_drain_seconds)
+            loop.call_later(self.settings.http_drain_seconds, self.stop)
+        elif self.signals == 2:
+            self.stop()
+        else:
+            log.sink.flush()
+            os._exit(EXIT_ABANDONED)
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.service.stop_accepting()
+        loop = asyncio.get_running_loop()
+        loop.call_later(
+            self.settings.http_shutdown_timeout,
+            lambda: asyncio.ensure_future(self.service.interrupt("shutdown")),
+        )
+        self.server.stop()  # type: ignore[no-untyped-call]  # granian's API is untyped
+
+
+async def _serve(service: Service, settings: Settings) -> None:
+    server = Server(
+        service.app,
+        address=settings.http_host,
+        port=settings.http_port,
+        interface=Interfaces.ASGI,
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(settings.http_read_header_timeout * 1000),
+            max_buffer_size=max(settings.http_max_header_bytes, 8192),
+        ),
+        log_enabled=False,
+    )
+    shutdown = _Shutdown(service, settings, server)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, shutdown.on_signal)
+    log.info("listening", url=f"http://{settings.http_host}:{settings.http_port}", server="granian")
+    try:
+        await server.serve()
+    finally:
+        if shutdown.watchdog is not None:
+            shutdown.watchdog.cancel()
+
+
+def serve(service: Service, settings: Settings) -> int:
+    """Serve until signalled; the exit status as ``kiban.run`` gives it."""
+    import uvloop
+
+    uvloop.run(_serve(service, settings))
+    return EXIT_ABANDONED if service.abandoned else 0
