@@ -239,8 +239,7 @@ def test_a_trickled_request_head_is_cut_off_while_others_are_served(
     assert elapsed < 2.5
     if server == "uvicorn":  # granian closes it without a word to the app
         assert any(
-            line.get("msg", "").startswith("request head not received")
-            for line in service.lines()
+            line.get("msg", "").startswith("request head not received") for line in service.lines()
         )
 
 

@@ -24,7 +24,7 @@ from granian.server.embed import Server
 
 from kiban import _log as log
 from kiban._config import Settings
-from kiban._server import EXIT_ABANDONED, Watchdog, shutdown_bound
+from kiban._shutdown import EXIT_ABANDONED, Watchdog, shutdown_bound
 
 if TYPE_CHECKING:
     from kiban._app import Service

@@ -19,9 +19,7 @@ import asyncio
 import gc
 import importlib
 import inspect
-import os
 import socket
-import threading
 import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ import uvicorn
 
 from kiban import _log as log
 from kiban._config import ConfigError, Settings
+from kiban._shutdown import EXIT_ABANDONED, MARGIN, Watchdog, shutdown_bound
 from kiban._uvicorn import Config, HttpProtocol
 
 if TYPE_CHECKING:
@@ -48,8 +47,7 @@ class Server(uvicorn.Server):
     whatever a dependency is doing, so it never waits for a SIGKILL.
     """
 
-    #: Time past the phases' bounds before the watchdog ends the process.
-    MARGIN = 2.0
+    MARGIN = MARGIN
 
     def __init__(
         self, config: uvicorn.Config, service: Service, settings: Settings | None = None
@@ -133,47 +131,6 @@ class Server(uvicorn.Server):
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 log.info("listening", url=f"http://{host}:{port}")
-
-
-#: The exit status of a shutdown that had to abandon something (requests or cleanups).
-EXIT_ABANDONED = 3
-
-
-class Watchdog:
-    """Ends the process if the shutdown outlasts ``bound`` seconds, whatever hangs.
-
-    A thread's timer, not the event loop's: a loop held by a hung call cannot run it.
-    """
-
-    def __init__(self, service: Service, bound: float) -> None:
-        self.service = service
-        self.bound = bound
-        self._timer = threading.Timer(bound, self._overdue)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-    def _overdue(self) -> None:
-        """The shutdown took longer than all its bounds: end the process now."""
-        log.error(
-            "shutdown exceeded its bound, exiting",
-            bound_s=round(self.bound, 3),
-            abandoned=self.service.abandoned or None,
-        )
-        log.sink.flush()
-        os._exit(EXIT_ABANDONED)
-
-
-def shutdown_bound(settings: Settings) -> float:
-    """Drain + in-flight + cleanups + a margin: the longest a shutdown may take."""
-    return (
-        settings.http_drain_seconds
-        + settings.http_shutdown_timeout
-        + settings.shutdown_cleanup_timeout
-        + Server.MARGIN
-    )
 
 
 def load_target(target: str) -> Any:
