@@ -34,7 +34,10 @@ from kiban._uvicorn import Config, HttpProtocol
 if TYPE_CHECKING:
     from kiban._app import Service
 
-__all__ = ["EXIT_ABANDONED", "Server", "run"]
+__all__ = ["EXIT_ABANDONED", "EXIT_NOT_STARTED", "Server", "run"]
+
+#: The exit status of a service whose start-up failed (as uvicorn's own).
+EXIT_NOT_STARTED = 3
 
 
 class Server(uvicorn.Server):
@@ -202,6 +205,10 @@ def run(target: Any, settings: Settings | None = None) -> int:
     server = Server(config, service, settings)
     server.run()
     server.disarm()
+    if not server.started:  # the start-up failed (newer uvicorn exits 3 itself)
+        log.error("not started", exit_status=EXIT_NOT_STARTED)
+        log.sink.flush()
+        return EXIT_NOT_STARTED
     status = EXIT_ABANDONED if service.abandoned else 0
     log.info("stopped", exit_status=status, abandoned=service.abandoned or None)
     log.sink.flush()
