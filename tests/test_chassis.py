@@ -1,0 +1,181 @@
+"""kiban's request path step by step, around a fake ASGI app (no FastAPI routing, no server).
+
+Each test drives ``Chassis`` directly and looks at what the app saw and what was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+
+import kiban
+from kiban import _propagation as propagation
+from kiban._chassis import Chassis
+from kiban._config import Settings
+from kiban.security import NoSecurity
+from tests.conftest import Lines
+
+Message = dict[str, Any]
+
+
+class FakeApp:
+    """Answers 200 with ``body`` (or runs ``behaviour``); records what it saw."""
+
+    def __init__(self, body: bytes = b"ok", behaviour: Any = None) -> None:
+        self.body = body
+        self.behaviour = behaviour
+        self.calls = 0
+        self.context: propagation.RequestContext | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        self.context = propagation.current()
+        if self.behaviour is not None:
+            await self.behaviour(scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(self.body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def _chassis(app: Any, **settings: Any) -> Chassis:
+    service = kiban.Service(FastAPI(), Settings(**settings), security=NoSecurity())
+    return Chassis(app, service)
+
+
+def _scope(path: str = "/thing", headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers if headers is not None else [(b"host", b"svc")],
+        "client": ("192.0.2.1", 1234),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+def drive(chassis: Chassis, scope: Any, body: bytes = b"") -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(chassis(scope, receive, send))
+    return sent
+
+
+def test_the_app_runs_inside_the_request_context_and_the_answer_carries_its_ids(
+    lines: Lines,
+) -> None:
+    app = FakeApp()
+    sent = drive(_chassis(app), _scope())
+    assert app.context is not None
+    headers = dict(sent[0]["headers"])
+    assert headers[b"x-trace-id"].decode() == app.context.trace_id
+    assert headers[b"x-request-id"].decode() == app.context.request_id
+    assert b"x-content-type-options" in headers  # the security headers
+    (line,) = lines.access()
+    assert (line["status"], line["response_bytes"], line["trace_id"]) == (
+        200,
+        2,
+        app.context.trace_id,
+    )
+
+
+def test_probes_are_answered_without_the_app() -> None:
+    app = FakeApp()
+    sent = drive(_chassis(app), _scope("/health/liveness"))
+    assert sent[0]["status"] == 200
+    assert app.calls == 0
+
+
+def test_a_body_declared_too_large_is_413_before_the_app_runs() -> None:
+    app = FakeApp()
+    scope = _scope(headers=[(b"host", b"svc"), (b"content-length", b"999999999")])
+    sent = drive(_chassis(app, http_max_body_bytes=10), scope)
+    assert sent[0]["status"] == 413
+    assert app.calls == 0
+
+
+def test_a_bug_in_the_app_is_a_500_problem_with_its_access_line(lines: Lines) -> None:
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("broken")
+
+    sent = drive(_chassis(FakeApp(behaviour=broken)), _scope())
+    assert sent[0]["status"] == 500
+    assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
+    assert [line["status"] for line in lines.access()] == [500]
+
+
+def test_while_draining_every_answer_asks_to_close_the_connection() -> None:
+    chassis = _chassis(FakeApp())
+    chassis.service.health.start_draining()
+    sent = drive(chassis, _scope())
+    assert (b"connection", b"close") in sent[0]["headers"]
+
+
+def test_a_redirect_built_from_a_typed_host_stays_on_the_service() -> None:
+    async def redirect(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 307,
+                "headers": [(b"location", b"http://evil.example/next")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    typed = _scope(headers=[(b"host", b"evil.example")])  # the app trusts Host to build URLs
+    sent = drive(_chassis(FakeApp(behaviour=redirect)), typed)
+    assert dict(sent[0]["headers"])[b"location"] == b"/next"
+
+
+def test_a_request_interrupted_at_shutdown_gets_503_and_the_apps_late_answer_is_dropped(
+    lines: Lines,
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"late"})
+
+    chassis = _chassis(FakeApp(behaviour=slow))
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def scenario() -> None:
+        request = asyncio.ensure_future(chassis(_scope(), receive, send))
+        await asyncio.sleep(0.01)
+        assert await chassis.service.interrupt("shutdown") == 1
+        release.set()
+        await request
+
+    asyncio.run(scenario())
+    statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert statuses == [503]
+    assert b"late" not in [m.get("body") for m in sent]
+    (line,) = lines.access()
+    assert (line["status"], line["interrupted"]) == (503, "shutdown")
