@@ -20,6 +20,9 @@ import pytest
 
 from kiban import _log as log
 
+#: kiban's own pytest plugin, used here as a service's suite would use it.
+pytest_plugins = ["kiban.testing"]
+
 # Services made in tests serve gRPC on a free port, never on a fixed one another
 # process (or a developer's `make run`) may hold.
 os.environ.setdefault("GRPC_PORT", "0")

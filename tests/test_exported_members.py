@@ -17,10 +17,11 @@ import kiban
 import kiban.database
 import kiban.grpc
 import kiban.security
+import kiban.testing
 
-PUBLIC = ["kiban", "kiban.security", "kiban.database", "kiban.grpc"]
+PUBLIC = ["kiban", "kiban.security", "kiban.database", "kiban.grpc", "kiban.testing"]
 #: Public modules: the package, and the integrations a service imports by name.
-PUBLIC_MODULES = {"__init__", "__main__", "database", "grpc", "security/__init__"}
+PUBLIC_MODULES = {"__init__", "__main__", "database", "grpc", "testing", "security/__init__"}
 
 
 @pytest.mark.parametrize("module", PUBLIC)

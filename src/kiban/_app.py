@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # imported when used: a service without a database or client 
     from opentelemetry.sdk.trace.sampling import Sampler
 
     from kiban._chassis import Exchange
+    from kiban._client import PropagatingTransport
     from kiban._rpcclient import Channel
     from kiban._rpcserver import GrpcServer
     from kiban.database import Database
@@ -83,6 +84,8 @@ class Service:
         #: The requests being served (``chassis.Exchange``), for the shutdown to cut.
         self.inflight: set[Exchange] = set()
         self._grpc: GrpcServer | None = None
+        #: The HTTP clients made with ``http_client`` and their kiban transports.
+        self.http_clients: list[tuple[httpx.AsyncClient, PropagatingTransport]] = []
         self._loop_watch: asyncio.Future[None] | None = None
         log.configure(
             self.settings.log_level, self.settings.log_format, service=self.settings.service_name
@@ -163,7 +166,12 @@ class Service:
         _extras.require("grpc_health", "grpc", "a gRPC channel")
         from kiban._rpcclient import channel
 
-        opened = channel(self.settings, target, **options)
+        opened = channel(
+            self.settings,
+            target,
+            tracer=self.telemetry.tracer_provider.get_tracer("kiban._rpcclient"),
+            **options,
+        )
         self.on_shutdown(opened.close)
         return opened
 
@@ -228,7 +236,13 @@ class Service:
         from kiban import _client as kiban_client
 
         errors.install_dependency_errors(self.app)
-        client = kiban_client.create(self.settings, base_url=base_url, **options)
+        client, transport = kiban_client.create_with_transport(
+            self.settings,
+            base_url=base_url,
+            tracer=self.telemetry.tracer_provider.get_tracer("kiban._client"),
+            **options,
+        )
+        self.http_clients.append((client, transport))
         self.on_shutdown(client.aclose)
         return client
 

@@ -31,7 +31,14 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from kiban import _propagation as propagation
 from kiban._config import HeaderNames, Settings
 
-__all__ = ["Breaker", "CircuitOpen", "PropagatingTransport", "RetryBudget", "create"]
+__all__ = [
+    "Breaker",
+    "CircuitOpen",
+    "PropagatingTransport",
+    "RetryBudget",
+    "create",
+    "create_with_transport",
+]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -168,6 +175,7 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
         internal_hosts: Iterable[str],
         retries: int = 2,
         backoff: float = 0.05,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.inner = inner
         self.names = names
@@ -179,7 +187,9 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
         self.durations = metrics.get_meter("kiban._client").create_histogram(
             "http.client.request.duration", unit="s", description="Duration of outgoing calls."
         )
-        self.tracer = trace.get_tracer("kiban._client")
+        #: The service's tracer (its provider's processors see the client spans), or
+        #: the global one.
+        self.tracer = tracer or trace.get_tracer("kiban._client")
         self._managed = {
             names.trace_id,
             names.uid,
@@ -302,6 +312,21 @@ def create(
     **kwargs: Any,
 ) -> httpx.AsyncClient:
     """A pooled client that propagates the request context; close it on shutdown."""
+    return create_with_transport(
+        settings, base_url=base_url, retries=retries, timeout=timeout, **kwargs
+    )[0]
+
+
+def create_with_transport(
+    settings: Settings,
+    *,
+    base_url: str = "",
+    retries: int | None = None,
+    timeout: httpx.Timeout | None = None,
+    tracer: trace.Tracer | None = None,
+    **kwargs: Any,
+) -> tuple[httpx.AsyncClient, PropagatingTransport]:
+    """``create``'s client and its kiban transport (whose ``inner`` tests may replace)."""
     transport = PropagatingTransport(
         httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -309,8 +334,9 @@ def create(
         settings.headers,
         settings.internal_hosts,
         retries=settings.client_retries if retries is None else retries,
+        tracer=tracer,
     )
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         base_url=base_url,
         transport=transport,
         timeout=timeout
@@ -322,3 +348,4 @@ def create(
         follow_redirects=False,
         **kwargs,
     )
+    return client, transport

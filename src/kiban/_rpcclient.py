@@ -36,11 +36,11 @@ class _Propagating(
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
-    def __init__(self, settings: Settings, host: str) -> None:
+    def __init__(self, settings: Settings, host: str, tracer: trace.Tracer | None = None) -> None:
         self.names = settings.headers
         self.internal = is_internal(host, settings.internal_hosts)
         self.timeout = settings.client_read_timeout
-        self.tracer = trace.get_tracer("kiban._rpcclient")
+        self.tracer = tracer or trace.get_tracer("kiban._rpcclient")
         self.host = host
         self._managed = {
             *settings.headers.model_dump().values(),
@@ -177,7 +177,9 @@ class Channel:
         return getattr(self.opened, name)
 
 
-def channel(settings: Settings, target: str, **options: Any) -> Channel:
+def channel(
+    settings: Settings, target: str, tracer: trace.Tracer | None = None, **options: Any
+) -> Channel:
     """An insecure ``grpc.aio`` channel to ``target`` (``host:port``) that propagates context.
 
     ``options`` are grpc channel options: ``**{"grpc.max_receive_message_length": n}``.
@@ -187,6 +189,6 @@ def channel(settings: Settings, target: str, **options: Any) -> Channel:
         lambda: grpc.aio.insecure_channel(
             target,
             options=list(options.items()),
-            interceptors=[_Propagating(settings, host)],
+            interceptors=[_Propagating(settings, host, tracer)],
         )
     )
