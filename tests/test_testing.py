@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 import kiban
 from kiban.security import Security
-from kiban.testing import CapturedLogs, Keys, capture_spans, downstream
+from kiban.testing import CapturedLogs, Keys, capture_spans, client, downstream
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 GATEWAY = ("10.0.0.3", 5000)
@@ -64,8 +64,8 @@ def test_a_mocked_downstream_still_gets_kibans_propagation_and_client_span(
 
     downstream(service, members, base_url="http://members.internal")
     spans = capture_spans(service)
-    with TestClient(app, client=GATEWAY) as client:
-        response = client.get(
+    with client(app, peer=GATEWAY) as started:
+        response = started.get(
             "/orders/7", headers={**kiban_keys.bearer("ada", "orders:read"), "x-trace-id": TRACE}
         )
     assert response.status_code == 200

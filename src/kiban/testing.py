@@ -48,6 +48,7 @@ __all__ = [
     "Keys",
     "capture_logs",
     "capture_spans",
+    "client",
     "downstream",
     "kiban_keys",
     "kiban_logs",
@@ -98,9 +99,11 @@ class Keys:
         """``Authorization: Bearer`` headers for ``subject`` holding ``scopes``."""
         return {"authorization": f"Bearer {self.token(subject, *scopes, **options)}"}
 
-    def identity(self, subject: str, header: str = "x-internal-id-token") -> dict[str, str]:
-        """The gateway's identity-token header for ``subject``."""
-        return {header: self.token(subject)}
+    def identity(
+        self, subject: str, *scopes: str, header: str = "x-internal-id-token"
+    ) -> dict[str, str]:
+        """The gateway's identity-token header for ``subject`` (holding ``scopes``)."""
+        return {header: self.token(subject, *scopes)}
 
 
 class CapturedLogs:
@@ -135,6 +138,19 @@ def capture_logs(level: str = "debug") -> Iterator[CapturedLogs]:
     finally:
         log.sink.flush()
         log.configure(level_before, "json", stream=previous)
+
+
+@contextmanager
+def client(app: Any, peer: tuple[str, int] = ("127.0.0.1", 50000), **options: Any) -> Iterator[Any]:
+    """A Starlette ``TestClient`` with the app started (its lifespan, so kiban's start-up:
+    security resolved, migrations run, the gRPC server up) and stopped after the block.
+
+    ``peer`` is the caller's address (a ``TRUSTED_PROXIES`` one to act as the gateway).
+    """
+    from starlette.testclient import TestClient
+
+    with TestClient(app, client=peer, **options) as started:
+        yield started
 
 
 def capture_spans(service: Service) -> InMemorySpanExporter:
