@@ -217,3 +217,21 @@ def test_kibans_rate_notation_is_the_limits_librarys(
 def test_a_rate_that_is_not_one_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a rate"):
         parse_rate(text)
+
+
+def test_a_redis_rate_limit_check_is_a_client_span_inside_the_request(redis_url: str) -> None:
+    from opentelemetry.trace import SpanKind
+
+    from kiban.testing import capture_spans
+
+    app = make_app(redis_url=redis_url, ratelimit_timeout=5.0)
+    spans = capture_spans(kiban.Service.of(app))
+    with TestClient(app) as client:
+        assert client.get("/items", headers=user("alice")).status_code == 200
+    finished = spans.get_finished_spans()
+    server = next(span for span in finished if span.kind == SpanKind.SERVER)
+    check = next(span for span in finished if span.name == "ratelimit hit")
+    assert check.kind == SpanKind.CLIENT
+    assert check.attributes["db.system.name"] == "redis"
+    assert check.parent is not None
+    assert check.parent.span_id == server.context.span_id

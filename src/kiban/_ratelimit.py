@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from kiban import _extras
 from kiban import _log as log
 from kiban._config import parse_rate
@@ -216,6 +219,16 @@ class Limiter:
         self.fail_open = fail_open
         self.telemetry = telemetry
 
+    def _span(self, operation: str) -> trace.Span | None:
+        """A client span for a call to Redis, inside the request's (its waiting shows)."""
+        if self.telemetry is None:
+            return None
+        return self.telemetry.tracer.start_span(
+            f"ratelimit {operation}",
+            kind=SpanKind.CLIENT,
+            attributes={"db.system.name": "redis", "db.operation.name": operation},
+        )
+
     async def aclose(self) -> None:
         """Close the Redis connections (a shutdown cleanup); nothing to do in memory."""
         if self.pool is not None:
@@ -229,11 +242,17 @@ class Limiter:
         if self.local is not None:
             return self.local.allows(rate, key, time.time())
         assert self.strategy is not None
+        span = self._span("test")
         try:
             return await self.strategy.test(rate.item, rate.name, key)
         except Exception as exc:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             self._storage_failed(rate, exc, fail_open=True)
             return True
+        finally:
+            if span is not None:
+                span.end()
 
     def _storage_failed(self, rate: RateLimit, exc: Exception, fail_open: bool) -> None:
         log.warning(
@@ -255,15 +274,21 @@ class Limiter:
             return self.local.hit(rate, key, time.time())
         assert self.strategy is not None
         item = rate.item
+        span = self._span("hit")
         try:
             allowed = await self.strategy.hit(item, rate.name, key)
             reset_at, remaining = await self.strategy.get_window_stats(item, rate.name, key)
         except Exception as exc:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                span.end()
             self._storage_failed(rate, exc, self.fail_open)
             if self.fail_open:
                 return None
             raise Problem(
                 503, "Rate limiting is unavailable; try again later.", headers={"retry-after": "1"}
             ) from None
+        if span is not None:
+            span.end()
         reset = max(1, math.ceil(reset_at - time.time()))
         return Decision(allowed, item.amount, max(0, remaining), reset)
