@@ -65,17 +65,30 @@ def test_one_trace_and_one_context_across_two_services(
     assert response.status_code == 201, response.text
     assert response.headers["x-trace-id"] == TRACE
 
-    spans = otlp.wait_for(
-        lambda: (
-            (found := [s for s in otlp.spans() if s.trace_id == TRACE])
-            and len(found) >= 3
-            and found
-        )
-    )
+    def complete() -> Any:
+        """The trace once both server spans and orders' call are in."""
+        found = [s for s in otlp.spans() if s.trace_id == TRACE]
+        servers = {s.resource["service.name"] for s in found if s.kind == SERVER}
+        calls = [
+            s
+            for s in found
+            if s.kind == CLIENT
+            and ("http.request.method" in s.attributes or "rpc.system" in s.attributes)
+        ]
+        return found if servers == {"orders", "members"} and calls else None
+
+    spans = otlp.wait_for(complete)
     orders_server = next(
         s for s in spans if s.kind == SERVER and s.resource["service.name"] == "orders"
     )
-    orders_client = next(s for s in spans if s.kind == CLIENT)
+    # orders' call to members (its SQL statements are client spans too).
+    orders_client = next(
+        s
+        for s in spans
+        if s.kind == CLIENT
+        and s.resource["service.name"] == "orders"
+        and ("http.request.method" in s.attributes or "rpc.system" in s.attributes)
+    )
     members_server = next(
         s for s in spans if s.kind == SERVER and s.resource["service.name"] == "members"
     )
