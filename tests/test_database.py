@@ -250,7 +250,10 @@ def test_each_statement_is_a_child_span_and_a_duration_and_the_pool_is_observed(
 
     app = FastAPI()
     service = kiban.Service(app, Settings(), security=NoSecurity())
-    service.database(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+    # A pool with counts (older SQLAlchemy gives file SQLite a NullPool, which has none).
+    service.database(f"sqlite+aiosqlite:///{tmp_path}/t.db", poolclass=AsyncAdaptedQueuePool)
     exporter = InMemorySpanExporter()
     service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
 
