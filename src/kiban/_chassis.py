@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["Chassis", "Exchange"]
 
 _CLOSE = (b"connection", b"close")
+#: How often requests past their handler deadline are looked for.
+EXPIRY_TICK = 0.05
 #: A body this size goes to the socket's buffers at once: no write timeout needed.
 _BUFFERED = 64 * 1024
 
@@ -112,6 +114,7 @@ class Chassis:
         self.read_body_timeout = settings.http_read_body_timeout
         self.write_timeout = settings.http_write_timeout
         self._shed = 0
+        self._expiry: asyncio.Future[None] | None = None
         telemetry = service.telemetry
         self.shedder = (
             Shedder(settings.http_shed_loop_lag, lag=lambda: telemetry.loop_lag)
@@ -160,17 +163,25 @@ class Chassis:
             if exchange.budget is not None:
                 cap = began + exchange.budget
                 deadline = cap if deadline is None else min(deadline, cap)
+            # Kept on the exchange, not a timer per request: the expiry task cancels the
+            # request once its deadline has passed (the head deadline's pattern).
+            exchange.deadline = deadline
+            exchange.task = asyncio.current_task()
+            if deadline is not None and self._expiry is None:
+                self._expiry = asyncio.ensure_future(self._expire(loop))
+            # The route's marker narrows it once FastAPI has routed the request.
+            scope[HANDLER_TIMEOUT] = (exchange, began, default, cap)
             try:
-                async with asyncio.timeout_at(deadline) as limit:
-                    # The route's marker narrows it once FastAPI has routed the request.
-                    scope[HANDLER_TIMEOUT] = (limit, began, default, cap)
-                    await self.policy.before_routing(self.api, scope, exchange.context)
-                    inner = self.logged if self.payloads.enabled else self.app
-                    await inner(scope, exchange.receive, exchange.send)
-            except TimeoutError:
-                if not limit.expired():
-                    raise  # the handler's own
-                self.timed_out(exchange, limit, began)
+                await self.policy.before_routing(self.api, scope, exchange.context)
+                inner = self.logged if self.payloads.enabled else self.app
+                await inner(scope, exchange.receive, exchange.send)
+            except asyncio.CancelledError:
+                if exchange.timed_out is None:
+                    raise  # the server's, or another cancellation: not a timeout
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # this cancellation was kiban's, and ends here
+                self.timed_out(exchange, began)
         except ClientTooSlow:
             pass  # logged; the server closes the connection of an unfinished response
         except Exception as exc:
@@ -215,9 +226,29 @@ class Chassis:
             headers={"retry-after": "1", "connection": "close"},
         )
 
-    def timed_out(self, exchange: Exchange, limit: asyncio.Timeout, began: float) -> None:
+    async def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel requests past their deadline, while any are in flight (a tick, not a
+        timer per request: the deadline is precise to ``EXPIRY_TICK``)."""
+        try:
+            while self.inflight:
+                await asyncio.sleep(EXPIRY_TICK)
+                now = loop.time()
+                for exchange in list(self.inflight):
+                    deadline = exchange.deadline
+                    if (
+                        deadline is not None
+                        and now >= deadline
+                        and exchange.timed_out is None
+                        and exchange.task is not None
+                    ):
+                        exchange.timed_out = deadline
+                        exchange.task.cancel()
+        finally:
+            self._expiry = None
+
+    def timed_out(self, exchange: Exchange, began: float) -> None:
         """The handler ran past its time: it was cancelled; answer 504 if nothing was sent."""
-        when = limit.when()
+        when = exchange.timed_out
         seconds = round(when - began, 3) if when is not None else None
         log.warning("handler timed out", path=exchange.path, timeout_s=seconds)
         if exchange.status is None:
@@ -380,9 +411,18 @@ class Exchange:
         self.finished = False
         self.body_done = False
         self.shed = False
+        #: When the handler's time runs out (loop time; None: never), and its task.
+        self.deadline: float | None = None
+        self.task: asyncio.Task[object] | None = None
+        #: The deadline that cancelled it, once it has.
+        self.timed_out: float | None = None
         #: The request's held log lines (``LOG_BUFFERING``), unless it asked for debug.
         self.held = log.hold_lines() if chassis.log_buffering and not context.debug else None
         self.failed = False
+
+    def reschedule(self, when: float | None) -> None:
+        """Move the handler's deadline (loop time; None: none): the route's own timeout."""
+        self.deadline = when
 
     async def send(self, message: Message) -> None:
         if self.interrupted is not None:
