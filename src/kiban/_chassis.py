@@ -384,13 +384,7 @@ class Exchange:
         self.span: trace.Span | None = None
         self.span_token: object = None
         if path not in telemetry.exclude:
-            parent = headers.get("traceparent")
-            link = False
-            if parent is not None and not trusted:
-                mode = inbound.untrusted_parent
-                if mode == "ignore":
-                    parent = None
-                link = mode == "link"
+            parent, link = inbound.parent(headers, trusted)
             self.span = telemetry.start_span(
                 method,
                 path,

@@ -30,6 +30,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from kiban import _propagation as propagation
 from kiban._config import HeaderNames, Settings
+from kiban._rolling import Rolling
 
 __all__ = [
     "Breaker",
@@ -115,32 +116,25 @@ class Breaker:
     ) -> None:
         self.k = k
         self.protection = protection
-        self.width = window / buckets
-        self.buckets = buckets
-        self.clock = clock
         self.chance = chance
-        self._counts: dict[int, list[int]] = {}  # bucket -> [requests, accepts]
-
-    def _bucket(self) -> list[int]:
-        now = int(self.clock() / self.width)
-        for old in [key for key in self._counts if key <= now - self.buckets]:
-            del self._counts[old]
-        return self._counts.setdefault(now, [0, 0])
+        #: Each bucket: [requests, accepts].
+        self.window = Rolling(window / buckets, buckets, lambda: [0, 0], clock)
 
     def drop_probability(self) -> float:
-        self._bucket()
-        requests = sum(counts[0] for counts in self._counts.values())
-        accepts = sum(counts[1] for counts in self._counts.values())
+        buckets = list(self.window.buckets())
+        requests = sum(counts[0] for counts in buckets)
+        accepts = sum(counts[1] for counts in buckets)
         return max(0.0, (requests - self.protection - self.k * accepts) / (requests + 1))
 
     def allow(self) -> bool:
         if self.chance() < self.drop_probability():
-            self._bucket()[0] += 1  # refused here: still a request the downstream did not serve
+            # Refused here: still a request the downstream did not serve.
+            self.window.current()[0] += 1
             return False
         return True
 
     def record(self, accepted: bool) -> None:
-        counts = self._bucket()
+        counts = self.window.current()
         counts[0] += 1
         counts[1] += accepted
 

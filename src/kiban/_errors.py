@@ -264,15 +264,11 @@ def install_dependency_errors(app: FastAPI) -> None:
     libraries already imported, and again when the service makes an engine or a client,
     so a service that uses neither never loads them.
     """
-    if "sqlalchemy" in sys.modules:
-        from sqlalchemy import exc
-
-        for unavailable in (exc.OperationalError, exc.InterfaceError, exc.TimeoutError):
-            _handle(app, unavailable, _on_unavailable)
+    for unavailable in dependency_errors():
+        _handle(app, unavailable, _on_unavailable)
     if "httpx" in sys.modules:
         import httpx
 
-        _handle(app, httpx.TransportError, _on_unavailable)
         _handle(app, httpx.TimeoutException, _on_downstream_timeout)
 
 

@@ -353,6 +353,18 @@ class Inbound:
                 return context._replace(trace_id=_trace_id(None, parent))
         return context
 
+    def parent(self, headers: dict[str, str], trusted: bool) -> tuple[str | None, bool]:
+        """The ``traceparent`` to continue, and whether it is only to be linked.
+
+        A trusted peer's is the parent; an untrusted one's is a link, the parent, or
+        nothing, as ``TRACE_UNTRUSTED_PARENT`` says.
+        """
+        parent = headers.get("traceparent")
+        if parent is None or trusted:
+            return parent, False
+        mode = self.untrusted_parent
+        return (None if mode == "ignore" else parent), mode == "link"
+
     def echoed(self, context: RequestContext) -> list[tuple[bytes, bytes]]:
         """What every answer carries: the request's ids and the security headers."""
         return [

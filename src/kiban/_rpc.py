@@ -297,13 +297,7 @@ class _Call:
         self.deadline_token = DEADLINE.set(
             time.monotonic() + remaining if remaining is not None else None
         )
-        parent = headers.get("traceparent")
-        link = False
-        if parent is not None and not trusted:
-            mode = inbound.untrusted_parent
-            if mode == "ignore":
-                parent = None
-            link = mode == "link"
+        parent, link = inbound.parent(headers, trusted)
         telemetry = interceptor.telemetry
         self.span = telemetry.start_rpc_span(
             method.service, method.name, remote or "", parent, headers.get("tracestate"), link
@@ -406,10 +400,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
             call = await self._begin(method, context)
             try:
                 if call.code is grpc.StatusCode.OK:
-                    if stream_in:
-                        request = self._counted(request, call)
-                    else:
-                        call.received = _size(request)
+                    request = self._taken(request, call, stream_in)
                     response = await _invoke(behavior, request, context)
                     call.sent = _size(response)
                     if self.payloads.enabled and not stream_in:
@@ -431,10 +422,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
             call = await self._begin(method, context)
             try:
                 if call.code is grpc.StatusCode.OK:
-                    if stream_in:
-                        request = self._counted(request, call)
-                    else:
-                        call.received = _size(request)
+                    request = self._taken(request, call, stream_in)
                     responses = behavior(request, context)
                     if inspect.isasyncgen(responses) or hasattr(responses, "__aiter__"):
                         async for response in responses:
@@ -461,6 +449,13 @@ class Interceptor(grpc.aio.ServerInterceptor):
             request_body=_render(request, self.payloads.max_bytes),
             response_body=_render(response, self.payloads.max_bytes),
         )
+
+    def _taken(self, request: Any, call: _Call, stream_in: bool) -> Any:
+        """The call's request, measured: a message now, a stream as it is read."""
+        if stream_in:
+            return self._counted(request, call)
+        call.received = _size(request)
+        return request
 
     async def _counted(self, requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
         async for request in requests:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from kiban._rolling import Rolling
+
 __all__ = ["Shedder"]
 
 
@@ -34,38 +36,24 @@ class Shedder:
         #: The event loop's lag now (the telemetry's last measurement), in seconds.
         self.lag = lag
         self.bucket = bucket
-        self.buckets = int(window / bucket)
         self.cool_off = cool_off
         self.clock = clock
-        #: bucket number -> [requests completed, sum of their seconds, least seconds]
-        self._stats: dict[int, list[float]] = {}
+        #: Each bucket: [requests completed, sum of their seconds, least seconds].
+        self.window = Rolling(bucket, int(window / bucket), lambda: [0, 0.0, float("inf")], clock)
         self._dropped_at = -1e18
-
-    def _current(self) -> list[float]:
-        now = int(self.clock() / self.bucket + 1e-9)  # 100.1 / 0.1 is 1000.999...
-        stale = [key for key in self._stats if key <= now - self.buckets]
-        for key in stale:
-            del self._stats[key]
-        stats = self._stats.get(now)
-        if stats is None:
-            stats = self._stats[now] = [0, 0.0, float("inf")]
-        return stats
 
     def done(self, seconds: float) -> None:
         """A request completed in ``seconds`` (admitted and answered)."""
-        stats = self._current()
+        stats = self.window.current()
         stats[0] += 1
         stats[1] += seconds
         stats[2] = min(stats[2], seconds)
 
     def capacity(self) -> float:
         """Requests in flight the service has shown it can carry (max pass x min latency)."""
-        self._current()
-        passed = max((stats[0] for stats in self._stats.values()), default=0)
-        least = min(
-            (stats[1] / stats[0] for stats in self._stats.values() if stats[0]),
-            default=0.0,
-        )
+        buckets = list(self.window.buckets())
+        passed = max((stats[0] for stats in buckets), default=0)
+        least = min((stats[1] / stats[0] for stats in buckets if stats[0]), default=0.0)
         return max(1.0, passed * least / self.bucket)
 
     def overloaded(self) -> bool:
