@@ -20,6 +20,11 @@ import pytest
 
 from kiban import _log as log
 
+# kiban's plugin (``pytest_plugins`` below) is imported here first, for ``Lines``: marked
+# for pytest's assertion rewriting before that import, as its plugins are.
+pytest.register_assert_rewrite("kiban.testing")
+from kiban.testing import CapturedLogs  # noqa: E402
+
 #: kiban's own pytest plugin, used here as a service's suite would use it.
 pytest_plugins = ["kiban.testing"]
 
@@ -82,18 +87,11 @@ def identity(subject: str) -> dict[str, str]:
     return {"x-internal-id-token": token("internal", subject)}
 
 
-class Lines:
-    """What kiban wrote, one parsed JSON object a line."""
-
-    def __init__(self, stream: io.BytesIO) -> None:
-        self.stream = stream
+class Lines(CapturedLogs):
+    """What kiban wrote, one parsed JSON object a line (kiban.testing's, and more)."""
 
     def all(self) -> list[dict[str, Any]]:
-        log.sink.flush()
-        return [orjson.loads(line) for line in self.stream.getvalue().splitlines() if line]
-
-    def access(self) -> list[dict[str, Any]]:
-        return [line for line in self.all() if line.get("log") == "access"]
+        return self.lines()
 
     def app(self) -> list[dict[str, Any]]:
         return [line for line in self.all() if line.get("log") != "access"]
