@@ -173,6 +173,97 @@ def test_odd_and_oversized_metadata_never_crash_the_server(probe: Probe) -> None
     assert probe.stub.Echo(pb.Blob(data=b"still here")).data == b"still here"
 
 
+def _raw_call(port: int, metadata: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """One call to ``Limited`` in HTTP/2 frames written by hand, its metadata sent as
+    given (no grpc client sends malformed metadata); what came back, or how it ended."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    connection = h2.connection.H2Connection(config)
+    outcome: dict[str, Any] = {"headers": {}, "ended": None}
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        connection.initiate_connection()
+        stream = connection.get_next_available_stream_id()
+        connection.send_headers(
+            stream,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", b"/probe.v1.Probe/Limited"),
+                (b":authority", f"127.0.0.1:{port}".encode()),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                *metadata,
+            ],
+        )
+        connection.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # Empty
+        sock.sendall(connection.data_to_send())
+        while outcome["ended"] is None:
+            data = sock.recv(65536)
+            if not data:
+                outcome["ended"] = "closed"
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    outcome["headers"].update(
+                        (bytes(name).decode(), bytes(value).decode("latin-1"))
+                        for name, value in event.headers
+                    )
+                elif isinstance(event, h2.events.DataReceived):
+                    outcome["data"] = outcome.get("data", b"") + event.data
+                    connection.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded):
+                    outcome["ended"] = "ended"
+                elif isinstance(event, h2.events.StreamReset):
+                    outcome["ended"] = f"reset {event.error_code!r}"
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    outcome["ended"] = f"goaway {event.error_code!r}"
+            sock.sendall(connection.data_to_send())
+    return outcome
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        [(b"x-uid", b"\xc3\xa9l\xe8ve\xff")],  # not ASCII, not UTF-8
+        [(b"x-trace-id", b"abc\r\nx-uid: admin")],  # a header smuggled in a value
+        [(b"x-uid", b"ad\x00min")],  # NUL
+        [(b"X-UID", b"admin")],  # upper case, which HTTP/2 forbids
+        [(b"x uid", b"admin"), (b"x-uid:", b"admin")],  # not a header name
+        [(b"x-uid", b"admin"), (b"x-uid", b"root"), (b"x-user-ip", b"1.1.1.1, 2.2.2.2")],
+        [(b"x-trace-id", b"a" * 12 * 1024) for _ in range(12)],  # 144 KiB of metadata
+        [(b"grpc-timeout", b"-5S"), (b"grpc-encoding", b"nonesuch")],
+    ],
+    ids=["latin1", "crlf", "nul", "uppercase", "bad-name", "repeated", "oversized", "grpc-own"],
+)
+def test_malformed_metadata_on_the_wire_never_crashes_or_decides_identity(
+    spawn: Any, metadata: list[tuple[bytes, bytes]]
+) -> None:
+    port = free_port()
+    process = spawn(APP, GRPC_PORT=str(port))  # loopback is not a trusted peer here
+    outcome = _raw_call(port, metadata)
+    # Answered with a status, or the stream refused by the HTTP/2 layer: never a hang.
+    assert outcome["ended"] is not None
+    if outcome["headers"].get("grpc-status") == "0":
+        seen = pb.Seen.FromString(outcome["data"][5:])
+        assert seen.uid == ""  # an untrusted peer's metadata never decides identity
+        assert seen.user_ip == "127.0.0.1"
+    # The server is still there and still answers.
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pbg.ProbeStub(channel)
+        assert stub.Echo(pb.Blob(data=b"still here"), timeout=10).data == b"still here"
+    lines = process.lines()
+    assert not [line for line in lines if line.get("level") in ("error", "critical")], lines
+    assert not [line for line in lines if "exception" in line], lines  # no traceback
+    assert "admin" not in str([line for line in lines if line.get("log") != "access"])
+
+
 def test_health_and_reflection_are_served(probe: Probe) -> None:
     health = health_pb2_grpc.HealthStub(probe.channel)
     for name in ("", "probe.v1.Probe"):

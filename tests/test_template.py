@@ -68,9 +68,14 @@ def wait_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 def test_a_new_service_passes_its_own_tests_and_the_audit(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    service = generate(tmp_path / "demo-svc", "--database", "postgresql", "--api-security", "jwt")
+    service = generate(
+        tmp_path / "demo-svc", "--database", "postgresql", "--api-security", "jwt", "--grpc"
+    )
     for expected in (
         "src/demo_svc/app.py",
+        "src/demo_svc/grpc_api.py",
+        "src/demo_svc/rpc/items.proto",
+        "tests/test_grpc.py",
         "src/demo_svc/routes.py",
         "tests/test_items.py",
         "src/demo_svc/migrations/versions/0001_items.py",
@@ -80,7 +85,8 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
         ".copier-answers.yml",
     ):
         assert (service / expected).exists(), expected
-    # Its own `make test`, against SQLite and against the real PostgreSQL.
+    # Its own `make test` (which first makes the gRPC stubs from the proto), against
+    # SQLite and against the real PostgreSQL.
     result = subprocess.run(
         ["make", "test"],
         cwd=service,
@@ -90,7 +96,8 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
         env={**os.environ, "TEST_DATABASE_URL": postgres_url},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "12 passed" in result.stdout
+    assert "19 passed" in result.stdout
+    assert (service / "src/demo_svc/rpc/items_pb2_grpc.py").exists()
 
     private = ed25519.Ed25519PrivateKey.generate()
     key = (
@@ -98,7 +105,7 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = tmp_path / "demo-svc.log"
     LOGS.append(log)
 
@@ -112,6 +119,7 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
                 env={
                     **os.environ,
                     "HTTP_PORT": str(port),
+                    "GRPC_PORT": str(grpc_port),
                     "JWT_PUBLIC_KEY": key,
                     "LOG_FORMAT": "json",
                     "HTTP_DRAIN_SECONDS": "0",
@@ -124,9 +132,9 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
     process = start()
     try:
         wait_up(url, process, log)
-        audit = kiban("check", url, "--log", str(log))
+        audit = kiban("check", url, "--log", str(log), "--grpc", f"127.0.0.1:{grpc_port}")
         assert audit.returncode == 0, audit.stdout
-        assert "8 passed, 0 failed" in audit.stdout
+        assert "12 passed, 0 failed" in audit.stdout
         # Its writes are committed before the 201: killed the moment the client has it,
         # the item is there when it comes back.
         pem = private.private_bytes(
@@ -149,11 +157,14 @@ def test_a_new_service_passes_its_own_tests_and_the_audit(
         assert process.wait(timeout=20) == 0
 
 
-@pytest.mark.parametrize("security", ["jwt", "internal_id_token"])
-def test_manifests_validate_and_fit_the_shutdown_budget(tmp_path: Path, security: str) -> None:
+@pytest.mark.parametrize(("security", "grpc"), [("jwt", False), ("internal_id_token", True)])
+def test_manifests_validate_and_fit_the_shutdown_budget(
+    tmp_path: Path, security: str, grpc: bool
+) -> None:
     import kubernetes_validate
 
-    service = generate(tmp_path / "svc", "--api-security", security, "--database", "mysql")
+    options = ["--api-security", security, "--database", "mysql"] + (["--grpc"] if grpc else [])
+    service = generate(tmp_path / "svc", *options)
     documents = {
         path.name: yaml.safe_load(path.read_text())
         for path in sorted((service / "k8s").glob("*.yaml"))
@@ -176,6 +187,18 @@ def test_manifests_validate_and_fit_the_shutdown_budget(tmp_path: Path, security
     assert budget < deployment["terminationGracePeriodSeconds"]
     assert deployment["securityContext"]["runAsNonRoot"] is True
     assert "USER 10001" in (service / "Dockerfile").read_text()
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    service_ports = documents["service.yaml"]["spec"]["ports"]
+    served = {port["name"]: port["targetPort"] for port in service_ports}
+    environment = {variable["name"]: variable["value"] for variable in container["env"]}
+    if grpc:  # the gRPC port is declared everywhere the HTTP one is
+        assert ports == {"http": 8000, "grpc": 8081}
+        assert served == {"http": "http", "grpc": "grpc"}
+        assert environment["GRPC_PORT"] == "8081"
+        assert "EXPOSE 8000 8081" in (service / "Dockerfile").read_text()
+    else:
+        assert ports == {"http": 8000}
+        assert served == {"http": "http"}
 
 
 def _template_repository(tmp_path: Path) -> Path:

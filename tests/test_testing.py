@@ -78,3 +78,37 @@ def test_a_mocked_downstream_still_gets_kibans_propagation_and_client_span(
     (line,) = [line for line in kiban_logs.access() if line["path"] == "/orders/7"]
     assert (line["trace_id"], line["uid"]) == (TRACE, "ada")
     assert "looking up the member" in kiban_logs.messages()
+
+
+def test_grpc_channel_calls_the_started_apps_own_server_through_the_chassis(
+    kiban_keys: Keys, kiban_logs: CapturedLogs
+) -> None:
+    import grpc
+    import pytest
+
+    from kiban.testing import grpc_channel
+    from tests.apps.rpc import probe_pb2 as pb
+    from tests.apps.rpc import probe_pb2_grpc as pbg
+
+    class Probe(pbg.ProbeServicer):
+        async def Whoami(self, request: pb.Empty, context: Any) -> pb.Seen:
+            who = kiban.current()
+            return pb.Seen(uid=(who.uid or "") if who else "")
+
+    app = FastAPI()
+    service = kiban.Service(
+        app, kiban.Settings(grpc_port=0), security=Security(kiban_keys.jwt(), scopes=["p:read"])
+    )
+    service.grpc.add(pbg.add_ProbeServicer_to_server, Probe())
+    with pytest.raises(RuntimeError, match="not running"), grpc_channel(app):
+        pass  # not started yet
+    with client(app), grpc_channel(app) as channel:
+        stub = pbg.ProbeStub(channel)
+        token = kiban_keys.bearer("ada", "p:read")["authorization"]
+        seen = stub.Whoami(pb.Empty(), metadata=[("authorization", token)], timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Whoami(pb.Empty(), timeout=10)
+    assert seen.uid == "ada"
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    statuses = [line["grpc_status"] for line in kiban_logs.access()]
+    assert statuses == ["OK", "UNAUTHENTICATED"]

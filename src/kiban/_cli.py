@@ -51,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     new_parser.add_argument("--database", choices=["postgresql", "mysql", "sqlite"])
     new_parser.add_argument("--api-security", choices=["jwt", "internal_id_token"])
     new_parser.add_argument(
+        "--grpc",
+        action="store_true",
+        default=None,
+        help="serve the API over gRPC too: a proto, its servicer and tests",
+    )
+    new_parser.add_argument(
         "--kiban-source",
         help="how the service depends on kiban (default: this kiban's minor series)",
     )
@@ -212,6 +218,7 @@ def _new(args: argparse.Namespace) -> int:
             {
                 "database": args.database,
                 "api_security": args.api_security,
+                "grpc": args.grpc,
                 "kiban_source": args.kiban_source,
                 "kiban_find_links": args.find_links,
             },

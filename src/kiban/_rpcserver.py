@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,26 @@ if TYPE_CHECKING:
     from kiban._app import Service
 
 __all__ = ["GrpcServer"]
+
+
+class _MetadataEncoding(logging.Filter):
+    """grpcio logs a client's metadata value that is not UTF-8 at error level, with a
+    traceback, then reads it as Latin-1. A caller must not be able to write error lines
+    and tracebacks into a service's log at will: the record becomes one warning, without
+    the traceback or the value (which may be a credential)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Invalid encoding on"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "gRPC metadata value is not UTF-8: read as Latin-1", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+#: grpcio's own logger (a name it documents by using it); one filter, added once.
+_GRPC_LOGGER = logging.getLogger("grpc._cython.cygrpc")
+if not any(isinstance(item, _MetadataEncoding) for item in _GRPC_LOGGER.filters):
+    _GRPC_LOGGER.addFilter(_MetadataEncoding())
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -10,6 +10,7 @@ Turn the fixtures on in the service's top ``conftest.py``::
 - ``kiban_logs``: every line kiban writes during the test, as dicts
   (``.access()``, ``.messages()``).
 - ``capture_spans(service)``: the service's finished spans, in memory.
+- ``grpc_channel(app)``: a channel to the started app's own gRPC server.
 - ``downstream(service, handler)``: the service's kiban HTTP clients answer from
   ``handler`` instead of the network. Only the innermost transport is replaced, so
   propagation, retries, the breaker, deadlines and client spans still run.
@@ -50,6 +51,7 @@ __all__ = [
     "capture_spans",
     "client",
     "downstream",
+    "grpc_channel",
     "kiban_keys",
     "kiban_logs",
 ]
@@ -158,6 +160,29 @@ def capture_spans(service: Service) -> InMemorySpanExporter:
     exporter = InMemorySpanExporter()
     service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter
+
+
+@contextmanager
+def grpc_channel(app: Any) -> Iterator[Any]:
+    """A ``grpc.Channel`` to the gRPC server of a started app (inside ``client(app)``).
+
+    The server is the service's own, started by its lifespan on ``GRPC_PORT`` (``0`` in
+    tests picks a free port), so every call runs through kiban's chassis: metadata read
+    under the trust rules, security, limits, the access line and the status mapping.
+    """
+    _extras.require("grpc_health", "grpc", "kiban.testing's gRPC channel")
+    import grpc
+
+    from kiban._app import Service
+
+    port = Service.of(app).grpc.port
+    if port is None:
+        raise RuntimeError(
+            "the app's gRPC server is not running: add a servicer, then open the channel "
+            "inside `with kiban.testing.client(app)`"
+        )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
 
 
 def downstream(
