@@ -159,13 +159,23 @@ def test_the_core_is_small_typed_and_names_a_missing_extra(outside: Path) -> Non
 
 @pytest.mark.integration
 def test_a_service_made_from_the_wheel_runs_as_its_readme_says(outside: Path) -> None:
-    venv = _venv(outside, "cli", "kiban[cli,jwt]")
+    venv = _venv(outside, "cli", "kiban[cli,jwt,grpc]")
     kiban = venv / "bin/kiban"
     wheelhouse = outside / "wheelhouse"
-    _run(kiban, "new", "billing", "--database", "sqlite", "--find-links", wheelhouse, cwd=outside)
+    _run(
+        kiban,
+        "new",
+        "billing",
+        "--database",
+        "sqlite",
+        "--grpc",
+        "--find-links",
+        wheelhouse,
+        cwd=outside,
+    )
     service = outside / "billing"
     pyproject = (service / "pyproject.toml").read_text()
-    assert "kiban[otlp,sentry,jwt,debug,db]>=0.1.0,<0.2" in pyproject
+    assert "kiban[otlp,sentry,jwt,debug,grpc,db]>=0.1.0,<0.2" in pyproject
     assert str(ROOT) not in pyproject
     assert (service / ".dev/signing-key.pem").stat().st_mode & 0o077 == 0
     assert ".dev/" in (service / ".gitignore").read_text()
@@ -173,7 +183,7 @@ def test_a_service_made_from_the_wheel_runs_as_its_readme_says(outside: Path) ->
     assert "passed" in _run("make", "test", cwd=service)
     assert str(ROOT) not in (service / "uv.lock").read_text()
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = outside / "billing.log"
     LOGS.append(log)
     with log.open("wb") as output:
@@ -182,7 +192,12 @@ def test_a_service_made_from_the_wheel_runs_as_its_readme_says(outside: Path) ->
             cwd=service,
             stdout=output,
             stderr=subprocess.STDOUT,
-            env=_clean_env(HTTP_PORT=str(port), LOG_FORMAT="json", TRUSTED_PROXIES="127.0.0.1"),
+            env=_clean_env(
+                HTTP_PORT=str(port),
+                GRPC_PORT=str(grpc_port),
+                LOG_FORMAT="json",
+                TRUSTED_PROXIES="127.0.0.1",
+            ),
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -197,8 +212,19 @@ def test_a_service_made_from_the_wheel_runs_as_its_readme_says(outside: Path) ->
                 pass
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        audit = _attempt(kiban, "check", url, "--log", log, cwd=outside, timeout=120)
+        audit = _attempt(
+            kiban,
+            "check",
+            url,
+            "--log",
+            log,
+            "--grpc",
+            f"127.0.0.1:{grpc_port}",
+            cwd=outside,
+            timeout=120,
+        )
         assert audit.returncode == 0, audit.stdout + audit.stderr
+        assert "grpc security" in audit.stdout  # its gRPC side was audited too
         token = _run("make", "-s", "token", "SUB=adopter", "SCOPES=items:write", cwd=service)
         created = httpx.post(
             f"{url}/items",
