@@ -291,3 +291,121 @@ def test_each_statement_is_a_child_span_and_a_duration_and_the_pool_is_observed(
     pool = [line for line in metrics.splitlines() if line.startswith("db_client_connection_count{")]
     assert any('state="idle"' in line and 'pool_name="database"' in line for line in pool)
     assert any('state="used"' in line for line in pool)
+
+
+def _sleep(url: str, seconds: float) -> Any:
+    function = "pg_sleep" if url.startswith("postgresql") else "SLEEP"
+    return text(f"SELECT {function}({seconds})")
+
+
+def _running_sleeps(url: str) -> Any:
+    if url.startswith("postgresql"):
+        return text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE query LIKE '%pg_sleep(3%' AND pid <> pg_backend_pid()"
+        )
+    return text(
+        "SELECT count(*) FROM information_schema.processlist "
+        "WHERE info LIKE '%SLEEP(3%' AND id <> connection_id()"
+    )
+
+
+@pytest.fixture(params=["postgres_url", "mariadb_url"])
+def server_url(request: pytest.FixtureRequest) -> str:
+    value: str = request.getfixturevalue(request.param)
+    return value
+
+
+async def test_a_budget_bounds_the_statements_on_the_database_server(server_url: str) -> None:
+    import time
+
+    from kiban import _propagation as propagation
+
+    service = kiban.Service(
+        FastAPI(), kiban.Settings(database_url=server_url), security=NoSecurity()
+    )
+    database = service.database()
+    pool = database.engine.pool
+    try:
+        async with database.transaction() as session:  # no budget: as long as it takes
+            assert (await session.execute(_sleep(server_url, 0.2))).scalar() in (0, "", None)
+        token = propagation.DEADLINE.set(time.monotonic() + 0.4)
+        try:
+            began = time.monotonic()
+            with pytest.raises(kiban.Problem) as stopped:
+                async with database.transaction() as session:
+                    await session.execute(_sleep(server_url, 3))
+            assert stopped.value.status == 504
+            assert time.monotonic() - began < 1.5  # stopped at the budget, not after 3 s
+        finally:
+            propagation.DEADLINE.reset(token)
+        # The database stopped working for it: nothing sleeps there on its behalf.
+        async with database.transaction() as session:
+            assert (await session.execute(_running_sleeps(server_url))).scalar() == 0
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+        # A transaction begun with nothing left takes no connection at all.
+        token = propagation.DEADLINE.set(time.monotonic() - 0.01)
+        try:
+            connects: list[object] = []
+            event.listen(database.engine.sync_engine, "checkout", connects.append)
+            with pytest.raises(kiban.Problem) as spent:
+                async with database.transaction():
+                    pass
+            assert spent.value.status == 504
+            assert connects == []
+        finally:
+            propagation.DEADLINE.reset(token)
+    finally:
+        await database.dispose()
+
+
+def test_a_callers_budget_reaches_the_database_and_the_answer_is_504(
+    server_url: str, lines: Lines
+) -> None:
+    from kiban.testing import client
+
+    app = FastAPI()
+    service = kiban.Service(
+        app,
+        kiban.Settings(database_url=server_url, trusted_proxies=["127.0.0.1"]),
+        security=NoSecurity(),
+    )
+    service.database()
+
+    @app.get("/slow")
+    async def slow(session: Session) -> dict[str, str]:
+        await session.execute(_sleep(server_url, 3))
+        return {"slept": "3 s"}
+
+    with client(app, peer=("127.0.0.1", 50000)) as started:
+        answer = started.get("/slow", headers={"x-request-timeout-ms": "400"})
+        assert answer.status_code == 504
+        assert answer.headers["content-type"] == "application/problem+json"
+    assert not [line for line in lines.all() if line.get("level") == "error"]
+
+
+def test_a_handler_timed_out_mid_statement_gives_its_connection_back(
+    server_url: str, lines: Lines
+) -> None:
+    from kiban import Timeout
+    from kiban.testing import client
+
+    app = FastAPI()
+    service = kiban.Service(app, kiban.Settings(database_url=server_url), security=NoSecurity())
+    database = service.database(pool_size=1, max_overflow=0, pool_timeout=2)
+
+    @app.get("/slow", dependencies=[Timeout(0.3)])
+    async def slow(session: Session) -> dict[str, str]:
+        await session.execute(_sleep(server_url, 3))
+        return {"slept": "3 s"}
+
+    @app.get("/quick")
+    async def quick(session: Session) -> dict[str, int]:
+        return {"one": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    with client(app) as started:
+        for _ in range(3):  # a pool of one: each 504 must have given the connection back
+            assert started.get("/slow").status_code == 504
+            assert started.get("/quick").json() == {"one": 1}
+        assert database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert not [line for line in lines.all() if line.get("level") == "error"]

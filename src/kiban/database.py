@@ -11,10 +11,18 @@ the response goes out: a commit that fails becomes the response (409 for a const
 
 SQLite, the embedded default, is opened in WAL mode with ``synchronous=FULL``: a
 committed transaction survives the process being killed and the machine losing power.
+
+A request that carries a time budget (a trusted caller's ``x-request-timeout-ms``, a
+gRPC deadline) bounds its statements by what is left of it: PostgreSQL gets
+``SET LOCAL statement_timeout`` when the transaction begins, MariaDB each statement as
+``SET STATEMENT max_statement_time=... FOR ...``. A statement the database stops for
+that reason, or a transaction begun with nothing left, is answered 504: the caller has
+stopped waiting, and the database stops working for it too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -26,13 +34,14 @@ from pydantic import AfterValidator
 from kiban import _extras
 
 try:
-    from sqlalchemy import event, exc
+    from sqlalchemy import event, exc, text
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 except ImportError:
     raise _extras.MissingExtra("kiban.database needs kiban[db]: pip install 'kiban[db]'") from None
 
 from kiban import _errors
 from kiban import _log as log
+from kiban import _propagation as propagation
 from kiban._migrate import run_env, upgrade
 
 __all__ = [
@@ -71,6 +80,44 @@ SQLITE_PRAGMAS = (
 )
 
 
+#: Statements of a budgeted request end this much before its deadline: time for the
+#: database's own error to arrive, the transaction to roll back and the 504 to go out
+#: before the request's handler would be cancelled mid-statement.
+STATEMENT_MARGIN = 0.1
+
+
+#: Statements MariaDB's ``SET STATEMENT ... FOR`` takes.
+_BOUNDED = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|REPLACE|WITH)\b", re.IGNORECASE)
+#: What a statement stopped at its time limit raises: PostgreSQL's SQLSTATE, MariaDB's
+#: and MySQL's error numbers.
+_TIMED_OUT_STATES = {"57014"}
+_TIMED_OUT_ERRORS = {1969, 3024}
+
+
+def _mariadb_bounded(
+    conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+) -> tuple[str, Any]:
+    """Bound a statement run for a request with a budget by what is left of it."""
+    left = propagation.remaining()
+    if left is None or not conn.dialect.is_mariadb or not _BOUNDED.match(statement):
+        return statement, parameters
+    bound = max(left - STATEMENT_MARGIN, 0.001)
+    return f"SET STATEMENT max_statement_time={bound:.3f} FOR {statement}", parameters
+
+
+def _timed_out(error: exc.DBAPIError) -> bool:
+    """Whether the database stopped the statement at its time limit."""
+    original = error.orig
+    if str(getattr(original, "sqlstate", None) or "") in _TIMED_OUT_STATES:
+        return True
+    arguments: tuple[Any, ...] = getattr(original, "args", ())
+    return bool(arguments) and arguments[0] in _TIMED_OUT_ERRORS
+
+
+def _out_of_time() -> _errors.Problem:
+    return _errors.Problem(504, "The request's time ran out before the database answered.")
+
+
 def _sqlite_durable(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -87,8 +134,13 @@ class Database:
         self.engine = engine
         self.name = name
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
-        if engine.url.get_backend_name() == "sqlite":
+        backend = engine.url.get_backend_name()
+        if backend == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_durable)
+        elif backend in ("mysql", "mariadb"):
+            event.listen(engine.sync_engine, "before_cursor_execute", _mariadb_bounded, retval=True)
+        #: PostgreSQL bounds a budgeted transaction's statements with one ``SET LOCAL``.
+        self._set_local = backend == "postgresql"
         #: The dependency giving a handler a session of this database, committed before
         #: the response starts: ``session: AsyncSession = db.session``.
         self.session: Any = Depends(self._dependency, scope="function")
@@ -101,9 +153,21 @@ class Database:
         409 (constraint) or 422 (a value out of the column's range), or the driver's
         own connection error, which kiban answers 503.
         """
+        left = propagation.remaining()
+        if left is not None and left <= 0:
+            raise _out_of_time()  # no budget left: not even a connection is taken
         async with self.sessions() as session:
             try:
+                if left is not None and self._set_local:
+                    milliseconds = max(1, int((left - STATEMENT_MARGIN) * 1000))
+                    await session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
                 yield session
+            except exc.DBAPIError as error:
+                await _rollback(session)
+                if _timed_out(error):
+                    log.info("statement timed out", database=self.name)
+                    raise _out_of_time() from None
+                raise
             except BaseException:
                 await _rollback(session)
                 raise
