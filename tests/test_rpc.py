@@ -453,3 +453,77 @@ def test_a_deadline_exceeded_upstream_cancels_the_downstream_call(probe: Probe) 
     assert downstream["grpc_status"] in ("DEADLINE_EXCEEDED", "CANCELLED")
     assert downstream["latency_s"] < 1
     assert time.monotonic() - began < 2
+
+
+async def test_the_channel_stops_calling_a_failing_target_and_resumes_when_it_recovers() -> None:
+    from kiban import _rpcclient
+    from kiban._client import Breaker
+    from kiban._config import Settings
+
+    class Flaky(pbg.ProbeServicer):
+        failing = True
+        served = 0
+
+        async def Echo(self, request: pb.Blob, context: Any) -> pb.Blob:
+            self.served += 1
+            if self.failing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+            return request
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    flaky, clock = Flaky(), Clock()
+    server = grpc.aio.server()
+    pbg.add_ProbeServicer_to_server(flaky, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = _rpcclient.channel(
+        Settings(),
+        f"127.0.0.1:{port}",
+        tracer=provider.get_tracer("test"),
+        breaker=Breaker(clock=clock, chance=lambda: 0.5),
+    )
+    stub = pbg.ProbeStub(channel)  # type: ignore[no-untyped-call]
+
+    async def calls(count: int) -> tuple[int, int, int]:
+        outcomes = []
+        for _ in range(count):
+            try:
+                await stub.Echo(pb.Blob(data=b"x"), timeout=5)
+                outcomes.append("answered")
+            except grpc.aio.AioRpcError as error:
+                local = "not made" in (error.details() or "")
+                outcomes.append(f"{error.code().name} {'refused' if local else 'failed'}")
+        assert set(outcomes) <= {"answered", "UNAVAILABLE refused", "UNAVAILABLE failed"}
+        return tuple(  # type: ignore[return-value]
+            outcomes.count(kind)
+            for kind in ("answered", "UNAVAILABLE refused", "UNAVAILABLE failed")
+        )
+
+    try:
+        answered, refused, failed = await calls(100)
+        # Down: most calls fail fast here; the target sees a fraction of them.
+        assert answered == 0
+        assert refused > 50
+        assert flaky.served == failed < 50
+        # Recovered, and the failures have left the window: every call goes through.
+        flaky.failing = False
+        clock.now += 11
+        assert await calls(50) == (50, 0, 0)
+        # A client span for each call made (none for a call not made), with its code.
+        codes = [span.attributes["rpc.grpc.status_code"] for span in spans.get_finished_spans()]
+        assert codes == [14] * failed + [0] * 50
+    finally:
+        await channel.close()
+        await server.stop(None)

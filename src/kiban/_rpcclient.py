@@ -6,10 +6,16 @@ client span, uid, forwarded user-agent, user IP, API client, this hop in
 X-Forwarded-For, and the identity token only to internal hosts), and give each call
 the smaller of its own timeout, ``CLIENT_READ_TIMEOUT`` and what is left of the
 current RPC's deadline: a caller that gave up is not waited for downstream.
+
+Each channel throttles its target as the HTTP client throttles a host (``Breaker``,
+Google SRE's adaptive throttling): while most recent calls end in a server-side
+failure, new calls fail at once with ``UNAVAILABLE`` ("not made") instead of adding
+load to a downstream that is down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from kiban import _propagation as propagation
-from kiban._client import _ascii, is_internal
+from kiban._client import Breaker, _ascii, is_internal
 from kiban._config import Settings
 
 __all__ = ["DEADLINE", "Channel", "channel"]
@@ -28,6 +34,19 @@ __all__ = ["DEADLINE", "Channel", "channel"]
 #: The current request's or RPC's deadline (``time.monotonic()``).
 DEADLINE = propagation.DEADLINE
 _tracecontext = TraceContextTextMapPropagator()
+#: Codes that count against the target in its breaker: the server failed or was
+#: overloaded (HTTP's 5xx and 429). A caller's own cancellation counts for nothing.
+_FAILED = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 
 class _Propagating(
@@ -36,8 +55,15 @@ class _Propagating(
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
-    def __init__(self, settings: Settings, host: str, tracer: trace.Tracer | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: str,
+        tracer: trace.Tracer | None = None,
+        breaker: Breaker | None = None,
+    ) -> None:
         self.names = settings.headers
+        self.breaker = breaker or Breaker()
         self.internal = is_internal(host, settings.internal_hosts)
         self.timeout = settings.client_read_timeout
         self.tracer = tracer or trace.get_tracer("kiban._rpcclient")
@@ -90,36 +116,66 @@ class _Propagating(
             },
         )
 
-    async def _call(
+    async def _start(
         self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
+    ) -> tuple[Any, trace.Span]:
+        if not self.breaker.allow():
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details=f"{self.host} is failing: the call was not made",
+            )
         span = self._span(details)
-        call = await continuation(self._details(details, span), request)
-        call.add_done_callback(lambda done: _end(span, done))
+        return await continuation(self._details(details, span), request), span
+
+    def _finish(self, span: trace.Span, code: grpc.StatusCode) -> None:
+        _end(span, code)
+        if code is not grpc.StatusCode.CANCELLED:  # the caller's doing, not the target's
+            self.breaker.record(code not in _FAILED)
+
+    async def _unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """A call with one response: awaited here, so its outcome is known when it ends;
+        the call itself is returned, so the caller still sees its metadata and error."""
+        call, span = await self._start(continuation, details, request)
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            self._finish(span, error.code())
+        except asyncio.CancelledError:
+            self._finish(span, grpc.StatusCode.CANCELLED)
+            raise
+        else:
+            self._finish(span, grpc.StatusCode.OK)
+        return call
+
+    async def _streaming(self, continuation: Any, details: Any, request: Any) -> Any:
+        """A call with a stream of responses: its outcome is read when the stream ends."""
+        call, span = await self._start(continuation, details, request)
+
+        async def ended() -> None:
+            self._finish(span, await call.code())
+
+        call.add_done_callback(lambda _: asyncio.ensure_future(ended()))
         return call
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._call(continuation, details, request)
+        return await self._unary(continuation, details, request)
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._call(continuation, details, request)
+        return await self._streaming(continuation, details, request)
 
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._call(continuation, details, requests)
+        return await self._unary(continuation, details, requests)
 
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._call(continuation, details, requests)
+        return await self._streaming(continuation, details, requests)
 
 
-def _end(span: trace.Span, call: Any) -> None:
-    try:
-        code = call.code()
-    except Exception:
-        code = grpc.StatusCode.CANCELLED
-    if isinstance(code, grpc.StatusCode):
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code is not grpc.StatusCode.OK:
-            span.set_status(Status(StatusCode.ERROR, code.name))
+def _end(span: trace.Span, code: grpc.StatusCode) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code.name))
     span.end()
 
 
@@ -178,17 +234,22 @@ class Channel:
 
 
 def channel(
-    settings: Settings, target: str, tracer: trace.Tracer | None = None, **options: Any
+    settings: Settings,
+    target: str,
+    tracer: trace.Tracer | None = None,
+    breaker: Breaker | None = None,
+    **options: Any,
 ) -> Channel:
     """An insecure ``grpc.aio`` channel to ``target`` (``host:port``) that propagates context.
 
     ``options`` are grpc channel options: ``**{"grpc.max_receive_message_length": n}``.
+    ``breaker`` throttles the target (one per channel by default).
     """
     host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
     return Channel(
         lambda: grpc.aio.insecure_channel(
             target,
             options=list(options.items()),
-            interceptors=[_Propagating(settings, host, tracer)],
+            interceptors=[_Propagating(settings, host, tracer, breaker)],
         )
     )
