@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 import kiban
@@ -86,3 +88,69 @@ async def test_the_chassis_answers_503_when_overloaded_past_capacity() -> None:
         release.set()
         statuses = sorted([(await done).status_code for done in held])
         assert statuses.count(200) >= 1
+
+
+def test_a_busy_cpu_sheds_past_capacity_as_a_late_loop_does() -> None:
+    clock, cpu = Clock(), [0.5]
+    shedder = Shedder(lag_threshold=0, cpu_threshold=0.9, clock=clock, cpu=lambda: cpu[0])
+    for _ in range(10):
+        shedder.done(0.1)  # capacity: about one in flight
+    assert not shedder.should_shed(inflight=50)  # CPU to spare: everything is served
+    cpu[0] = 0.95
+    assert shedder.should_shed(inflight=50)
+    assert not shedder.should_shed(inflight=1)  # within capacity: always served
+    cpu[0] = 0.2
+    clock.now += 1.0
+    assert not shedder.should_shed(inflight=50)
+
+
+def test_cpu_usage_is_of_one_core_or_the_quota_and_smoothed() -> None:
+    from kiban._cpu import CpuUsage
+
+    clock, spent = Clock(), [0.0]
+    usage = CpuUsage(cores=4.0, smoothing=0.5, clock=clock, cpu_time=lambda: spent[0])
+    assert usage.cores == 1.0  # one thread runs Python at a time: one core is all it can use
+    clock.now += 1.0
+    spent[0] += 1.0  # a whole core for a second
+    assert usage.sample() == 0.5  # averaged with the idle past
+    clock.now += 1.0
+    spent[0] += 1.0
+    assert usage.sample() == 0.75
+    half = CpuUsage(cores=0.5, smoothing=0.0, clock=clock, cpu_time=lambda: spent[0])
+    clock.now += 1.0
+    spent[0] += 0.5  # all of a half-core quota
+    assert half.sample() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "50000 100000\n"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+        ({"cpu.max": "garbage"}, None),
+    ],
+)
+def test_the_cgroup_quota_is_read_from_v2_or_v1(
+    tmp_path: Path, files: dict[str, str], cores: float | None
+) -> None:
+    from kiban._cpu import quota
+
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    assert quota(tmp_path) == cores
+
+
+def test_cpu_usage_reads_a_busy_process_as_busy() -> None:
+    import time
+
+    from kiban._cpu import CpuUsage
+
+    usage = CpuUsage(cores=1.0, smoothing=0.0)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass  # burn the CPU
+    assert usage.sample() > 0.5

@@ -117,8 +117,13 @@ class Chassis:
         self._expiry: asyncio.Future[None] | None = None
         telemetry = service.telemetry
         self.shedder = (
-            Shedder(settings.http_shed_loop_lag, lag=lambda: telemetry.loop_lag)
-            if settings.http_shed_loop_lag
+            Shedder(
+                settings.http_shed_loop_lag,
+                lag=lambda: telemetry.loop_lag,
+                cpu_threshold=settings.http_shed_cpu,
+                cpu=lambda: telemetry.cpu_usage,
+            )
+            if settings.http_shed_loop_lag or settings.http_shed_cpu
             else None
         )
 

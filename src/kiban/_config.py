@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     #: Adaptive shedding: while the event loop runs this many seconds late, requests
     #: past the capacity the service has shown get 503 (``docs/resilience.md``); 0: off.
     http_shed_loop_lag: float = Field(0.0, ge=0)
+    #: Adaptive shedding on CPU: while the process uses more than this share of the CPU
+    #: it can use (one core, or the cgroup's quota if less; go-zero's 0.9), the same
+    #: rule applies; 0: off.
+    http_shed_cpu: float = Field(0.0, ge=0, le=1)
     http_max_header_bytes: int = Field(16 * 1024, ge=1024)
     http_max_body_bytes: int = Field(1024 * 1024, ge=0)
 

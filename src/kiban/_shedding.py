@@ -1,12 +1,15 @@
 """Adaptive load shedding: refuse new requests when the service is past its capacity.
 
-go-zero's model, with the event loop's lag as the overload signal (an asyncio service
-is overloaded when its loop runs late, whatever the machine's CPU says): while the loop
-is late by more than ``lag_threshold``, a request is refused if the requests in flight
-exceed what the service has shown it can carry, the most it completed in a bucket of
-time times the least time a request took (Little's law: throughput x latency). Once
-something was shed, shedding goes on being considered for ``cool_off`` seconds, so a
-loop that catches up for an instant does not let the whole backlog back in.
+go-zero's model, with two overload signals, each on when its threshold is set: the
+event loop's lag (an asyncio service is overloaded when its loop runs late, whatever
+the machine's CPU says) and the process's CPU usage of what it can use (go-zero's own,
+cgroup-aware: ``kiban._cpu``). While either is past its threshold (the loop late by
+more than ``lag_threshold``, or CPU above ``cpu_threshold``), a request is refused if
+the requests in flight exceed what the service has shown it can carry, the most it
+completed in a bucket of time times the least time a request took (Little's law:
+throughput x latency). Once something was shed, shedding goes on being considered for
+``cool_off`` seconds, so a loop that catches up for an instant does not let the whole
+backlog back in.
 
 Counting is in buckets of ``bucket`` seconds over ``window`` seconds, read through a
 clock that tests control.
@@ -31,10 +34,16 @@ class Shedder:
         cool_off: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         lag: Callable[[], float] = lambda: 0.0,
+        cpu_threshold: float = 0.0,
+        cpu: Callable[[], float] = lambda: 0.0,
     ) -> None:
-        self.lag_threshold = lag_threshold
+        #: 0 turns a signal off.
+        self.lag_threshold = lag_threshold or float("inf")
+        self.cpu_threshold = cpu_threshold or float("inf")
         #: The event loop's lag now (the telemetry's last measurement), in seconds.
         self.lag = lag
+        #: The process's CPU usage now, 0 to 1 (the telemetry's last sample).
+        self.cpu = cpu
         self.bucket = bucket
         self.cool_off = cool_off
         self.clock = clock
@@ -57,7 +66,11 @@ class Shedder:
         return max(1.0, passed * least / self.bucket)
 
     def overloaded(self) -> bool:
-        return self.lag() > self.lag_threshold or (self.clock() - self._dropped_at < self.cool_off)
+        return (
+            self.lag() > self.lag_threshold
+            or self.cpu() > self.cpu_threshold
+            or self.clock() - self._dropped_at < self.cool_off
+        )
 
     def should_shed(self, inflight: int) -> bool:
         """Whether a new request, with ``inflight`` already being served, is refused."""

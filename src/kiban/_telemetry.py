@@ -48,6 +48,7 @@ from starlette.responses import Response
 
 from kiban import _propagation as propagation
 from kiban._config import Settings
+from kiban._cpu import CpuUsage
 
 __all__ = ["Telemetry", "meter", "tracer"]
 
@@ -263,6 +264,16 @@ class Telemetry:
         )
         #: The event loop's lag as last measured (``watch_loop``), in seconds.
         self.loop_lag = 0.0
+        #: This process's CPU usage, 0 to 1, of the CPU it can use (``watch_loop``).
+        self.cpu = CpuUsage()
+        self.cpu_usage = 0.0
+        self.meter.create_observable_gauge(
+            "kiban.cpu.usage",
+            callbacks=[lambda _: [Observation(self.cpu_usage)]],
+            unit="1",
+            description="The process's CPU use of what it can use (one core, or the "
+            "cgroup's quota if less), averaged over a few seconds.",
+        )
         self.meter.create_observable_gauge(
             "kiban.event_loop.lag",
             callbacks=[lambda _: [Observation(self.loop_lag)]],
@@ -290,13 +301,14 @@ class Telemetry:
         )
 
     async def watch_loop(self, interval: float = 0.5) -> None:
-        """Measure the event loop's lag, forever: how late a timer fires is how long
-        every request waits behind whatever holds the loop."""
+        """Measure the event loop's lag and the CPU usage, forever: how late a timer
+        fires is how long every request waits behind whatever holds the loop."""
         loop = asyncio.get_running_loop()
         while True:
             expected = loop.time() + interval
             await asyncio.sleep(interval)
             self.loop_lag = max(0.0, loop.time() - expected)
+            self.cpu_usage = self.cpu.sample()
 
     def export_spans(self, exporter: SpanExporter) -> BatchSpanProcessor:
         """Send every sampled span to ``exporter`` too, in batches, as OTLP's are sent."""
