@@ -51,6 +51,17 @@ if TYPE_CHECKING:
 __all__ = ["Chassis", "Exchange"]
 
 _CLOSE = (b"connection", b"close")
+_REFUSED = errors.problem_body(503, "The service is at capacity; retry shortly.")
+_REFUSED_HEAD = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", errors.PROBLEM_JSON.encode()),
+        (b"content-length", str(len(_REFUSED)).encode()),
+        (b"retry-after", b"1"),
+    ],
+}
+_REFUSED_BODY = {"type": "http.response.body", "body": _REFUSED}
 #: How often requests past their handler deadline are looked for.
 EXPIRY_TICK = 0.05
 #: A body this size goes to the socket's buffers at once: no write timeout needed.
@@ -138,6 +149,11 @@ class Chassis:
         if kind != "http":
             await self.app(scope, receive, send)
             return
+        if (self.max_inflight or self.shedder is not None) and scope["path"] not in self.probes:
+            reason = self.refusal()
+            if reason is not None:
+                await self.refuse(send, reason)
+                return
         exchange = Exchange(self, scope, receive, send)
         inflight = self.inflight
         inflight.add(exchange)
@@ -155,11 +171,6 @@ class Chassis:
             hosts = self.hosts
             if not hosts.any and headers.get("host") not in hosts:
                 raise errors.Problem(400, "The Host header names no host this service serves.")
-            if self.max_inflight and len(inflight) > self.max_inflight:
-                self.shed(exchange, "inflight")
-            shedder = self.shedder
-            if shedder is not None and shedder.should_shed(len(inflight) - 1):
-                self.shed(exchange, "overload")
             loop = asyncio.get_running_loop()
             began = loop.time()
             default = self.handler_timeout
@@ -218,18 +229,29 @@ class Chassis:
             if exchange.held is not None:
                 log.stop_holding(exchange.held[1])
 
-    def shed(self, exchange: Exchange, reason: str) -> None:
-        """Past capacity: refuse this request before routing, cheaply."""
+    def refusal(self) -> str | None:
+        """Why a new request is refused now (past the in-flight cap, or overloaded past
+        the capacity shown), or None: it is served."""
+        inflight = len(self.inflight)
+        if self.max_inflight and inflight >= self.max_inflight:
+            return "inflight"
+        shedder = self.shedder
+        if shedder is not None and shedder.should_shed(inflight):
+            return "overload"
+        return None
+
+    async def refuse(self, send: Send, reason: str) -> None:
+        """Answer 503 before any of the request's own work: no context, span or access
+        line, a body made once. An overloaded server that spends on refusals what it
+        would have spent on requests gains nothing; they are counted (``kiban.shed``) and
+        logged one in a hundred. The connection is kept: a reconnect (a load balancer's,
+        most often) would cost more than the refusal did."""
         self.telemetry.shed.add(1, {"reason": reason})
-        exchange.shed = True
         self._shed += 1
         if self._shed % 100 == 1:  # sampled: shedding is when logs are least affordable
             log.warning("request shed", reason=reason, inflight=len(self.inflight), shed=self._shed)
-        raise errors.Problem(
-            503,
-            "The service is at capacity; retry shortly.",
-            headers={"retry-after": "1", "connection": "close"},
-        )
+        await send(_REFUSED_HEAD)
+        await send(_REFUSED_BODY)
 
     async def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cancel requests past their deadline, while any are in flight (a tick, not a
@@ -409,7 +431,6 @@ class Exchange:
         self.interrupted: str | None = None
         self.finished = False
         self.body_done = False
-        self.shed = False
         #: When the handler's time runs out (loop time; None: never), and its task.
         self.deadline: float | None = None
         self.task: asyncio.Task[object] | None = None
@@ -532,7 +553,7 @@ class Exchange:
         status = self.status
         final = CLIENT_CLOSED if status is None else status
         shedder = chassis.shedder
-        if shedder is not None and not self.shed and final < 500:
+        if shedder is not None and final < 500:
             shedder.done(elapsed)
         span_id = None
         span = self.span
