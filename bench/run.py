@@ -432,6 +432,13 @@ def main() -> int:
     print("grpc...", flush=True)
     rpc_rows, rpc_ratio = rpc_bench(workdir, args.rounds, args.seconds)
 
+    print("overload...", flush=True)
+    from bench import overload, slowdb
+
+    overload_rows, overload_checks = overload.run(workdir)
+    print("slow dependency...", flush=True)
+    slowdb_rows, slowdb_held = slowdb.run(workdir)
+
     print("request path in process...", flush=True)
     bare = in_process("fastapi")
     in_process_rows = [f"| bare FastAPI | {bare:.1f} | |"]
@@ -481,6 +488,14 @@ def main() -> int:
             f"kiban's gRPC chassis >= 0.75x bare grpc.aio, by server CPU per call "
             f"({rpc_ratio:.2f}x)",
             rpc_ratio >= 0.75,
+        )
+    )
+    checks += overload_checks
+    checks.append(
+        (
+            "slow dependency: every request answered at its 1 s deadline while the database "
+            "is 2 s slow, readiness 503 then 200 within its interval once it recovers",
+            slowdb_held,
         )
     )
     held = all(ok for _, ok in checks)
@@ -539,6 +554,25 @@ def main() -> int:
             "| server | calls/s | p99 ms | server CPU µs/call | RSS MiB |",
             "| --- | --- | --- | --- | --- |",
             *rpc_rows,
+            "",
+            "## Overload: a route driven open loop at 1x, 2x and 3x its capacity",
+            "",
+            "`bench/overload.py`: `GET /work` (1 ms of CPU, a 2 ms wait, 1 ms of CPU) served "
+            "on core 0, driven on core 1 at a fixed rate whatever the answers, over raw "
+            "keep-alive connections, for 6 s a load. Goodput is the 2xx answered within a "
+            "client's patience of 2 s; lost, the requests not answered in it (or failed); "
+            "p50/p99 are of the answered 2xx, from when each request was due. `kiban-shed` "
+            "is kiban with `HTTP_SHED_LOOP_LAG=0.05`.",
+            "",
+            *overload_rows,
+            "",
+            "## A slow dependency: PostgreSQL made 2 s slow under load",
+            "",
+            "`bench/slowdb.py`: the members service on PostgreSQL behind a proxy, "
+            "`HTTP_HANDLER_TIMEOUT=1`, 40 requests a second on `GET /members/{id}` for 6 s "
+            "a phase; the proxy holds every chunk 2 s each way in the second phase.",
+            "",
+            *slowdb_rows,
             "",
             "## The request path in process (no server, no network)",
             "",

@@ -35,6 +35,7 @@ RATE = 40.0
 SECONDS = 6.0
 DELAY = 2.0
 DEADLINE = 1.0
+DATABASE = "kiban_bench_slowdb"
 
 
 async def _phase(url: str, headers: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -68,6 +69,18 @@ async def _phase(url: str, headers: str, rate: float, seconds: float) -> dict[st
     }
 
 
+async def _fresh_database() -> None:
+    """A database of the bench's own, made anew: the suite's ``test`` holds other schemas."""
+    import asyncpg
+
+    connection = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        await connection.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+        await connection.execute(f"CREATE DATABASE {DATABASE}")
+    finally:
+        await connection.close()
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health/readiness", timeout=3).status_code == 200
@@ -81,6 +94,7 @@ def run(workdir: Path) -> tuple[list[str], bool]:
     from tests.conftest import free_port, token
     from tests.proxy import Proxy
 
+    asyncio.run(_fresh_database())
     proxy = Proxy(("127.0.0.1", 5432))
     proxy.start()
     port = free_port()
@@ -94,7 +108,7 @@ def run(workdir: Path) -> tuple[list[str], bool]:
             "PYTHONPATH": str(ROOT),
             "HTTP_PORT": str(port),
             "GRPC_PORT": str(free_port()),
-            "DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/test",
+            "DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/{DATABASE}",
             "HTTP_HANDLER_TIMEOUT": str(DEADLINE),
             "RATE_LIMIT": "1000000/second",
             "LOG_FORMAT": "json",

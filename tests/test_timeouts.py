@@ -18,6 +18,7 @@ from fastapi import FastAPI
 import kiban
 from kiban import NoTimeout, Timeout
 from kiban.security import NoSecurity
+from tests.conftest import Lines
 
 
 def _app(**settings: Any) -> tuple[FastAPI, dict[str, asyncio.Event]]:
@@ -107,6 +108,52 @@ async def test_at_the_inflight_cap_new_requests_get_503_and_probes_pass() -> Non
         events["go"].set()
         assert (await first).status_code == 200
         assert (await client.get("/patient", params={"seconds": 0})).status_code == 200
+
+
+async def test_the_504_goes_out_at_the_deadline_while_a_slow_cleanup_runs(lines: Lines) -> None:
+    app = FastAPI()
+    kiban.Service(app, kiban.Settings(), security=NoSecurity())
+    cleaned = asyncio.Event()
+
+    @app.get("/stuck", dependencies=[Timeout(0.2)])
+    async def stuck() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(1.0)  # a rollback on a database that has gone slow
+            cleaned.set()
+
+    sent: list[tuple[float, dict[str, Any]]] = []
+    began = time.monotonic()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append((time.monotonic() - began, message))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/stuck",
+        "raw_path": b"/stuck",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    (answered, start), (_, body) = sent  # the 504, whole, and nothing the app sent after
+    assert start["status"] == 504
+    assert not body.get("more_body", False)
+    assert answered < 0.6  # at the deadline, not after the second of cleanup
+    assert cleaned.is_set()  # the cleanup ran to its end all the same
+    (line,) = [line for line in lines.access() if line["path"] == "/stuck"]
+    assert (line["status"], line["interrupted"]) == (504, "timeout")
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_408() -> None:

@@ -182,6 +182,7 @@ class Chassis:
             # Kept on the exchange, not a timer per request: the expiry task cancels the
             # request once its deadline has passed (the head deadline's pattern).
             exchange.deadline = deadline
+            exchange.began = began
             exchange.task = asyncio.current_task()
             if deadline is not None and self._expiry is None:
                 self._expiry = asyncio.ensure_future(self._expire(loop))
@@ -221,6 +222,9 @@ class Chassis:
             if exchange.interrupted is None:
                 raise
         finally:
+            if exchange.answering is not None:
+                # The app may not return before the answer made for it is sent.
+                await asyncio.shield(exchange.answering)
             inflight.discard(exchange)
             exchange.finish(propagation.current())
             propagation.leave(exchange.context_token)
@@ -270,6 +274,16 @@ class Chassis:
                     ):
                         exchange.timed_out = deadline
                         exchange.task.cancel()
+                        # Answered now, not once the handler's cleanup is over.
+                        seconds = round(deadline - exchange.began, 3)
+                        answer = exchange.interrupt(
+                            "timeout",
+                            504,
+                            f"The request took longer than its {seconds} s budget.",
+                            close=False,
+                        )
+                        if answer is not None:
+                            exchange.answering = asyncio.ensure_future(answer)
         finally:
             self._expiry = None
 
@@ -436,6 +450,10 @@ class Exchange:
         self.task: asyncio.Task[object] | None = None
         #: The deadline that cancelled it, once it has.
         self.timed_out: float | None = None
+        #: When the handler's time began (the loop's clock).
+        self.began = 0.0
+        #: The 504 being sent for it from outside its task, once its time is out.
+        self.answering: asyncio.Future[None] | None = None
         #: The request's held log lines (``LOG_BUFFERING``), unless it asked for debug.
         self.held = log.hold_lines() if chassis.log_buffering and not context.debug else None
         self.failed = False
@@ -501,35 +519,37 @@ class Exchange:
             self.body_done = True
         return message
 
-    def interrupt(self, reason: str) -> Awaitable[None] | None:
-        """Cut the request short: answer 503 if its response has not started.
+    def interrupt(
+        self,
+        reason: str,
+        status: int = 503,
+        detail: str = "The service is shutting down; retry the request elsewhere.",
+        close: bool = True,
+    ) -> Awaitable[None] | None:
+        """Cut the request short: answer ``status`` if its response has not started.
 
-        Called from outside the request's task (the shutdown). The access line is
-        written now, with ``interrupted`` set, since the task may never finish; what
-        the app sends afterwards is dropped. Returns the answer to await, if any; a
-        started response's connection is closed by the server when it cancels the task.
+        Called from outside the request's task (the shutdown, the handler's deadline).
+        The access line is written now, with ``interrupted`` set, since the task may
+        not finish soon: a cancelled handler's cleanup can wait on a dependency that has
+        gone slow, and the caller is not kept waiting for it. What the app sends
+        afterwards is dropped. Returns the answer to await, if any; a started
+        response's connection is closed by the server when it cancels the task.
         """
         if self.interrupted is not None or self.finished:
             return None
         self.interrupted = reason
         answer = None
         if self.status is None:
-            self.status = 503
-            body = errors.problem_body(
-                503,
-                "The service is shutting down; retry the request elsewhere.",
-                trace_id=self.context.trace_id,
-            )
-            message: Message = {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", errors.PROBLEM_JSON.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", b"1"),
-                ],
-            }
-            self._start(message, self.context, close=True)
+            self.status = status
+            body = errors.problem_body(status, detail, trace_id=self.context.trace_id)
+            headers = [
+                (b"content-type", errors.PROBLEM_JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            if status == 503:
+                headers.append((b"retry-after", b"1"))
+            message: Message = {"type": "http.response.start", "status": status, "headers": headers}
+            self._start(message, self.context, close=close)
             self.response_bytes = len(body)
             answer = self._answer(message, body)
         self.finish(None)

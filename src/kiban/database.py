@@ -22,6 +22,7 @@ stopped waiting, and the database stops working for it too.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -168,6 +169,13 @@ class Database:
                     log.info("statement timed out", database=self.name)
                     raise _out_of_time() from None
                 raise
+            except asyncio.CancelledError:
+                # Cancelled (its handler's time ran out, a shutdown), perhaps mid-statement:
+                # the connection's state is unknown, so it is closed rather than rolled
+                # back and reused; the pool opens a fresh one when it needs one. (The 504
+                # has gone out already: kiban answers at the deadline, not after this.)
+                await _invalidate(session)
+                raise
             except BaseException:
                 await _rollback(session)
                 raise
@@ -201,6 +209,13 @@ def refusal(error: exc.DBAPIError) -> _errors.Problem | None:
     if isinstance(error, exc.DataError) or state.startswith("22"):
         return _errors.Problem(422, "A value is outside what the database can store.")
     return None
+
+
+async def _invalidate(session: AsyncSession) -> None:
+    try:
+        await session.invalidate()
+    except (exc.SQLAlchemyError, OSError):
+        log.warning("closing a cancelled transaction's connection failed")
 
 
 async def _rollback(session: AsyncSession) -> None:
