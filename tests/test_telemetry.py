@@ -157,6 +157,51 @@ def test_metrics_endpoint_serves_standard_http_metrics() -> None:
     assert "http_server_active_requests" in text
 
 
+def test_requests_carry_the_semantic_conventions_error_type_scheme_and_protocol() -> None:
+    from kiban.testing import capture_spans
+
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    spans = capture_spans(service)
+
+    @app.get("/fine")
+    async def fine() -> dict[str, bool]:
+        return {"fine": True}
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise RuntimeError("a bug")
+
+    @app.get("/down")
+    async def down() -> None:
+        raise kiban.Problem(503, "Down for now.")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path in ("/fine", "/bug", "/down"):
+            client.get(path)
+        text = client.get("/metrics").text
+    by_route = {
+        span.attributes["http.route"]: span.attributes
+        for span in spans.get_finished_spans()
+        if span.attributes and "http.route" in span.attributes
+    }
+    assert "error.type" not in by_route["/fine"]
+    assert by_route["/bug"]["error.type"] == "RuntimeError"  # the exception's class
+    assert by_route["/down"]["error.type"] == "503"  # a 5xx answered on purpose: its status
+    assert by_route["/fine"]["network.protocol.version"] == "1.1"
+    counts = [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_server_request_duration_seconds_count")
+    ]
+    (failed,) = [line for line in counts if 'http_route="/bug"' in line]
+    assert 'error_type="RuntimeError"' in failed
+    assert 'url_scheme="http"' in failed
+    assert 'network_protocol_version="1.1"' in failed
+    (served,) = [line for line in counts if 'http_route="/fine"' in line]
+    assert 'error_type=""' in served  # absent: Prometheus reads an empty label as none
+
+
 def test_metrics_has_the_runtime_and_the_apps_own_prometheus_metrics() -> None:
     from prometheus_client import Counter
 

@@ -203,6 +203,8 @@ class Chassis:
             pass  # logged; the server closes the connection of an unfinished response
         except Exception as exc:
             exchange.failed = not isinstance(exc, _EXPECTED)
+            if exchange.failed:
+                exchange.error = type(exc).__qualname__
             span = exchange.span
             if span is not None and span.is_recording() and not isinstance(exc, _EXPECTED):
                 span.record_exception(exc)  # a bug: its type and traceback on the span
@@ -457,6 +459,8 @@ class Exchange:
         #: The request's held log lines (``LOG_BUFFERING``), unless it asked for debug.
         self.held = log.hold_lines() if chassis.log_buffering and not context.debug else None
         self.failed = False
+        #: The class of the exception the request failed on (``error.type``), if any.
+        self.error: str | None = None
 
     def reschedule(self, when: float | None) -> None:
         """Move the handler's deadline (loop time; None: none): the route's own timeout."""
@@ -578,7 +582,16 @@ class Exchange:
         span_id = None
         span = self.span
         if span is not None:
-            span_id = telemetry.end_span(span, self.method, final, route, elapsed)
+            span_id = telemetry.end_span(
+                span,
+                self.method,
+                final,
+                route,
+                elapsed,
+                scope.get("scheme", "http"),
+                scope.get("http_version", "1.1"),
+                self.error,
+            )
             if self.interrupted is None:  # an interruption runs outside the request's task
                 deactivate(self.span_token)
         held = self.held

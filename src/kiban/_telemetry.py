@@ -245,7 +245,7 @@ class Telemetry:
         )
         self._rpc_attributes: dict[tuple[str, str, int], dict[str, str | int]] = {}
         # A request's attributes, made once for each (method, status, route) seen.
-        self._attributes: dict[tuple[str, int, str | None], dict[str, str | int]] = {}
+        self._attributes: dict[tuple[Any, ...], dict[str, str | int]] = {}
         self._names: dict[tuple[str, str], str] = {}  # "GET /items/{id}", made once a route
         self.exclude = settings.telemetry_exclude_paths
         # Counted in a plain int and read at collection: no SDK call on the request path.
@@ -428,22 +428,44 @@ class Telemetry:
         return "%016x" % span.get_span_context().span_id  # noqa: UP031 (faster)
 
     def end_span(
-        self, span: trace.Span, method: str, status: int, route: str | None, seconds: float
+        self,
+        span: trace.Span,
+        method: str,
+        status: int,
+        route: str | None,
+        seconds: float,
+        scheme: str = "http",
+        version: str = "1.1",
+        error: str | None = None,
     ) -> str:
         """Finish the server span, count the request in the duration histogram.
 
+        Attributes as OTel's HTTP semantic conventions name them; ``error.type`` is the
+        exception's class when the request failed on one, else a 5xx status as text.
         Returns the span's id in W3C form, for the access line.
         """
-        key = (method, status, route)
+        if error is None and status >= 500:
+            error = str(status)
+        key = (method, status, route, scheme, version, error)
         attributes = self._attributes.get(key)
         if attributes is None:
-            attributes = {"http.request.method": method, "http.response.status_code": status}
+            attributes = {
+                "http.request.method": method,
+                "http.response.status_code": status,
+                "url.scheme": scheme,
+                "network.protocol.version": version,
+            }
             if route is not None:
                 attributes["http.route"] = route
+            if error is not None:
+                attributes["error.type"] = error
             self._attributes[key] = attributes
         self.durations.record(seconds, attributes)
         if span.is_recording():
             span.set_attribute("http.response.status_code", status)
+            span.set_attribute("network.protocol.version", version)
+            if error is not None:
+                span.set_attribute("error.type", error)
             if route:
                 span.set_attribute("http.route", route)
                 name = self._names.get((method, route))
