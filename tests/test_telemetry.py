@@ -266,7 +266,7 @@ def prometheus_binary() -> str:
 
 
 @pytest.mark.process
-def test_a_real_prometheus_scrapes_the_request_counter(
+def test_a_real_prometheus_scrapes_the_request_counter_and_its_exemplars(
     spawn: Any, prometheus_binary: str, tmp_path: Path
 ) -> None:
     service = spawn(HELLO)
@@ -287,6 +287,8 @@ def test_a_real_prometheus_scrapes_the_request_counter(
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp_path}/data",
             f"--web.listen-address=127.0.0.1:{port}",
+            # It then asks for OpenMetrics, the format that carries exemplars.
+            "--enable-feature=exemplar-storage",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -311,6 +313,27 @@ def test_a_real_prometheus_scrapes_the_request_counter(
             f"http://127.0.0.1:{port}/api/v1/query", params={"query": "greetings_total"}
         ).json()["data"]["result"]
         assert float(greetings[0]["value"][1]) == 3.0
+        # The duration buckets carry exemplars: the trace ids of the requests.
+        exemplars = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/query_exemplars",
+            params={
+                "query": 'http_server_request_duration_seconds_bucket{http_route="/hello/{name}"}',
+                "start": time.time() - 600,
+                "end": time.time() + 60,
+            },
+        ).json()["data"]
+        found = {
+            exemplar["labels"]["trace_id"]
+            for series in exemplars
+            for exemplar in series["exemplars"]
+        }
+        traces = {
+            line["trace_id"]
+            for line in service.lines()
+            if line.get("log") == "access" and line["path"].startswith("/hello/")
+        }
+        assert found
+        assert found <= traces
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=10)
@@ -549,3 +572,80 @@ def test_an_untrusted_callers_traceparent_is_a_link_not_a_parent(mode: str) -> N
         assert link.context.span_id == int(PARENT_SPAN, 16)
     else:
         assert not span.links
+
+
+def test_openmetrics_is_served_when_asked_with_the_sampled_requests_exemplars() -> None:
+    app = FastAPI()
+    kiban.Service(app, Settings(), security=NoSecurity())
+
+    @app.get("/items/{item_id}")
+    async def get(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    with TestClient(app) as client:
+        traces = {client.get("/items/1").headers["x-trace-id"] for _ in range(3)}
+        plain = client.get("/metrics")
+        open_metrics = client.get(
+            "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}
+        )
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert " # {" not in plain.text  # the classic format has no exemplars
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert open_metrics.text.count("# EOF") == 1  # kiban's metrics and the app's, one document
+    buckets = [
+        line
+        for line in open_metrics.text.splitlines()
+        if line.startswith("http_server_request_duration_seconds_bucket")
+        and 'http_route="/items/{item_id}"' in line
+        and " # {" in line
+    ]
+    assert buckets, open_metrics.text[:3000]
+    assert {line.split('trace_id="')[1][:32] for line in buckets} <= traces
+
+
+def test_unsampled_requests_leave_no_exemplar() -> None:
+    app = FastAPI()
+    kiban.Service(app, Settings(trace_sample_ratio=0.0), security=NoSecurity())
+
+    @app.get("/items/{item_id}")
+    async def get(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    with TestClient(app) as client:
+        client.get("/items/1")
+        text = client.get("/metrics", headers={"accept": "application/openmetrics-text"}).text
+    assert "http_server_request_duration_seconds_bucket" in text
+    assert " # {" not in text
+
+
+def test_otel_metrics_are_named_by_the_prometheus_compatibility_rules() -> None:
+    from opentelemetry.metrics import Observation
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kiban._prometheus import MetricsCollector
+
+    reader = InMemoryMetricReader()
+    resource = Resource.create({"service.name": "names"})
+    meter = MeterProvider(resource=resource, metric_readers=[reader]).get_meter("test.scope", "1.2")
+    meter.create_counter("orders.placed", unit="{order}").add(2, {"shop.id": "7"})
+    meter.create_counter("payload.size", unit="By").add(512)
+    meter.create_up_down_counter("queue.depth").add(3)
+    meter.create_observable_gauge(
+        "cache.hit_rate", callbacks=[lambda _: [Observation(0.5)]], unit="1"
+    )
+    meter.create_histogram("job.duration", unit="s").record(0.3)
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(reader, resource))
+    text = generate_latest(registry).decode()
+    scope = 'otel_scope_name="test.scope",otel_scope_schema_url="",otel_scope_version="1.2"'
+    assert f'orders_placed_total{{{scope},shop_id="7"}} 2.0' in text
+    assert "# TYPE payload_size_bytes_total counter" in text
+    assert "# TYPE queue_depth gauge" in text  # a sum that goes down is a gauge
+    assert "# TYPE cache_hit_rate_ratio gauge" in text
+    assert "# TYPE job_duration_seconds histogram" in text
+    assert 'service_name="names"' in next(
+        line for line in text.splitlines() if line.startswith("target_info{")
+    )

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -43,12 +46,14 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.requests import Request
 from starlette.responses import Response
 
 from kiban import _propagation as propagation
 from kiban._config import Settings
 from kiban._cpu import CpuUsage
+from kiban._prometheus import MetricsCollector
 
 __all__ = ["Telemetry", "meter", "tracer"]
 
@@ -179,6 +184,17 @@ def _parent(
     return None, None
 
 
+class _Registries:
+    """kiban's registry and the app's, read as one (an OpenMetrics document is one)."""
+
+    def __init__(self, *registries: CollectorRegistry) -> None:
+        self.registries = registries
+
+    def collect(self) -> Iterator[Any]:
+        for registry in self.registries:
+            yield from registry.collect()
+
+
 class Telemetry:
     """The tracer and meter of one service, and where their data goes.
 
@@ -203,7 +219,11 @@ class Telemetry:
             ProcessCollector(registry=self.registry)
             GCCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
-        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
+        # /metrics reads the provider when scraped, through the SDK's public in-memory
+        # reader; kiban writes what it reads as Prometheus families, with exemplars.
+        scraped = InMemoryMetricReader()
+        self.registry.register(MetricsCollector(scraped, resource))
+        readers: list[MetricReader] = [scraped]
         if settings.otlp_endpoint:
             self.export_spans(_span_exporter(settings))
             readers.append(_metric_reader(settings))
@@ -331,9 +351,16 @@ class Telemetry:
             return f"OTLP {self.settings.otlp_protocol} {self.settings.otlp_endpoint} and /metrics"
         return "in process (spans not exported) and /metrics"
 
-    async def metrics_endpoint(self, _: Request) -> Response:
+    async def metrics_endpoint(self, request: Request) -> Response:
         """kiban's metrics, then what the app registered with ``prometheus_client``'s
         default registry (and its process, GC and platform metrics)."""
+        if "application/openmetrics-text" in request.headers.get("accept", ""):
+            # One document (OpenMetrics ends with "# EOF"), with the exemplars.
+            both = _Registries(self.registry, REGISTRY)
+            return Response(
+                openmetrics.generate_latest(both),  # type: ignore[no-untyped-call]
+                media_type=openmetrics.CONTENT_TYPE_LATEST,
+            )
         body = generate_latest(self.registry) + generate_latest(REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
