@@ -184,18 +184,7 @@ class PropagatingTransport(httpx.AsyncBaseTransport):
         #: The service's tracer (its provider's processors see the client spans), or
         #: the global one.
         self.tracer = tracer or trace.get_tracer("kiban._client")
-        self._managed = {
-            names.trace_id,
-            names.uid,
-            names.user_agent,
-            names.user_ip,
-            names.forwarded_for,
-            names.api_client,
-            names.id_token,
-            names.timeout,
-            "traceparent",
-            "tracestate",
-        }
+        self._managed = propagation.managed_headers(names)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         # Whatever the caller set for these is replaced: they come from the context only.

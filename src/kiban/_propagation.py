@@ -270,6 +270,25 @@ def _from_values(
     )
 
 
+def managed_headers(names: HeaderNames) -> frozenset[str]:
+    """The headers (and gRPC metadata) kiban's clients set from the request context alone:
+    what a caller sets for them is dropped, on HTTP and gRPC alike."""
+    return frozenset(
+        {
+            names.trace_id,
+            names.uid,
+            names.user_agent,
+            names.user_ip,
+            names.forwarded_for,
+            names.api_client,
+            names.id_token,
+            names.timeout,
+            "traceparent",
+            "tracestate",
+        }
+    )
+
+
 def outbound_headers(
     context: RequestContext, names: HeaderNames, internal: bool = True
 ) -> dict[str, str]:

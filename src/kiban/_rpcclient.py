@@ -68,11 +68,7 @@ class _Propagating(
         self.timeout = settings.client_read_timeout
         self.tracer = tracer or trace.get_tracer("kiban._rpcclient")
         self.host = host
-        self._managed = {
-            *settings.headers.model_dump().values(),
-            "traceparent",
-            "tracestate",
-        }
+        self._managed = propagation.managed_headers(settings.headers)
 
     def _details(
         self, details: grpc.aio.ClientCallDetails, span: trace.Span
