@@ -34,7 +34,7 @@ from kiban import _extras, _fastapi
 from kiban import _log as log
 from kiban._chassis import Chassis
 from kiban._config import ConfigError, Settings, load
-from kiban._health import Checker, Pinger, SQLPinger
+from kiban._health import Checker, Pinger, RedisPinger, SQLPinger
 from kiban._ratelimit import Limiter, RateLimit
 from kiban._telemetry import Telemetry
 from kiban.security._declare import SecurityConfigError, Unlimited
@@ -230,6 +230,23 @@ class Service:
         if self.default_database is None:
             self.default_database = database
         return database
+
+    def redis(self, url: str | None = None, name: str = "redis", **options: Any) -> Any:
+        """A ``redis.asyncio.Redis`` (``kiban[redis]``) whose commands are client spans
+        and points in ``db.client.operation.duration``; readiness pings it, shutdown
+        closes it, and its connection errors are answered 503. ``url`` defaults to
+        ``REDIS_URL``; ``options`` are redis-py's (``socket_timeout=...``)."""
+        _extras.require("redis", "redis", "service.redis()")
+        from kiban._redis import client
+
+        url = url or self.settings.redis_url
+        if not url:
+            raise ConfigError("service.redis() needs a URL: set REDIS_URL or pass one")
+        redis = client(url.removeprefix("async+"), self.telemetry, name, **options)
+        errors.install_dependency_errors(self.app)
+        self.add_pinger(RedisPinger(redis, name))
+        self.on_shutdown(redis.aclose)
+        return redis
 
     def http_client(self, base_url: str = "", **options: Any) -> httpx.AsyncClient:
         """An outgoing client that propagates the request context; closed on shutdown."""

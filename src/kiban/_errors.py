@@ -311,6 +311,10 @@ def dependency_errors() -> tuple[type[Exception], ...]:
         import httpx
 
         found.append(httpx.TransportError)
+    if "redis" in sys.modules:
+        from redis import exceptions
+
+        found += [exceptions.ConnectionError, exceptions.TimeoutError]
     return tuple(found)
 
 

@@ -64,7 +64,7 @@ class SQLPinger:
 
 
 class Redis(Protocol):
-    async def ping(self) -> Any: ...
+    def ping(self) -> Awaitable[Any]: ...
 
 
 class RedisPinger:
