@@ -409,3 +409,44 @@ def test_a_handler_timed_out_mid_statement_gives_its_connection_back(
             assert started.get("/quick").json() == {"one": 1}
         assert database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert not [line for line in lines.all() if line.get("level") == "error"]
+
+
+@pytest.mark.parametrize("idle_ping", [True, False])
+def test_a_pooled_connection_dropped_while_idle_is_pinged_and_replaced(
+    server_url: str, idle_ping: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import kiban.database
+    from tests.proxy import Proxy
+
+    upstream = ("127.0.0.1", 5432) if server_url.startswith("postgresql") else ("127.0.0.1", 3306)
+    proxy = Proxy(upstream)
+    proxy.start()
+    proxied = server_url.replace(f":{upstream[1]}/", f":{proxy.port}/")
+    # Idle past the threshold, or "busy": reused well within it.
+    monkeypatch.setattr(kiban.database, "PING_AFTER_IDLE", 0.1 if idle_ping else 3600.0)
+    app = FastAPI()
+    service = kiban.Service(app, kiban.Settings(), security=NoSecurity())
+    service.database(proxied, pool_size=1, max_overflow=0)
+
+    @app.get("/one")
+    async def one(session: Session) -> dict[str, int]:
+        return {"one": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    try:
+        with TestClient(app) as client:
+            assert client.get("/one").status_code == 200  # the pool holds a connection now
+            proxy.cut()  # the server side of it goes away while it sits in the pool
+            proxy.restore()
+            time.sleep(0.3)
+            first = client.get("/one")
+            if idle_ping:
+                assert first.status_code == 200  # pinged on checkout, replaced, served
+            else:
+                # Never pinged while busy: the dead connection fails its request once
+                # (a 503, not a 500), and the pool replaces it and every older one.
+                assert first.status_code == 503
+            assert client.get("/one").status_code == 200
+    finally:
+        proxy.cut()

@@ -55,6 +55,11 @@ __all__ = ["Service"]
 Cleanup = Callable[[], Awaitable[Any]]
 
 
+#: Pooled database connections are replaced after this long, before a server or a
+#: proxy between drops them for their age (MariaDB's wait_timeout is 8 hours).
+RECYCLE_SECONDS = 1800
+
+
 class Service:
     """A FastAPI app wearing kiban: context, logs, errors, health, limits, shutdown."""
 
@@ -211,7 +216,7 @@ class Service:
         from kiban.database import Database
 
         errors.install_dependency_errors(self.app)
-        engine = create_async_engine(url, pool_pre_ping=True, **options)
+        engine = create_async_engine(url, **{"pool_recycle": RECYCLE_SECONDS, **options})
         from kiban._dbtelemetry import observe
 
         observe(engine, self.telemetry, name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -119,6 +120,36 @@ def _out_of_time() -> _errors.Problem:
     return _errors.Problem(504, "The request's time ran out before the database answered.")
 
 
+#: A connection idle in the pool this long is pinged before it is handed out.
+PING_AFTER_IDLE = 10.0
+_IDLE_SINCE = "kiban.idle_since"
+
+
+def _idle_since(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_IDLE_SINCE] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Ping a connection that sat idle (a server or a proxy may have dropped it since).
+
+    A busy service's connections are reused within moments and never pinged: no extra
+    round trip on the request path, where a ping at every checkout costs one. A ping
+    that fails raises ``DisconnectionError``, on which SQLAlchemy's pool discards the
+    connection and hands out a fresh one (its documented custom ping). A connection
+    that fails mid-use all the same is discarded with every older one in the pool.
+    """
+    since = record.info.get(_IDLE_SINCE)
+    if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT 1")
+    except Exception as error:
+        raise exc.DisconnectionError() from error
+    finally:
+        cursor.close()
+
+
 def _sqlite_durable(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -136,6 +167,8 @@ class Database:
         self.name = name
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         backend = engine.url.get_backend_name()
+        event.listen(engine.sync_engine, "checkin", _idle_since)
+        event.listen(engine.sync_engine, "checkout", _ping_if_idle)
         if backend == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_durable)
         elif backend in ("mysql", "mariadb"):
