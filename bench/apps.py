@@ -11,6 +11,7 @@
 - ``members``: the sample members service's GET-by-id on SQLite.
 - ``members-fastapi``: the same GET-by-id, same model and SQLite, on bare FastAPI with a
   SQLAlchemy session per request: the database path with and without kiban.
+- ``members-pg``, ``members-fastapi-pg``: the same two on PostgreSQL (asyncpg).
 - ``litestar``: the route on bare Litestar.
 - ``litestar-stack``: what a Litestar team would use: Litestar's own OpenTelemetry,
   Prometheus and structlog (request logging) plugins and an API-key guard.
@@ -155,12 +156,16 @@ def _typical() -> FastAPI:
 def _members() -> FastAPI:
     from services.members.app import MembersSettings, create_app
 
+    off = set(filter(None, os.environ.get("KIBAN_BENCH_OFF", "").split(",")))
+    excluded = frozenset({"/members/1"}) if "telemetry" in off else frozenset()
     return create_app(
         MembersSettings(
             database_url=os.environ.get(
                 "BENCH_DATABASE_URL", "sqlite+aiosqlite:///./.run/bench.db"
             ),
             rate_limit="100000000/second",
+            # No request span and no SQL spans for the measured route.
+            telemetry_exclude_paths=excluded,
         )
     )
 
@@ -228,6 +233,8 @@ def load(name: str) -> Any:
         "typical": _typical,
         "members": _members,
         "members-fastapi": _members_fastapi,
+        "members-pg": _members,
+        "members-fastapi-pg": _members_fastapi,
         "litestar": _litestar,
         "litestar-stack": _litestar_stack,
     }[name]()

@@ -11,6 +11,7 @@ exit code is 1 when it did not).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import re
@@ -37,7 +38,11 @@ MAIN = (
     "litestar-stack",
     "members",
     "members-fastapi",
+    "members-pg",
+    "members-fastapi-pg",
 )
+#: The database path on PostgreSQL: a fresh database each, made before the servers start.
+POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/"
 LOADS = (16, 64)
 FEATURES = ("telemetry", "accesslog", "security", "ratelimit")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -115,7 +120,11 @@ def start(
         "HTTP_DRAIN_SECONDS": "0",
         "KIBAN_BENCH_OFF": off,
         "BENCH_LOG": str(workdir / f"{variant}{off and '-' + off}-access.log"),
-        "BENCH_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/{variant}.db",
+        "BENCH_DATABASE_URL": (
+            POSTGRES + _database_name(variant)
+            if variant.endswith("-pg")
+            else f"sqlite+aiosqlite:///{workdir}/{variant}.db"
+        ),
         "PYTHONPATH": str(ROOT),
     }
     cores = "0" if workers == 1 else "0,1"
@@ -152,12 +161,17 @@ def start(
         # The first answer comes from whichever worker is up first; let the others load
         # the app too before they are measured.
         time.sleep(5)
-    if variant == "members":
+    if variant.removesuffix("-pg") == "members":
         httpx.post(f"{url}/members", json={"email": "bench@example.com", "name": "Bench"})
     return process, url
 
 
+def _database_name(variant: str) -> str:
+    return "kiban_bench_" + variant.replace("-", "_")
+
+
 def target(variant: str, url: str) -> tuple[str, list[str]]:
+    variant = variant.removesuffix("-pg")
     if variant == "members":
         from kiban._cli import DEV_KEYS
         from kiban.security._tokens import mint
@@ -341,7 +355,17 @@ def main() -> int:
     # while another is driven), so that a round measures them seconds apart: the
     # machine's drift then moves a round's variants together, and ratios are taken
     # within a round, at each load.
-    lineup = [(variant, "") for variant in MAIN] + [("kiban", feature) for feature in FEATURES]
+    from bench.slowdb import fresh_database
+
+    for variant in MAIN:
+        if variant.endswith("-pg"):
+            asyncio.run(fresh_database(_database_name(variant)))
+    lineup = (
+        [(variant, "") for variant in MAIN]
+        + [("kiban", feature) for feature in FEATURES]
+        # The database path with telemetry off: what the SQL spans and metrics cost.
+        + [("members", "telemetry"), ("members-pg", "telemetry")]
+    )
     servers = {key: start(key[0], workdir, off=key[1]) for key in lineup}
     runs: dict[tuple[str, str, int], list[Run]] = {
         (*key, load): [] for key in lineup for load in loads
@@ -407,6 +431,27 @@ def main() -> int:
         + " |"
         for feature in FEATURES
     ]
+    database_rows = [
+        f"| {variant}{' (telemetry off)' if off else ''} | "
+        + " | ".join(
+            f"{median(variant, 'rps', load, off):,.0f} | "
+            f"{ratio(variant, 'fastapi', load, off):.2f} | "
+            f"{median(variant, 'p99_ms', load, off):.2f}"
+            for load in loads
+        )
+        + " |"
+        for variant, off in (
+            ("members", ""),
+            ("members", "telemetry"),
+            ("members-fastapi", ""),
+            ("members-pg", ""),
+            ("members-pg", "telemetry"),
+            ("members-fastapi-pg", ""),
+        )
+    ]
+    database_head = " | ".join(
+        f"req/s -c{load} | x bare FastAPI hello -c{load} | p99 ms -c{load}" for load in loads
+    )
     feature_head = " | ".join(
         f"req/s -c{load} | vs full -c{load} | p99 ms -c{load}" for load in loads
     )
@@ -481,6 +526,15 @@ def main() -> int:
                 over_litestar >= 3,
             ),
         ]
+    for load in loads:
+        database = ratio("members-pg", "fastapi", load)
+        checks.append(
+            (
+                f"-c{load}: the sample's GET-by-id on PostgreSQL >= 0.4x bare FastAPI "
+                f"hello-world ({database:.2f}x)",
+                database >= 0.4,
+            )
+        )
     rss_extra = median("kiban", "rss_mib", loads[-1]) - median("fastapi", "rss_mib", loads[-1])
     checks.append((f"kiban RSS <= bare FastAPI + 15 MiB (+{rss_extra:.1f} MiB)", rss_extra <= 15))
     checks.append(
@@ -522,6 +576,18 @@ def main() -> int:
             f"| kiban with | {feature_head} |",
             "| --- | " + " | ".join("--- | --- | ---" for _ in loads) + " |",
             *features,
+            "",
+            "## The database path: the members GET-by-id on SQLite and PostgreSQL",
+            "",
+            "The sample's route in kiban (`members`, with its SQL spans, metrics, access "
+            "line and security) and on bare FastAPI with a SQLAlchemy session per request "
+            "(`members-fastapi`), on SQLite and on the machine's PostgreSQL (asyncpg, `-pg`). "
+            "Telemetry off takes the route's request span and SQL spans away (its durations "
+            "are still measured).",
+            "",
+            f"| variant | {database_head} |",
+            "| --- | " + " | ".join("--- | --- | ---" for _ in loads) + " |",
+            *database_rows,
             "",
             "## Scaling: one vs two worker processes (both cores serve; wrk shares them)",
             "",

@@ -47,7 +47,7 @@ def main() -> None:
         )
         return
     app = load(variant)
-    if variant in ("kiban", "members"):
+    if variant in ("kiban", "members", "members-pg"):
         import kiban
 
         kiban.run(app, kiban.Service.of(app).settings.model_copy(update={"http_port": port}))

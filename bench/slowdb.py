@@ -69,14 +69,14 @@ async def _phase(url: str, headers: str, rate: float, seconds: float) -> dict[st
     }
 
 
-async def _fresh_database() -> None:
+async def fresh_database(name: str) -> None:
     """A database of the bench's own, made anew: the suite's ``test`` holds other schemas."""
     import asyncpg
 
     connection = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
     try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        await connection.execute(f"CREATE DATABASE {DATABASE}")
+        await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await connection.execute(f"CREATE DATABASE {name}")
     finally:
         await connection.close()
 
@@ -94,7 +94,7 @@ def run(workdir: Path) -> tuple[list[str], bool]:
     from tests.conftest import free_port, token
     from tests.proxy import Proxy
 
-    asyncio.run(_fresh_database())
+    asyncio.run(fresh_database(DATABASE))
     proxy = Proxy(("127.0.0.1", 5432))
     proxy.start()
     port = free_port()

@@ -7,6 +7,10 @@ is a client span named ``OPERATION name`` (``db.system.name``, ``db.operation.na
 a point in ``db.client.operation.duration``; the pool's connections in use and idle are
 observed at collection, never counted on the request path.
 
+A statement is a span only inside a traced request or another span: a readiness ping,
+a migration or an excluded path (``TELEMETRY_EXCLUDE_PATHS``) makes none, so probes do
+not fill the traces; its duration is measured all the same.
+
 A statement's span and start time live in the connection's ``info`` dictionary (the
 user dictionary SQLAlchemy gives every connection): a connection runs one statement at
 a time.
@@ -18,6 +22,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
@@ -60,11 +65,13 @@ def observe(engine: AsyncEngine, telemetry: Telemetry, name: str) -> None:
         connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
         operation = _operation(statement)
-        span = tracer.start_span(
-            f"{operation} {name}",
-            kind=SpanKind.CLIENT,
-            attributes={**attributes(operation), "db.query.text": statement[:_MAX_TEXT]},
-        )
+        span = None
+        if trace.get_current_span().get_span_context().is_valid:
+            span = tracer.start_span(
+                f"{operation} {name}",
+                kind=SpanKind.CLIENT,
+                attributes={**attributes(operation), "db.query.text": statement[:_MAX_TEXT]},
+            )
         connection.info[_KEY] = (span, operation, time.perf_counter())
 
     @event.listens_for(sync, "after_cursor_execute")
@@ -76,7 +83,8 @@ def observe(engine: AsyncEngine, telemetry: Telemetry, name: str) -> None:
             return
         span, operation, began = started
         durations.record(time.perf_counter() - began, attributes(operation))
-        span.end()
+        if span is not None:
+            span.end()
 
     @event.listens_for(sync, "handle_error")
     def failed(context: Any) -> None:
@@ -89,8 +97,9 @@ def observe(engine: AsyncEngine, telemetry: Telemetry, name: str) -> None:
         durations.record(
             time.perf_counter() - began, {**attributes(operation), "error.type": error}
         )
-        span.set_status(Status(StatusCode.ERROR, error))
-        span.end()
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
+            span.end()
 
     pool = sync.pool
 

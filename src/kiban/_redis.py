@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -47,6 +48,13 @@ class _Observed:
 
     async def run(self, operation: str, call: Any) -> Any:
         attributes = self.attributes(operation)
+        if not trace.get_current_span().get_span_context().is_valid:
+            # Outside any request or span (a readiness ping): measured, not traced.
+            began = time.perf_counter()
+            try:
+                return await call
+            finally:
+                self.durations.record(time.perf_counter() - began, attributes)
         with self.tracer.start_as_current_span(
             operation, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
         ) as span:
