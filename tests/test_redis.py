@@ -52,6 +52,7 @@ def test_commands_and_pipelines_are_client_spans_inside_the_request_without_data
         if span.kind.name == "CLIENT" and span.context.trace_id == server.context.trace_id
     }
     assert set(commands) == {"INCRBY", "MULTI"}  # a pipeline is one round trip, one span
+    assert "PING" not in {span.name for span in finished}  # readiness: measured, not traced
     for span in commands.values():
         assert span.parent is not None
         assert span.parent.span_id == server.context.span_id
