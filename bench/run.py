@@ -118,6 +118,7 @@ def start(
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "warning",
         "HTTP_DRAIN_SECONDS": "0",
+        "GRPC_PORT": "0",  # the members variants serve gRPC too: each on a free port
         "KIBAN_BENCH_OFF": off,
         "BENCH_LOG": str(workdir / f"{variant}{off and '-' + off}-access.log"),
         "BENCH_DATABASE_URL": (

@@ -450,3 +450,38 @@ def test_a_pooled_connection_dropped_while_idle_is_pinged_and_replaced(
             assert client.get("/one").status_code == 200
     finally:
         proxy.cut()
+
+
+async def test_the_pool_reports_used_idle_overflow_and_waiting(postgres_url: str) -> None:
+    import asyncio
+
+    import httpx
+
+    app = FastAPI()
+    service = kiban.Service(app, kiban.Settings(), security=NoSecurity())
+    service.database(postgres_url, pool_size=1, max_overflow=1, pool_timeout=10)
+    release = asyncio.Event()
+
+    @app.get("/hold")
+    async def hold(session: Session) -> None:
+        await session.execute(text("SELECT 1"))
+        await release.wait()
+
+    def count(text_: str, state: str) -> float:
+        line = next(
+            line
+            for line in text_.splitlines()
+            if line.startswith("db_client_connection_count{") and f'state="{state}"' in line
+        )
+        return float(line.rsplit(" ", 1)[1])
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        held = [asyncio.ensure_future(client.get("/hold")) for _ in range(3)]
+        await asyncio.sleep(1.0)  # two hold a connection (one of them past the pool's size)
+        metrics = (await client.get("/metrics")).text
+        release.set()
+        assert [(await answer).status_code for answer in held] == [200, 200, 200]
+    assert count(metrics, "used") == 2
+    assert count(metrics, "overflow") == 1
+    assert count(metrics, "waiting") == 1

@@ -122,7 +122,7 @@ class AccessLog:
             "route": route,
             "status": status,
             "grpc_status": grpc_status,
-            #: Why kiban cut the request short (``"shutdown"``), else null.
+            #: Why kiban cut the request short (``"shutdown"``, ``"timeout"``), else null.
             "interrupted": interrupted,
             "request_bytes": request_bytes,
             "response_bytes": response_bytes,

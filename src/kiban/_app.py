@@ -219,8 +219,8 @@ class Service:
         engine = create_async_engine(url, **{"pool_recycle": RECYCLE_SECONDS, **options})
         from kiban._dbtelemetry import observe
 
-        observe(engine, self.telemetry, name)
         database = Database(engine, name)
+        observe(engine, self.telemetry, name, waiting=lambda: database.waiting)
         if migrations is not None and self.settings.migrate_on_start:
             from kiban.database import upgrade
 

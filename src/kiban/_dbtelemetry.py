@@ -19,7 +19,7 @@ a time.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import trace
@@ -42,8 +42,15 @@ def _operation(statement: str) -> str:
     return word[0].upper() if word else "QUERY"
 
 
-def observe(engine: AsyncEngine, telemetry: Telemetry, name: str) -> None:
-    """Trace and measure ``engine``'s statements; report its pool (named ``name``)."""
+def observe(
+    engine: AsyncEngine,
+    telemetry: Telemetry,
+    name: str,
+    waiting: Callable[[], int] = lambda: 0,
+) -> None:
+    """Trace and measure ``engine``'s statements; report its pool (named ``name``):
+    connections used and idle, overflow beyond the pool's size, and ``waiting``, the
+    transactions waiting for a connection (the pool has no public count of those)."""
     sync = engine.sync_engine
     system = sync.dialect.name
     tracer = telemetry.tracer
@@ -108,9 +115,14 @@ def observe(engine: AsyncEngine, telemetry: Telemetry, name: str) -> None:
         idle = getattr(pool, "checkedin", None)
         if used is None or idle is None:  # a pool without counts (NullPool, StaticPool)
             return []
+        overflow = getattr(pool, "overflow", lambda: 0)
         return [
             Observation(used(), {"db.client.connection.pool.name": name, "state": "used"}),
             Observation(idle(), {"db.client.connection.pool.name": name, "state": "idle"}),
+            Observation(
+                max(0, overflow()), {"db.client.connection.pool.name": name, "state": "overflow"}
+            ),
+            Observation(waiting(), {"db.client.connection.pool.name": name, "state": "waiting"}),
         ]
 
     telemetry.pools.append(connections)

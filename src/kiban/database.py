@@ -175,6 +175,8 @@ class Database:
             event.listen(engine.sync_engine, "before_cursor_execute", _mariadb_bounded, retval=True)
         #: PostgreSQL bounds a budgeted transaction's statements with one ``SET LOCAL``.
         self._set_local = backend == "postgresql"
+        #: Transactions waiting for a connection from the pool (``db.client.connection.count``).
+        self.waiting = 0
         #: The dependency giving a handler a session of this database, committed before
         #: the response starts: ``session: AsyncSession = db.session``.
         self.session: Any = Depends(self._dependency, scope="function")
@@ -192,6 +194,11 @@ class Database:
             raise _out_of_time()  # no budget left: not even a connection is taken
         async with self.sessions() as session:
             try:
+                self.waiting += 1
+                try:  # the connection the first statement would take, counted while awaited
+                    await session.connection()
+                finally:
+                    self.waiting -= 1
                 if left is not None and self._set_local:
                     milliseconds = max(1, int((left - STATEMENT_MARGIN) * 1000))
                     await session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
