@@ -111,8 +111,13 @@ async def test_at_the_inflight_cap_new_requests_get_503_and_probes_pass() -> Non
 
 
 async def test_the_504_goes_out_at_the_deadline_while_a_slow_cleanup_runs(lines: Lines) -> None:
+    from kiban.security import APIKey, Principal, Security
+
+    async def partner(key: str) -> Principal | None:
+        return Principal("api_key", "partner") if key == "partner-key" else None
+
     app = FastAPI()
-    kiban.Service(app, kiban.Settings(), security=NoSecurity())
+    kiban.Service(app, kiban.Settings(), security=Security(APIKey(partner)))
     cleaned = asyncio.Event()
 
     @app.get("/stuck", dependencies=[Timeout(0.2)])
@@ -142,7 +147,7 @@ async def test_the_504_goes_out_at_the_deadline_while_a_slow_cleanup_runs(lines:
         "raw_path": b"/stuck",
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"host", b"test")],
+        "headers": [(b"host", b"test"), (b"x-api-key", b"partner-key")],
         "client": ("127.0.0.1", 5000),
         "server": ("127.0.0.1", 80),
     }
@@ -154,6 +159,8 @@ async def test_the_504_goes_out_at_the_deadline_while_a_slow_cleanup_runs(lines:
     assert cleaned.is_set()  # the cleanup ran to its end all the same
     (line,) = [line for line in lines.access() if line["path"] == "/stuck"]
     assert (line["status"], line["interrupted"]) == (504, "timeout")
+    assert line["api_client"] == "partner"  # the identity the request proved, kept
+    assert line["latency_s"] < 0.6  # when it was answered, not when its cleanup ended
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_408() -> None:

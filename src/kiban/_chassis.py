@@ -283,6 +283,7 @@ class Chassis:
                             504,
                             f"The request took longer than its {seconds} s budget.",
                             close=False,
+                            finish=False,
                         )
                         if answer is not None:
                             exchange.answering = asyncio.ensure_future(answer)
@@ -454,8 +455,10 @@ class Exchange:
         self.timed_out: float | None = None
         #: When the handler's time began (the loop's clock).
         self.began = 0.0
-        #: The 504 being sent for it from outside its task, once its time is out.
+        #: The 504 being sent for it from outside its task, once its time is out, and
+        #: when (its latency in the access line).
         self.answering: asyncio.Future[None] | None = None
+        self.answered: float | None = None
         #: The request's held log lines (``LOG_BUFFERING``), unless it asked for debug.
         self.held = log.hold_lines() if chassis.log_buffering and not context.debug else None
         self.failed = False
@@ -529,15 +532,17 @@ class Exchange:
         status: int = 503,
         detail: str = "The service is shutting down; retry the request elsewhere.",
         close: bool = True,
+        finish: bool = True,
     ) -> Awaitable[None] | None:
         """Cut the request short: answer ``status`` if its response has not started.
 
-        Called from outside the request's task (the shutdown, the handler's deadline).
-        The access line is written now, with ``interrupted`` set, since the task may
-        not finish soon: a cancelled handler's cleanup can wait on a dependency that has
-        gone slow, and the caller is not kept waiting for it. What the app sends
-        afterwards is dropped. Returns the answer to await, if any; a started
-        response's connection is closed by the server when it cancels the task.
+        Called from outside the request's task (the shutdown, the handler's deadline):
+        a cancelled handler's cleanup can wait on a dependency that has gone slow, and
+        the caller is not kept waiting for it. What the app sends afterwards is dropped.
+        With ``finish`` the access line is written now (the shutdown: the task may never
+        end); without, by the task when it ends, with the identity it verified and the
+        time of this answer. Returns the answer to await, if any; a started response's
+        connection is closed by the server when it cancels the task.
         """
         if self.interrupted is not None or self.finished:
             return None
@@ -556,21 +561,26 @@ class Exchange:
             self._start(message, self.context, close=close)
             self.response_bytes = len(body)
             answer = self._answer(message, body)
-        self.finish(None)
+        if finish:
+            self.finish(None, outside=True)
+        else:
+            self.answered = perf_counter()
         return answer
 
     async def _answer(self, start: Message, body: bytes) -> None:
         await self._send(start)
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
-    def finish(self, context: RequestContext | None) -> None:
-        """End the span and write the access line, once."""
+    def finish(self, context: RequestContext | None, outside: bool = False) -> None:
+        """End the span and write the access line, once (``outside`` the request's task:
+        its span stays current there)."""
         if self.finished:
             return
         self.finished = True
         chassis = self.chassis
         telemetry = chassis.telemetry
-        elapsed = perf_counter() - self.start
+        answered = self.answered
+        elapsed = (perf_counter() if answered is None else answered) - self.start
         telemetry.active -= 1
         scope = self.scope
         route = routes.template(scope)
@@ -592,7 +602,7 @@ class Exchange:
                 scope.get("http_version", "1.1"),
                 self.error,
             )
-            if self.interrupted is None:  # an interruption runs outside the request's task
+            if not outside:
                 deactivate(self.span_token)
         held = self.held
         if held is not None:
