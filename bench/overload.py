@@ -69,27 +69,16 @@ def app(variant: str) -> Any:
 
 
 def serve(variant: str, port: int) -> int:
+    from bench.serve import on_kiban, on_uvicorn
+
     application = app(variant)
     if variant == "fastapi":
-        import uvicorn
-
-        uvicorn.run(
-            application,
-            host="127.0.0.1",
-            port=port,
-            http="httptools",
-            loop="uvloop",
-            access_log=False,
-            log_level="warning",
-        )
+        on_uvicorn(application, port)
         return 0
-    import kiban
-
-    settings = kiban.Service.of(application).settings
-    return kiban.run(application, settings.model_copy(update={"http_port": port}))
+    return on_kiban(application, port)
 
 
-class _Connections:
+class Connections:
     """Keep-alive HTTP/1.1 connections to one server, opened as the load needs them.
 
     Raw streams, not an HTTP client library: at a few thousand requests a second a
@@ -127,7 +116,7 @@ class _Connections:
 
 async def drive(url: str, rate: float, seconds: float) -> dict[str, Any]:
     host, port = url.removeprefix("http://").split(":")
-    connections = _Connections(host, int(port), "/work")
+    connections = Connections(host, int(port), "/work")
     latencies: list[float] = []
     outcome = {"shed": 0, "late": 0, "failed": 0}
     began = time.perf_counter() + 0.2
@@ -170,7 +159,7 @@ async def drive(url: str, rate: float, seconds: float) -> dict[str, Any]:
 async def capacity(url: str, seconds: float, concurrency: int = 32) -> float:
     """2xx per second with ``concurrency`` requests always in flight (closed loop)."""
     host, port = url.removeprefix("http://").split(":")
-    connections = _Connections(host, int(port), "/work")
+    connections = Connections(host, int(port), "/work")
     done = 0
     end = time.monotonic() + seconds
 

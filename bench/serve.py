@@ -48,12 +48,15 @@ def main() -> None:
         return
     app = load(variant)
     if variant in ("kiban", "members", "members-pg"):
-        import kiban
-
-        kiban.run(app, kiban.Service.of(app).settings.model_copy(update={"http_port": port}))
+        on_kiban(app, port)
         return
+    on_uvicorn(app, port)
+
+
+def on_uvicorn(app: object, port: int) -> None:
+    """Serve a bare app as the bench's peers are served: uvicorn, httptools, uvloop."""
     uvicorn.run(
-        app,
+        app,  # type: ignore[arg-type]
         host="127.0.0.1",
         port=port,
         http="httptools",
@@ -62,6 +65,13 @@ def main() -> None:
         log_level="warning",
         server_header=False,
     )
+
+
+def on_kiban(app: object, port: int) -> int:
+    """Serve a kiban app through ``kiban.run``, with its own settings but the port."""
+    import kiban
+
+    return kiban.run(app, kiban.Service.of(app).settings.model_copy(update={"http_port": port}))
 
 
 def kiban_factory() -> object:

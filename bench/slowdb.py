@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench.overload import PATIENCE, _Connections
+from bench.overload import PATIENCE, Connections
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 40.0
@@ -41,7 +41,7 @@ DATABASE = "kiban_bench_slowdb"
 async def _phase(url: str, headers: str, rate: float, seconds: float) -> dict[str, Any]:
     """Drive ``rate`` requests a second for ``seconds``; statuses and answer times."""
     host, port = url.removeprefix("http://").split(":")
-    connections = _Connections(host, int(port), "/members/1", headers)
+    connections = Connections(host, int(port), "/members/1", headers)
     took: list[float] = []
     statuses: dict[str, int] = {}
     began = time.perf_counter() + 0.1

@@ -152,6 +152,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def asgi_scope(
+    path: str = "/thing",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    method: str = "GET",
+) -> dict[str, Any]:
+    """An HTTP request's ASGI scope, for driving an app or the chassis without a server."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers if headers is not None else [(b"host", b"svc")],
+        "client": ("192.0.2.1", 1234),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on."""
     return free_port()

@@ -15,7 +15,7 @@ from kiban import _propagation as propagation
 from kiban._chassis import Chassis
 from kiban._config import Settings
 from kiban.security import NoSecurity
-from tests.conftest import Lines
+from tests.conftest import Lines, asgi_scope
 
 Message = dict[str, Any]
 
@@ -50,24 +50,6 @@ def _chassis(app: Any, **settings: Any) -> Chassis:
     return Chassis(app, service)
 
 
-def _scope(path: str = "/thing", headers: list[tuple[bytes, bytes]] | None = None) -> Any:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers if headers is not None else [(b"host", b"svc")],
-        "client": ("192.0.2.1", 1234),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-
-
 def drive(chassis: Chassis, scope: Any, body: bytes = b"") -> list[Message]:
     sent: list[Message] = []
 
@@ -85,7 +67,7 @@ def test_the_app_runs_inside_the_request_context_and_the_answer_carries_its_ids(
     lines: Lines,
 ) -> None:
     app = FakeApp()
-    sent = drive(_chassis(app), _scope())
+    sent = drive(_chassis(app), asgi_scope())
     assert app.context is not None
     headers = dict(sent[0]["headers"])
     assert headers[b"x-trace-id"].decode() == app.context.trace_id
@@ -101,14 +83,14 @@ def test_the_app_runs_inside_the_request_context_and_the_answer_carries_its_ids(
 
 def test_probes_are_answered_without_the_app() -> None:
     app = FakeApp()
-    sent = drive(_chassis(app), _scope("/health/liveness"))
+    sent = drive(_chassis(app), asgi_scope("/health/liveness"))
     assert sent[0]["status"] == 200
     assert app.calls == 0
 
 
 def test_a_body_declared_too_large_is_413_before_the_app_runs() -> None:
     app = FakeApp()
-    scope = _scope(headers=[(b"host", b"svc"), (b"content-length", b"999999999")])
+    scope = asgi_scope(headers=[(b"host", b"svc"), (b"content-length", b"999999999")])
     sent = drive(_chassis(app, http_max_body_bytes=10), scope)
     assert sent[0]["status"] == 413
     assert app.calls == 0
@@ -118,7 +100,7 @@ def test_a_bug_in_the_app_is_a_500_problem_with_its_access_line(lines: Lines) ->
     async def broken(scope: Any, receive: Any, send: Any) -> None:
         raise RuntimeError("broken")
 
-    sent = drive(_chassis(FakeApp(behaviour=broken)), _scope())
+    sent = drive(_chassis(FakeApp(behaviour=broken)), asgi_scope())
     assert sent[0]["status"] == 500
     assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
     assert [line["status"] for line in lines.access()] == [500]
@@ -127,7 +109,7 @@ def test_a_bug_in_the_app_is_a_500_problem_with_its_access_line(lines: Lines) ->
 def test_while_draining_every_answer_asks_to_close_the_connection() -> None:
     chassis = _chassis(FakeApp())
     chassis.service.health.start_draining()
-    sent = drive(chassis, _scope())
+    sent = drive(chassis, asgi_scope())
     assert (b"connection", b"close") in sent[0]["headers"]
 
 
@@ -142,7 +124,7 @@ def test_a_redirect_built_from_a_typed_host_stays_on_the_service() -> None:
         )
         await send({"type": "http.response.body", "body": b""})
 
-    typed = _scope(headers=[(b"host", b"evil.example")])  # the app trusts Host to build URLs
+    typed = asgi_scope(headers=[(b"host", b"evil.example")])  # the app trusts Host to build URLs
     sent = drive(_chassis(FakeApp(behaviour=redirect)), typed)
     assert dict(sent[0]["headers"])[b"location"] == b"/next"
 
@@ -167,7 +149,7 @@ def test_a_request_interrupted_at_shutdown_gets_503_and_the_apps_late_answer_is_
         sent.append(message)
 
     async def scenario() -> None:
-        request = asyncio.ensure_future(chassis(_scope(), receive, send))
+        request = asyncio.ensure_future(chassis(asgi_scope(), receive, send))
         await asyncio.sleep(0.01)
         assert await chassis.service.interrupt("shutdown") == 1
         release.set()

@@ -132,13 +132,20 @@ def test_metrics_are_exported_over_otlp(otlp: OTLPReceiver, spawn: Any) -> None:
     assert "http.server.active_requests" in names
 
 
-def test_metrics_endpoint_serves_standard_http_metrics() -> None:
+def _items(settings: Settings) -> tuple[FastAPI, kiban.Service]:
+    """An app serving ``GET /items/{item_id}`` under kiban with ``settings``."""
     app = FastAPI()
-    kiban.Service(app, Settings(), security=NoSecurity())
+    service = kiban.Service(app, settings, security=NoSecurity())
 
     @app.get("/items/{item_id}")
     async def get(item_id: int) -> dict[str, int]:
         return {"id": item_id}
+
+    return app, service
+
+
+def test_metrics_endpoint_serves_standard_http_metrics() -> None:
+    app, _ = _items(Settings())
 
     with TestClient(app) as client:
         client.get("/items/1")
@@ -479,14 +486,9 @@ class OnlyPost(Sampler):
 
 def test_a_users_span_processor_sees_the_server_span_start_and_end() -> None:
     """The server span is an SDK span: processors added by the user see on_start and on_end."""
-    app = FastAPI()
-    service = kiban.Service(app, Settings(trace_sample_ratio=1.0), security=NoSecurity())
+    app, service = _items(Settings(trace_sample_ratio=1.0))
     watching = Watching()
     service.telemetry.tracer_provider.add_span_processor(watching)
-
-    @app.get("/items/{item_id}")
-    async def get(item_id: int) -> dict[str, int]:
-        return {"id": item_id}
 
     with TestClient(app) as client:
         assert client.get("/items/1").status_code == 200
@@ -523,14 +525,9 @@ def test_a_service_sends_its_server_spans_in_the_configured_batches() -> None:
         return export(spans)
 
     exporter.export = counted  # type: ignore[method-assign]
-    app = FastAPI()
     settings = Settings(trace_export_batch=3, trace_export_delay=30, trace_export_queue=9)
-    service = kiban.Service(app, settings, security=NoSecurity())
+    app, service = _items(settings)
     processor = service.telemetry.export_spans(exporter)
-
-    @app.get("/items/{item_id}")
-    async def get(item_id: int) -> dict[str, int]:
-        return {"id": item_id}
 
     with TestClient(app) as client:
         for number in range(7):
@@ -575,12 +572,7 @@ def test_an_untrusted_callers_traceparent_is_a_link_not_a_parent(mode: str) -> N
 
 
 def test_openmetrics_is_served_when_asked_with_the_sampled_requests_exemplars() -> None:
-    app = FastAPI()
-    kiban.Service(app, Settings(), security=NoSecurity())
-
-    @app.get("/items/{item_id}")
-    async def get(item_id: int) -> dict[str, int]:
-        return {"id": item_id}
+    app, _ = _items(Settings())
 
     with TestClient(app) as client:
         traces = {client.get("/items/1").headers["x-trace-id"] for _ in range(3)}
@@ -604,12 +596,7 @@ def test_openmetrics_is_served_when_asked_with_the_sampled_requests_exemplars() 
 
 
 def test_unsampled_requests_leave_no_exemplar() -> None:
-    app = FastAPI()
-    kiban.Service(app, Settings(trace_sample_ratio=0.0), security=NoSecurity())
-
-    @app.get("/items/{item_id}")
-    async def get(item_id: int) -> dict[str, int]:
-        return {"id": item_id}
+    app, _ = _items(Settings(trace_sample_ratio=0.0))
 
     with TestClient(app) as client:
         client.get("/items/1")

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 import kiban
 from kiban import NoTimeout, Timeout
 from kiban.security import NoSecurity
-from tests.conftest import Lines
+from tests.conftest import Lines, asgi_scope
 
 
 def _app(**settings: Any) -> tuple[FastAPI, dict[str, asyncio.Event]]:
@@ -137,20 +137,7 @@ async def test_the_504_goes_out_at_the_deadline_while_a_slow_cleanup_runs(lines:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/stuck",
-        "raw_path": b"/stuck",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test"), (b"x-api-key", b"partner-key")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = asgi_scope("/stuck", [(b"host", b"test"), (b"x-api-key", b"partner-key")])
     await asyncio.wait_for(app(scope, receive, send), timeout=5)
     (answered, start), (_, body) = sent  # the 504, whole, and nothing the app sent after
     assert start["status"] == 504
@@ -177,20 +164,8 @@ async def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/upload",
-        "raw_path": b"/upload",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 80),
-    }
+    headers = [(b"host", b"test"), (b"content-type", b"application/json")]
+    scope = asgi_scope("/upload", headers, method="POST")
     await asyncio.wait_for(app(scope, receive, send), timeout=5)
     start = sent[0]
     assert start["status"] == 408

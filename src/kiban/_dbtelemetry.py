@@ -22,13 +22,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kiban._telemetry import Telemetry
+from kiban._telemetry import Telemetry, in_trace
 
 __all__ = ["observe"]
 
@@ -73,7 +72,7 @@ def observe(
     ) -> None:
         operation = _operation(statement)
         span = None
-        if trace.get_current_span().get_span_context().is_valid:
+        if in_trace():
             span = tracer.start_span(
                 f"{operation} {name}",
                 kind=SpanKind.CLIENT,

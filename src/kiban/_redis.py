@@ -13,12 +13,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from kiban._telemetry import Telemetry
+from kiban._telemetry import Telemetry, in_trace
 
 __all__ = ["client"]
 
@@ -48,29 +47,24 @@ class _Observed:
 
     async def run(self, operation: str, call: Any) -> Any:
         attributes = self.attributes(operation)
-        if not trace.get_current_span().get_span_context().is_valid:
-            # Outside any request or span (a readiness ping): measured, not traced.
-            began = time.perf_counter()
-            try:
-                return await call
-            finally:
-                self.durations.record(time.perf_counter() - began, attributes)
-        with self.tracer.start_as_current_span(
-            operation, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
-        ) as span:
-            began = time.perf_counter()
-            try:
-                result = await call
-            except Exception as exc:
+        span = None
+        if in_trace():
+            span = self.tracer.start_span(operation, kind=SpanKind.CLIENT, attributes=attributes)
+        began = time.perf_counter()
+        try:
+            result = await call
+        except Exception as exc:
+            error = type(exc).__qualname__
+            self.durations.record(time.perf_counter() - began, {**attributes, "error.type": error})
+            if span is not None:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                span.set_attribute("error.type", type(exc).__qualname__)
-                self.durations.record(
-                    time.perf_counter() - began,
-                    {**attributes, "error.type": type(exc).__qualname__},
-                )
-                raise
-            self.durations.record(time.perf_counter() - began, attributes)
-            return result
+                span.set_attribute("error.type", error)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+        self.durations.record(time.perf_counter() - began, attributes)
+        return result
 
 
 class _ObservedPipeline(Pipeline):

@@ -119,6 +119,12 @@ class _ScopeHeaders(Getter[Mapping[str, str]]):
 _getter = _ScopeHeaders()
 
 
+def in_trace() -> bool:
+    """Whether a span is current: a dependency call is a child span only then (a readiness
+    ping or a migration, outside any request, is measured but not traced)."""
+    return trace.get_current_span().get_span_context().is_valid
+
+
 def activate(span: trace.Span) -> object:
     """Make ``span`` current in the OTel context; ``deactivate`` with what it returns."""
     return otel_context.attach(trace.set_span_in_context(span))
