@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -522,6 +523,46 @@ async def test_the_channel_stops_calling_a_failing_target_and_resumes_when_it_re
         # A client span for each call made (none for a call not made), with its code.
         codes = [span.attributes["rpc.grpc.status_code"] for span in spans.get_finished_spans()]
         assert codes == [14] * failed + [0] * 50
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+async def test_a_streamed_calls_client_span_ends_with_its_status() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from kiban import _rpcclient
+    from kiban._config import Settings
+
+    class Counter(pbg.ProbeServicer):
+        async def Count(self, request: pb.Nap, context: Any) -> Any:
+            for number in range(request.count):
+                yield pb.Seen(count=number)
+            if request.seconds < 0:
+                await context.abort(grpc.StatusCode.INTERNAL, "broke mid-stream")
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    server = grpc.aio.server()
+    pbg.add_ProbeServicer_to_server(Counter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = _rpcclient.channel(Settings(), f"127.0.0.1:{port}", tracer=provider.get_tracer("t"))
+    stub = pbg.ProbeStub(channel)  # type: ignore[no-untyped-call]
+    try:
+        assert [seen.count async for seen in stub.Count(pb.Nap(count=3), timeout=5)] == [0, 1, 2]
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in stub.Count(pb.Nap(count=1, seconds=-1), timeout=5):
+                pass
+        for _ in range(50):  # the span ends once the stream's status has been read
+            if len(spans.get_finished_spans()) == 2:
+                break
+            await asyncio.sleep(0.01)
+        codes = [span.attributes["rpc.grpc.status_code"] for span in spans.get_finished_spans()]
+        assert codes == [0, 13]
     finally:
         await channel.close()
         await server.stop(None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -49,12 +49,12 @@ _FAILED = frozenset(
 )
 
 
-class _Propagating(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _Propagating:
+    """What the channel does around every call, whatever its kind; ``interceptors()``
+    gives it to grpc.aio as one interceptor of each kind (a channel files an interceptor
+    under the first kind it is an instance of, so one object of all four kinds would
+    intercept unary calls only)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -64,6 +64,7 @@ class _Propagating(
     ) -> None:
         self.names = settings.headers
         self.breaker = breaker or Breaker()
+        self._ending: set[asyncio.Future[None]] = set()
         self.internal = is_internal(host, settings.internal_hosts)
         self.timeout = settings.client_read_timeout
         self.tracer = tracer or trace.get_tracer("kiban._rpcclient")
@@ -150,22 +151,58 @@ class _Propagating(
         call, span = await self._start(continuation, details, request)
 
         async def ended() -> None:
-            self._finish(span, await call.code())
+            self._finish(span, await call.code())  # aio reads a code only by awaiting
 
-        call.add_done_callback(lambda _: asyncio.ensure_future(ended()))
+        def done(_: Any) -> None:
+            ending = asyncio.ensure_future(ended())
+            self._ending.add(ending)  # held until it has run: the loop keeps weak refs
+            ending.add_done_callback(self._ending.discard)
+
+        call.add_done_callback(done)
         return call
 
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        return [
+            _UnaryUnary(self._unary),
+            _UnaryStream(self._streaming),
+            _StreamUnary(self._unary),
+            _StreamStream(self._streaming),
+        ]
+
+
+Intercept = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, intercept: Intercept) -> None:
+        self.intercept = intercept
+
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._unary(continuation, details, request)
+        return await self.intercept(continuation, details, request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, intercept: Intercept) -> None:
+        self.intercept = intercept
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._streaming(continuation, details, request)
+        return await self.intercept(continuation, details, request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, intercept: Intercept) -> None:
+        self.intercept = intercept
 
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._unary(continuation, details, requests)
+        return await self.intercept(continuation, details, requests)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, intercept: Intercept) -> None:
+        self.intercept = intercept
 
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._streaming(continuation, details, requests)
+        return await self.intercept(continuation, details, requests)
 
 
 def _end(span: trace.Span, code: grpc.StatusCode) -> None:
@@ -246,6 +283,6 @@ def channel(
         lambda: grpc.aio.insecure_channel(
             target,
             options=list(options.items()),
-            interceptors=[_Propagating(settings, host, tracer, breaker)],
+            interceptors=_Propagating(settings, host, tracer, breaker).interceptors(),
         )
     )
