@@ -1,35 +1,18 @@
-"""``make run``: start the sample system on embedded defaults and show how to call it."""
+"""``make run``: the sample system on embedded defaults, beside kiban dev's dashboard.
+
+It is ``kiban dev`` on this repository's ``kiban.toml``, plus the lines that say how to
+call the services once they are ready.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from kiban import dev
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = {
-    "members": ("services.members.app:create_app", int(os.environ.get("MEMBERS_PORT", "8001"))),
-    "orders": ("services.orders.app:create_app", int(os.environ.get("ORDERS_PORT", "8002"))),
-}
-
-
-def start(name: str, target: str, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        "HTTP_DRAIN_SECONDS": "0",
-        # The gateway (you, with curl) and the services call each other on loopback: trust
-        # it, so one uid and one user IP show across both services' logs.
-        "TRUSTED_PROXIES": "127.0.0.1,::1",
-        **os.environ,
-        "HTTP_PORT": str(port),
-        "MEMBERS_URL": f"http://127.0.0.1:{SERVICES['members'][1]}",
-        "PYTHONUNBUFFERED": "1",
-    }
-    return subprocess.Popen([sys.executable, "-m", "kiban", "run", target], cwd=ROOT, env=env)
 
 
 def dev_token(kind: str, subject: str, *scopes: str) -> str:
@@ -40,43 +23,20 @@ def dev_token(kind: str, subject: str, *scopes: str) -> str:
     return mint((ROOT / key).read_bytes(), subject, issuer=issuer, scopes=scopes, ttl=8 * 3600)
 
 
-def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"service on port {port} exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/readiness").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"service on port {port} was not ready within {timeout}s")
-
-
-def interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops the system as Ctrl+C does, so no service is left running."""
-    raise KeyboardInterrupt
-
-
-def main() -> int:
-    (ROOT / ".run").mkdir(exist_ok=True)
-    signal.signal(signal.SIGTERM, interrupt)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for name, (target, port) in SERVICES.items():
-            processes[name] = start(name, target, port)
-        for name, (_, port) in SERVICES.items():
-            wait_ready(port, processes[name])
-        members = f"http://127.0.0.1:{SERVICES['members'][1]}"
-        orders = f"http://127.0.0.1:{SERVICES['orders'][1]}"
-        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-        members_grpc = os.environ.get("GRPC_PORT", "9001")
-        user = dev_token("internal", "1")
-        admin = dev_token("jwt", "ops", "members:admin", "members:read")
-        print(
-            f"""
+def banner(config: dev.DevConfig) -> None:
+    """Once every service is ready: the development tokens and what to try."""
+    ports = {spec.name: spec.port for spec in config.services}
+    dashboard = config.url
+    members = f"http://127.0.0.1:{ports['members']}"
+    orders = f"http://127.0.0.1:{ports['orders']}"
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    members_grpc = os.environ.get("GRPC_PORT", "9001")
+    user = dev_token("internal", "1")
+    admin = dev_token("jwt", "ops", "members:admin", "members:read")
+    print(
+        f"""
 kiban sample system is up (Ctrl+C stops it):
+  dashboard {dashboard}   services, requests, traces, logs and the map
   members  {members}   docs {members}/docs   readiness {members}/health/readiness
   orders   {orders}   docs {orders}/docs   metrics {orders}/metrics
   members gRPC  127.0.0.1:{members_grpc}   members.v1.Members, health and reflection
@@ -92,7 +52,7 @@ Try:
   curl -s -X POST {orders}/orders -H 'content-type: application/json' \\
        -H "x-internal-id-token: $USER" -H 'x-trace-id: {trace}' \\
        -d '{{"member_id": 1, "item": "tea", "quantity": 2}}'
-     # both services' access lines below show trace_id {trace} and uid 1
+     # the dashboard shows its trace: {dashboard}/#/trace/{trace}
   curl -s {members}/members/me -H "x-internal-id-token: $USER"
   curl -s -X PATCH {members}/members/1 -H "authorization: Bearer $ADMIN" \\
        -H 'content-type: application/json' -d '{{"name": "Ada Lovelace"}}'
@@ -101,22 +61,13 @@ Try:
   grpcurl -plaintext -H "authorization: Bearer $ADMIN" -d '{{"id": 1}}' \\
        127.0.0.1:{members_grpc} members.v1.Members/GetMember
 """,
-            flush=True,
-        )
-        while all(process.poll() is None for process in processes.values()):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    return 0
+        flush=True,
+    )
+
+
+def main() -> int:
+    (ROOT / ".run").mkdir(exist_ok=True)
+    return dev.run(ROOT / "kiban.toml", on_ready=banner)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument("target", help="module:attribute of the FastAPI app or kiban.Service")
     run_parser.add_argument("--host", help="listen address (default: HTTP_HOST)")
     run_parser.add_argument("--port", type=int, help="listen port (default: HTTP_PORT)")
+    dev_parser = commands.add_parser(
+        "dev", help="run the services of kiban.toml beside the local dashboard"
+    )
+    dev_parser.add_argument("--config", type=Path, default=Path("kiban.toml"))
+    dev_parser.add_argument("--host", help="the dashboard's address (default: 127.0.0.1)")
+    dev_parser.add_argument("--port", type=int, help="the dashboard's port (default: 8000)")
+    dev_parser.add_argument(
+        "--allow-remote", action="store_true", help="let the dashboard listen off loopback"
+    )
     token_parser = commands.add_parser(
         "token", help="mint a development token: kiban token internal --sub u-42"
     )
@@ -86,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "token":
         return _token(args)
+    if args.command == "dev":
+        return _dev(args)
     if args.command == "keys":
         try:
             signing, public = dev_keys(args.folder)
@@ -112,6 +123,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kiban: {exc}", file=sys.stderr)
             return 2
     return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    """``kiban dev``: 2 when kiban.toml (or a flag) is wrong, naming every mistake."""
+    import dataclasses
+
+    from kiban import dev
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        config = dev.load(args.config)
+        config = dataclasses.replace(
+            config,
+            host=config.host if args.host is None else args.host,
+            port=config.port if args.port is None else args.port,
+            allow_remote=config.allow_remote or args.allow_remote,
+        )
+        return dev.run(config)
+    except ConfigError as exc:
+        print(f"kiban: {exc}", file=sys.stderr)
+        return 2
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     #: OTLP collector, e.g. ``http://otel-collector:4317`` (gRPC) or ``:4318`` (HTTP).
     otlp_endpoint: str | None = None
     otlp_protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    #: Send every log line (access lines too) to the collector as OTLP logs as well as
+    #: to stdout: where logs are not collected from stdout, and under ``kiban dev``.
+    otlp_logs: bool = False
     #: Share of new traces sampled (parent-based: an upstream decision is followed).
     trace_sample_ratio: float = Field(1.0, ge=0, le=1)
     metrics_export_interval: float = Field(10.0, gt=0)

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import IO, Any, cast
 
@@ -73,6 +74,8 @@ class Sink:
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
+        #: Also handed every line, before it is buffered (the OTLP log exporter).
+        self.tees: list[Callable[[bytes], None]] = []
 
     @property
     def stream(self) -> IO[bytes]:
@@ -92,6 +95,8 @@ class Sink:
 
     def write(self, line: bytes, urgent: bool = False, newline: bool = True) -> None:
         """Write one line; ``newline=False`` when it already ends with one."""
+        for tee in self.tees:
+            tee(line if newline else line.rstrip(b"\n"))
         with self._lock:
             buffer = self._buffer
             buffer += line

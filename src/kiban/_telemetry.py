@@ -53,6 +53,8 @@ from starlette.responses import Response
 from kiban import _propagation as propagation
 from kiban._config import Settings
 from kiban._cpu import CpuUsage
+from kiban._log import sink
+from kiban._otlplogs import LogExporter
 from kiban._prometheus import MetricsCollector
 
 __all__ = ["Telemetry", "meter", "tracer"]
@@ -230,9 +232,19 @@ class Telemetry:
         scraped = InMemoryMetricReader()
         self.registry.register(MetricsCollector(scraped, resource))
         readers: list[MetricReader] = [scraped]
+        self.logs: LogExporter | None = None
         if settings.otlp_endpoint:
             self.export_spans(_span_exporter(settings))
             readers.append(_metric_reader(settings))
+            if settings.otlp_logs:
+                self.logs = LogExporter(
+                    settings,
+                    {
+                        "service.name": settings.service_name,
+                        "service.version": settings.service_version,
+                    },
+                )
+                sink.tees.append(self.logs.offer)
         self.meter_provider = MeterProvider(
             resource=resource,
             metric_readers=readers,
@@ -376,6 +388,10 @@ class Telemetry:
         The process-wide providers are flushed, not shut down: the OTel API keeps
         handing them out until the process ends.
         """
+        if self.logs is not None:
+            sink.tees.remove(self.logs.offer)
+            self.logs.shutdown()
+            self.logs = None
         if self.is_global:
             self.tracer_provider.force_flush(timeout_millis=5000)
             self.meter_provider.force_flush(timeout_millis=5000)
