@@ -7,6 +7,7 @@ included; tests read the rendered DOM with JavaScript and save screenshots.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -63,7 +64,10 @@ class Browser:
         port = port_file.read_text().split()[0]
         pages = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
         target = next(page for page in pages if page["type"] == "page")
-        self.socket: ClientConnection = connect(target["webSocketDebuggerUrl"], max_size=None)
+        self.stack = contextlib.ExitStack()
+        self.socket: ClientConnection = self.stack.enter_context(
+            connect(target["webSocketDebuggerUrl"], max_size=None)
+        )
         self.ids = itertools.count(1)
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
@@ -87,9 +91,10 @@ class Browser:
         deadline = time.monotonic() + timeout
         value = None
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
+            with contextlib.suppress(RuntimeError):  # the page is between documents
+                value = self.evaluate(expression)
+                if value:
+                    return value
             time.sleep(0.1)
         html = self.evaluate("document.body.innerHTML")[:2000]
         raise AssertionError(f"not true within {timeout}s: {expression}\n{html}")
@@ -106,9 +111,9 @@ class Browser:
         return path
 
     def close(self) -> None:
-        socket = getattr(self, "socket", None)
-        if socket is not None:
-            socket.close()
+        stack = getattr(self, "stack", None)
+        if stack is not None:
+            stack.close()
         self.process.terminate()
         try:
             self.process.wait(10)

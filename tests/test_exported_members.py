@@ -15,13 +15,14 @@ import pytest
 
 import kiban
 import kiban.database
+import kiban.dev
 import kiban.grpc
 import kiban.security
 import kiban.testing
 
-PUBLIC = ["kiban", "kiban.security", "kiban.database", "kiban.grpc", "kiban.testing"]
+PUBLIC = ["kiban", "kiban.security", "kiban.database", "kiban.dev", "kiban.grpc", "kiban.testing"]
 #: Public modules: the package, and the integrations a service imports by name.
-PUBLIC_MODULES = {"__init__", "__main__", "database", "grpc", "testing", "security/__init__"}
+PUBLIC_MODULES = {"__init__", "__main__", "database", "dev", "grpc", "testing", "security/__init__"}
 
 
 @pytest.mark.parametrize("module", PUBLIC)
@@ -53,7 +54,10 @@ def test_every_other_module_is_private() -> None:
         str(path.relative_to(package).with_suffix(""))
         for path in package.rglob("*.py")
         if "_service_template" not in path.parts  # a service's files, not kiban's modules
-        and (not path.name.startswith("_") or path.name in {"__init__.py", "__main__.py"})
+        and not any(
+            part.startswith("_") and part not in {"__init__.py", "__main__.py"}
+            for part in path.relative_to(package).parts
+        )
     )
     assert set(public) == PUBLIC_MODULES
 

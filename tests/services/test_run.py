@@ -21,6 +21,8 @@ def start(port: int, orders_port: int) -> subprocess.Popen[str]:
         **os.environ,
         "MEMBERS_PORT": str(port),
         "ORDERS_PORT": str(orders_port),
+        "KIBAN_DEV_PORT": str(free_port()),
+        "GRPC_PORT": str(free_port()),
         "LOG_FORMAT": "json",
     }
     env.pop("DATABASE_URL", None)

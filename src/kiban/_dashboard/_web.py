@@ -27,7 +27,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kiban._dashboard import _otlp as otlp
+from kiban._dashboard._otlp import DecodeError, decode_body
+from kiban._dashboard._otlp import logs as decode_logs
+from kiban._dashboard._otlp import metrics as decode_metrics
+from kiban._dashboard._otlp import spans as decode_spans
 from kiban._dashboard._store import Store
 
 __all__ = ["LOOPBACK_HOSTS", "create_app"]
@@ -90,7 +93,7 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
     async def body(request: Request) -> bytes:
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
         if content_type != "application/x-protobuf":
-            raise otlp.DecodeError(
+            raise DecodeError(
                 f"content-type {content_type or 'none'}: send OTLP/HTTP protobuf "
                 "(OTLP_PROTOCOL=http/protobuf)"
             )
@@ -98,14 +101,14 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
         async for chunk in request.stream():
             data += chunk
             if len(data) > MAX_BODY:
-                raise otlp.DecodeError("export request over 16 MiB")
-        return otlp.decode_body(bytes(data), request.headers.get("content-encoding"))
+                raise DecodeError("export request over 16 MiB")
+        return decode_body(bytes(data), request.headers.get("content-encoding"))
 
     def receiver(ingest: Callable[[bytes], None]) -> Callable[[Request], Awaitable[Response]]:
         async def export(request: Request) -> Response:
             try:
                 ingest(await body(request))
-            except otlp.DecodeError as error:
+            except DecodeError as error:
                 return _problem(400, "Bad OTLP export request", str(error))
             # An empty Export*ServiceResponse: full success.
             return Response(b"", media_type="application/x-protobuf")
@@ -113,19 +116,19 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
         return export
 
     def ingest_spans(data: bytes) -> None:
-        spans = otlp.spans(data)
+        spans = decode_spans(data)
         for span in spans:
             _redact(span.attributes)
         store.add_spans(spans)
 
     def ingest_logs(data: bytes) -> None:
-        logs = otlp.logs(data)
+        logs = decode_logs(data)
         for log in logs:
             _redact(log.attributes)
         store.add_logs(logs)
 
     def ingest_metrics(data: bytes) -> None:
-        store.add_histograms(otlp.metrics(data))
+        store.add_histograms(decode_metrics(data))
 
     async def index(_: Request) -> Response:
         return static_file("index.html")
