@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -236,8 +237,66 @@ def test_a_service_made_from_the_wheel_runs_as_its_readme_says(outside: Path) ->
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
 
+    _dev_shows_the_service(service, log)
+
     for args in (("init", "-q"), ("add", "-A"), ("commit", "-qm", "billing")):
         _run("git", "-c", "user.name=a", "-c", "user.email=a@b", *args, cwd=service)
     updated = _run(kiban, "update", "--dest", service, cwd=outside)
     assert "updated cleanly" in updated
     shutil.rmtree(service / ".venv")
+
+
+def _dev_shows_the_service(service: Path, log: Path) -> None:
+    """``make dev``: the service beside the dashboard, both from the wheel (its pages are
+    package data), the service's requests on the dashboard."""
+    dashboard_port, port = free_port(), free_port()
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            ["make", "dev"],
+            cwd=service,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(
+                KIBAN_DEV_PORT=str(dashboard_port),
+                BILLING_PORT=str(port),
+                GRPC_PORT=str(free_port()),
+                LOG_FORMAT="json",
+            ),
+            start_new_session=True,
+        )
+
+    def shown(path: str, predicate: Any) -> Any:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                body = httpx.get(dashboard + path).json()
+                if predicate(body):
+                    return body
+            except (httpx.TransportError, ValueError):
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+    try:
+        shown(
+            "/api/services",
+            lambda body: (
+                [(s["name"], s["readiness"].get("status")) for s in body["services"]]
+                == [("billing", "ok")]
+            ),
+        )
+        assert 'src="/static/app.js"' in httpx.get(dashboard).text
+        assert httpx.get(f"{dashboard}/static/app.js").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/items").status_code == 401
+        shown(
+            "/api/requests",
+            lambda body: (
+                [(r["service"], r["path"], r["status"]) for r in body["requests"]]
+                == [("billing", "/items", 401)]
+            ),
+        )
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -156,8 +157,6 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
             return 200
 
     async def services(_: Request) -> Response:
-        import time
-
         now = time.time()
         return _json({"services": [state.as_dict(now) for state in store.services.values()]})
 
