@@ -179,6 +179,34 @@ def test_a_handler_deaf_to_cancellation_cannot_hold_the_process(spawn: Any) -> N
     assert "shutdown exceeded its bound, exiting" in messages
 
 
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_second_signal_skips_the_drain_and_a_third_exits_at_once(spawn: Any, server: str) -> None:
+    """The same policy on both servers (``kiban._shutdown.Shutdown``)."""
+    service = spawn(HELLO, HTTP_DRAIN_SECONDS="60", SERVER=server)
+    service.popen.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(f"{service.url}/health/readiness").status_code == 503
+    started = time.monotonic()
+    service.popen.send_signal(signal.SIGTERM)
+    assert service.popen.wait(timeout=10) == 0  # not the 60 s drain
+    assert time.monotonic() - started < 5
+    messages = [line.get("msg") for line in service.lines()]
+    assert "second signal: the rest of the drain is skipped" in messages
+
+    stubborn = spawn(HELLO, HTTP_DRAIN_SECONDS="0", HTTP_SHUTDOWN_TIMEOUT="60", SERVER=server)
+    stuck, _ = _in_thread(lambda: httpx.get(f"{stubborn.url}/slow?seconds=30", timeout=40))
+    time.sleep(0.3)
+    for _ in range(2):  # the drain ends at once; the request would get its 60 s
+        stubborn.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+    started = time.monotonic()
+    stubborn.popen.send_signal(signal.SIGTERM)
+    assert stubborn.popen.wait(timeout=10) == EXIT_ABANDONED
+    assert time.monotonic() - started < 3
+    assert "third signal: exiting now" in [line.get("msg") for line in stubborn.lines()]
+    stuck.join(timeout=40)
+
+
 def test_sigint_is_graceful_too(spawn: Any) -> None:
     service = spawn(HELLO, HTTP_DRAIN_SECONDS="0")
     service.popen.send_signal(signal.SIGINT)

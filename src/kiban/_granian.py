@@ -7,14 +7,13 @@ buffer limit as settings; kiban adds what a server cannot know about the service
 SIGTERM readiness turns 503 and requests are still served for ``HTTP_DRAIN_SECONDS``,
 then granian stops taking connections and finishes what is in flight, those still
 running after ``HTTP_SHUTDOWN_TIMEOUT`` are answered 503 by the service, the cleanups
-run in the lifespan, and a watchdog bounds the whole. A second signal skips the rest of
-the drain; a third exits at once. pyproject.toml bounds granian from above.
+run in the lifespan, and a watchdog bounds the whole. The signals follow the same policy as
+on uvicorn (``kiban._shutdown.Shutdown``). pyproject.toml bounds granian from above.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from typing import TYPE_CHECKING
 
@@ -24,50 +23,12 @@ from granian.server.embed import Server
 
 from kiban import _log as log
 from kiban._config import Settings
-from kiban._shutdown import EXIT_ABANDONED, Watchdog, shutdown_bound
+from kiban._shutdown import EXIT_ABANDONED, Shutdown
 
 if TYPE_CHECKING:
     from kiban._app import Service
 
 __all__ = ["serve"]
-
-
-class _Shutdown:
-    """The signals' effect: drain, then stop, then force."""
-
-    def __init__(self, service: Service, settings: Settings, server: Server) -> None:
-        self.service = service
-        self.settings = settings
-        self.server = server
-        self.signals = 0
-        self.stopping = False
-        self.watchdog: Watchdog | None = None
-
-    def on_signal(self) -> None:
-        self.signals += 1
-        loop = asyncio.get_running_loop()
-        if self.signals == 1:
-            self.service.health.start_draining()
-            self.watchdog = Watchdog(self.service, shutdown_bound(self.settings))
-            log.info("shutdown requested, draining", drain_s=self.settings.http_drain_seconds)
-            loop.call_later(self.settings.http_drain_seconds, self.stop)
-        elif self.signals == 2:
-            self.stop()
-        else:
-            log.sink.flush()
-            os._exit(EXIT_ABANDONED)
-
-    def stop(self) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
-        self.service.stop_accepting()
-        loop = asyncio.get_running_loop()
-        loop.call_later(
-            self.settings.http_shutdown_timeout,
-            lambda: asyncio.ensure_future(self.service.interrupt("shutdown")),
-        )
-        self.server.stop()  # type: ignore[no-untyped-call]  # granian's API is untyped
 
 
 async def _serve(service: Service, settings: Settings) -> None:
@@ -82,16 +43,24 @@ async def _serve(service: Service, settings: Settings) -> None:
         ),
         log_enabled=False,
     )
-    shutdown = _Shutdown(service, settings, server)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        service.stop_accepting()
+        loop.call_later(
+            settings.http_shutdown_timeout,
+            lambda: asyncio.ensure_future(service.interrupt("shutdown")),
+        )
+        server.stop()  # type: ignore[no-untyped-call]  # granian's API is untyped
+
+    shutdown = Shutdown(service, settings, stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, shutdown.on_signal)
+        loop.add_signal_handler(signum, shutdown.signal)
     log.info("listening", url=f"http://{settings.http_host}:{settings.http_port}", server="granian")
     try:
         await server.serve()
     finally:
-        if shutdown.watchdog is not None:
-            shutdown.watchdog.cancel()
+        shutdown.disarm()
 
 
 def serve(service: Service, settings: Settings) -> int:

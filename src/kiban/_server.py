@@ -5,7 +5,7 @@ balancers take a while to notice. So kiban first turns readiness 503 and keeps s
 for a drain delay (answering keep-alive clients with ``Connection: close``), then stops
 accepting, gives in-flight requests a bounded time to finish, closes its pools through
 the app's lifespan, and exits 0. A second signal skips the rest of the drain; a third
-stops at once.
+exits at once (``kiban._shutdown.Shutdown``, the same on granian).
 
 uvicorn reads request heads without a deadline, so a client trickling its headers
 (slowloris) could hold a connection forever; kiban's HTTP protocol closes a connection
@@ -20,7 +20,6 @@ import gc
 import importlib
 import inspect
 import socket
-import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ import uvicorn
 
 from kiban import _log as log
 from kiban._config import ConfigError, Settings
-from kiban._shutdown import EXIT_ABANDONED, MARGIN, Watchdog, shutdown_bound
+from kiban._shutdown import EXIT_ABANDONED, MARGIN, Shutdown, shutdown_bound
 from kiban._uvicorn import Config, HttpProtocol
 
 if TYPE_CHECKING:
@@ -47,7 +46,8 @@ class Server(uvicorn.Server):
     in-flight requests (``HTTP_SHUTDOWN_TIMEOUT``; those still running then are
     answered 503 by the service and cancelled), the cleanups (``SHUTDOWN_CLEANUP_TIMEOUT``,
     in the app's lifespan). Past all of them and a margin, a watchdog ends the process
-    whatever a dependency is doing, so it never waits for a SIGKILL.
+    whatever a dependency is doing, so it never waits for a SIGKILL. What each signal
+    does is ``kiban._shutdown.Shutdown``, the same policy as on granian.
     """
 
     MARGIN = MARGIN
@@ -58,51 +58,41 @@ class Server(uvicorn.Server):
         super().__init__(config)
         settings = settings or service.settings
         self.service = service
-        self.checker = service.health
-        self.drain_seconds = settings.http_drain_seconds
         self.shutdown_timeout = settings.http_shutdown_timeout
         self.bound = shutdown_bound(settings)
-        self._drain_until: float | None = None
-        self._announced = False
-        self._watchdog: Watchdog | None = None
+        self.policy = Shutdown(service, settings, self._stop)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _stop(self) -> None:
+        self.should_exit = True  # uvicorn's public flag: its main loop ends, shutdown begins
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """The first signal starts the drain, a second stops now, a third forces.
+        """Hand the signal to kiban's policy, on the loop.
 
         uvicorn's own handler is not called: it records the signal to raise it again
         once the server has stopped, which would end the process by that signal
-        instead of with ``run``'s exit status. Only uvicorn's public flags are set.
-        Runs in a signal handler: only flip flags here, log from on_tick.
+        instead of with ``run``'s exit status. A signal handler only schedules: the
+        policy logs and starts threads, which a handler must not.
         """
-        if self._drain_until is None:
-            self.checker.start_draining()
-            self._drain_until = time.monotonic() + self.drain_seconds
-        elif not self.should_exit:
+        if self._loop is None:  # before serving: nothing to drain
             self.should_exit = True
-        else:
-            self.force_exit = True
+            return
+        self._loop.call_soon_threadsafe(self.policy.signal)
 
     async def on_tick(self, counter: int) -> bool:
         now = asyncio.get_running_loop().time()
         for connection in list(self.server_state.connections):
             if isinstance(connection, HttpProtocol):
                 connection.expire(now)
-        if self._drain_until is not None:
-            if not self._announced:
-                self._announced = True
-                self._start_watchdog()
-                log.info("shutdown requested, draining", drain_s=self.drain_seconds)
-            if time.monotonic() >= self._drain_until:
-                self.should_exit = True
         return await super().on_tick(counter)
-
-    def _start_watchdog(self) -> None:
-        self._watchdog = Watchdog(self.service, self.bound)
 
     def disarm(self) -> None:
         """The shutdown is over: the watchdog has nothing left to guard."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self.policy.disarm()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown, with in-flight requests cut by the service at the timeout.
@@ -111,8 +101,7 @@ class Server(uvicorn.Server):
         cancels what is left, kiban has answered those requests 503 problem+json
         instead of uvicorn's plain-text 500.
         """
-        if self._watchdog is None:  # stopped without a signal (the app's lifespan failed)
-            self._start_watchdog()
+        self.policy.start_watchdog()  # also when stopped without a signal (lifespan failed)
         self.service.stop_accepting()  # the gRPC server, beside this one
         cut = asyncio.ensure_future(self._cut_after(self.shutdown_timeout))
         try:

@@ -1,15 +1,19 @@
-"""The shutdown's outer bound, whichever server runs the service.
+"""What SIGTERM and SIGINT do, and the shutdown's outer bound, whichever server runs.
 
-Past the drain, the in-flight requests' time and the cleanups' time, plus a margin, a
-watchdog ends the process whatever a dependency is doing, so it never waits for a
-SIGKILL; it exits with ``EXIT_ABANDONED``.
+``Shutdown`` is the one policy both servers (uvicorn, granian) follow: the first signal
+drains, a second stops now, a third exits at once. Past the drain, the in-flight
+requests' time and the cleanups' time, plus a margin, a watchdog ends the process
+whatever a dependency is doing, so it never waits for a SIGKILL; it exits with
+``EXIT_ABANDONED``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kiban import _log as log
 from kiban._config import Settings
@@ -17,7 +21,7 @@ from kiban._config import Settings
 if TYPE_CHECKING:
     from kiban._app import Service
 
-__all__ = ["EXIT_ABANDONED", "MARGIN", "Watchdog", "shutdown_bound"]
+__all__ = ["EXIT_ABANDONED", "MARGIN", "Shutdown", "Watchdog", "shutdown_bound"]
 
 #: Time past the phases' bounds before the watchdog ends the process.
 MARGIN = 2.0
@@ -61,3 +65,76 @@ def shutdown_bound(settings: Settings) -> float:
         + settings.shutdown_cleanup_timeout
         + MARGIN
     )
+
+
+def _exit_now() -> NoReturn:
+    log.sink.flush()
+    os._exit(EXIT_ABANDONED)
+
+
+class Shutdown:
+    """The signals' effect, the same on every server; runs on the service's event loop.
+
+    The first signal turns readiness 503 (the load balancer takes the instance out),
+    starts the watchdog and keeps serving for ``HTTP_DRAIN_SECONDS``, then calls
+    ``stop`` (the server closes its listener and finishes what is in flight). A second
+    signal calls ``stop`` at once: the operator does not want the rest of the drain. A
+    third exits at once with ``EXIT_ABANDONED``, the logs flushed: whatever still runs
+    is abandoned.
+
+    ``later(seconds, callback)`` schedules on the loop (``loop.call_later``), and
+    ``exit`` ends the process: both are given in tests, which run the policy on a
+    controlled clock.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        settings: Settings,
+        stop: Callable[[], None],
+        later: Callable[[float, Callable[[], None]], Any] | None = None,
+        exit: Callable[[], None] = _exit_now,
+        watchdog: Callable[[Service, float], Watchdog] = Watchdog,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self._stop = stop
+        self._later = later
+        self._exit = exit
+        self._watchdog = watchdog
+        self.signals = 0
+        self.stopped = False
+        self.watchdog: Watchdog | None = None
+
+    def signal(self) -> None:
+        """One SIGTERM or SIGINT (called on the loop, not in the signal handler)."""
+        self.signals += 1
+        if self.signals == 1:
+            self.service.health.start_draining()
+            self.start_watchdog()
+            drain = self.settings.http_drain_seconds
+            log.info("shutdown requested, draining", drain_s=drain)
+            later = self._later or asyncio.get_running_loop().call_later
+            later(drain, self.stop)
+        elif self.signals == 2:
+            log.info("second signal: the rest of the drain is skipped")
+            self.stop()
+        else:
+            log.warning("third signal: exiting now", exit_status=EXIT_ABANDONED)
+            self._exit()
+
+    def start_watchdog(self) -> None:
+        """Bound the shutdown from now (also when it begins without a signal)."""
+        if self.watchdog is None:
+            self.watchdog = self._watchdog(self.service, shutdown_bound(self.settings))
+
+    def stop(self) -> None:
+        """End the drain: the server stops taking connections (once)."""
+        if not self.stopped:
+            self.stopped = True
+            self._stop()
+
+    def disarm(self) -> None:
+        """The shutdown is over: the watchdog has nothing left to guard."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
