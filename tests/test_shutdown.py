@@ -80,14 +80,14 @@ def test_a_second_signal_skips_the_rest_of_the_drain() -> None:
 
 
 def test_a_third_signal_exits_at_once() -> None:
-    shutdown, clock, events, _ = policy(http_drain_seconds=30)
+    shutdown, _clock, events, _ = policy(http_drain_seconds=30)
     for _ in range(3):
         shutdown.signal()
     assert events == ["stop at 0.0", "exit at 0.0"]
 
 
 def test_the_watchdog_is_started_once_and_disarmed_at_the_end() -> None:
-    shutdown, clock, events, _ = policy(http_drain_seconds=1)
+    shutdown, clock, _events, _ = policy(http_drain_seconds=1)
     shutdown.start_watchdog()  # a shutdown without a signal (the lifespan failed)
     first = shutdown.watchdog
     shutdown.signal()
