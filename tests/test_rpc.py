@@ -273,6 +273,12 @@ def test_health_and_reflection_are_served(probe: Probe) -> None:
     (answer,) = list(reflection.ServerReflectionInfo(iter([request])))
     names = {service.name for service in answer.list_services_response.service}
     assert {"probe.v1.Probe", "grpc.health.v1.Health"} <= names
+    # Public (no credentials asked), but on kiban's request path all the same: an access
+    # line for each call, in the fixed schema.
+    time.sleep(0.3)
+    paths = [line["path"] for line in probe.process.lines() if line.get("log") == "access"]
+    assert paths.count("/grpc.health.v1.Health/Check") == 2
+    assert "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" in paths
 
 
 def test_streams_are_served_and_measured(probe: Probe) -> None:
