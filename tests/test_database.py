@@ -485,3 +485,32 @@ async def test_the_pool_reports_used_idle_overflow_and_waiting(postgres_url: str
     assert count(metrics, "used") == 2
     assert count(metrics, "overflow") == 1
     assert count(metrics, "waiting") == 1
+
+
+async def test_the_pool_keeps_its_connections_under_steady_load(postgres_url: str) -> None:
+    """DATABASE_POOL_SIZE connections, reused: past them a request waits, none is
+    opened and closed per request (SQLAlchemy's default overflow would)."""
+    import asyncio
+
+    import httpx
+
+    app = FastAPI()
+    settings = kiban.Settings(database_pool_size=3)
+    service = kiban.Service(app, settings, security=NoSecurity())
+    db = service.database(postgres_url)
+    opened = []
+    event.listen(db.engine.sync_engine, "connect", lambda *_: opened.append(1))
+
+    @app.get("/one")
+    async def one(session: Session) -> int:
+        await session.execute(text("SELECT pg_sleep(0.01)"))
+        return 1
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for _ in range(5):  # rounds of 8 at once: more than the pool holds
+            answers = await asyncio.gather(*(client.get("/one") for _ in range(8)))
+            assert [answer.status_code for answer in answers] == [200] * 8
+    assert len(opened) == 3
+    assert db.engine.pool.size() == 3  # type: ignore[attr-defined]
+    await db.dispose()

@@ -216,7 +216,7 @@ class Service:
         from kiban.database import Database
 
         errors.install_dependency_errors(self.app)
-        engine = create_async_engine(url, **{"pool_recycle": RECYCLE_SECONDS, **options})
+        engine = create_async_engine(url, **{**self._pool_options(url), **options})
         from kiban._dbtelemetry import observe
 
         database = Database(engine, name)
@@ -235,6 +235,19 @@ class Service:
         if self.default_database is None:
             self.default_database = database
         return database
+
+    def _pool_options(self, url: str) -> dict[str, Any]:
+        """The pool's size from the settings; an in-memory SQLite has one connection."""
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+            return {}
+        return {
+            "pool_recycle": RECYCLE_SECONDS,
+            "pool_size": self.settings.database_pool_size,
+            "max_overflow": self.settings.database_max_overflow,
+        }
 
     def redis(self, url: str | None = None, name: str = "redis", **options: Any) -> Any:
         """A ``redis.asyncio.Redis`` (``kiban[redis]``) whose commands are client spans

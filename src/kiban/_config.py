@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     log_redact_params: frozenset[str] = frozenset({"code", "sig", "signature", "auth"})
 
     database_url: str = "sqlite+aiosqlite:///./kiban.db"
+    #: Connections each database of the process keeps open and reuses. A request past
+    #: them waits for one (``db.client.connection.count`` state ``waiting``).
+    database_pool_size: int = Field(10, ge=1)
+    #: Connections opened for a burst past the pool, closed as soon as they are given
+    #: back: each costs a new connection (TLS included) per use, so 0 by default.
+    database_max_overflow: int = Field(0, ge=0)
     #: Upgrade the schema at start-up (``service.database(migrations=...)``): handy in
     #: development; in production run the migrations as a job before the rollout.
     migrate_on_start: bool = False
