@@ -158,13 +158,15 @@ pages.trace = async ({ parts }) => {
   const position = (ns) => `${Math.min(100, Math.max(0, ((ns - start) / total) * 100))}%`;
   const rows = [];
   for (const span of trace.spans) {
+    const logs = trace.logs.filter((log) => log.span_id === span.span_id);
     const detail = h("div", { class: "detail", hidden: true },
       attributesTable({ service: span.service, kind: span.kind, status: span.status,
         ...(span.status_message ? { "status.message": span.status_message } : {}),
         span_id: span.span_id, ...span.attributes }),
       span.events.map((event) => h("div", { class: "checks" }, `event ${event.name} `,
-        JSON.stringify(event.attributes))));
-    const logs = trace.logs.filter((log) => log.span_id === span.span_id);
+        JSON.stringify(event.attributes))),
+      logs.map((log) => h("div", { class: `checks lvl-${log.level}` },
+        `${fmt.time(log.time)} ${log.level} ${log.msg || log.attributes.log || ""}`)));
     rows.push(h("div", {
       class: `span-row ${span.status === "error" ? "error" : ""}`,
       "data-service": span.service, "data-kind": span.kind, "data-span": span.span_id,
