@@ -154,3 +154,23 @@ def test_cpu_usage_reads_a_busy_process_as_busy() -> None:
     while time.monotonic() < end:
         pass  # burn the CPU
     assert usage.sample() > 0.5
+
+
+async def test_the_loops_lag_is_seen_before_its_late_timer_runs() -> None:
+    """The shedder reads the lag as of now: a loop held past the probe's due time is
+    late by at least that much, before the probe's timer can run and say so."""
+    import time
+
+    service = kiban.Service(FastAPI(), kiban.Settings(), security=NoSecurity())
+    telemetry = service.telemetry
+    watcher = asyncio.ensure_future(telemetry.watch_loop(interval=0.05))
+    try:
+        await asyncio.sleep(0.12)  # the probe has run: an idle loop is on time
+        assert telemetry.current_lag() < 0.05
+        time.sleep(0.3)  # noqa: ASYNC251  # a handler holds the loop: the probe cannot run
+        assert telemetry.current_lag() >= 0.2
+        assert telemetry.loop_lag < 0.05  # the last measurement does not know yet
+        await asyncio.sleep(0.01)
+        assert telemetry.loop_lag >= 0.2  # the probe, late, measured it too
+    finally:
+        watcher.cancel()

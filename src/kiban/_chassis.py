@@ -130,7 +130,7 @@ class Chassis:
         self.shedder = (
             Shedder(
                 settings.http_shed_loop_lag,
-                lag=lambda: telemetry.loop_lag,
+                lag=telemetry.current_lag,
                 cpu_threshold=settings.http_shed_cpu,
                 cpu=lambda: telemetry.cpu_usage,
             )

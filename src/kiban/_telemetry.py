@@ -302,6 +302,9 @@ class Telemetry:
         )
         #: The event loop's lag as last measured (``watch_loop``), in seconds.
         self.loop_lag = 0.0
+        #: When the lag probe's timer is due (loop time), and its loop.
+        self._lag_due: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: This process's CPU usage, 0 to 1, of the CPU it can use (``watch_loop``).
         self.cpu = CpuUsage()
         self.cpu_usage = 0.0
@@ -338,15 +341,31 @@ class Telemetry:
             description="Rate-limit checks that could not reach their storage.",
         )
 
-    async def watch_loop(self, interval: float = 0.5) -> None:
-        """Measure the event loop's lag and the CPU usage, forever: how late a timer
-        fires is how long every request waits behind whatever holds the loop."""
-        loop = asyncio.get_running_loop()
+    async def watch_loop(self, interval: float = 0.1, cpu_every: int = 5) -> None:
+        """Measure the event loop's lag (every ``interval``) and the CPU usage (every
+        ``cpu_every`` of them), forever: how late a timer fires is how long every
+        request waits behind whatever holds the loop."""
+        loop = self._loop = asyncio.get_running_loop()
+        ticks = 0
         while True:
-            expected = loop.time() + interval
+            self._lag_due = expected = loop.time() + interval
             await asyncio.sleep(interval)
             self.loop_lag = max(0.0, loop.time() - expected)
-            self.cpu_usage = self.cpu.sample()
+            ticks += 1
+            if ticks % cpu_every == 0:
+                self.cpu_usage = self.cpu.sample()
+
+    def current_lag(self) -> float:
+        """The loop's lag as of now: the last measurement, or more if the probe is overdue.
+
+        A timer only reports its lateness once it runs, after the backlog that delays
+        it; a loop already past the probe's due time is late by at least that much, and
+        the shedder reads it from the first request that arrives meanwhile.
+        """
+        due, loop = self._lag_due, self._loop
+        if due is None or loop is None:
+            return self.loop_lag
+        return max(self.loop_lag, loop.time() - due)
 
     def export_spans(self, exporter: SpanExporter) -> BatchSpanProcessor:
         """Send every sampled span to ``exporter`` too, in batches, as OTLP's are sent."""
