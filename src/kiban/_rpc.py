@@ -1,6 +1,6 @@
-"""gRPC on the chassis: kiban's request path around every RPC handler it serves.
+"""gRPC on the chassis: kiban's request path for RPCs, as one ``grpc.aio`` interceptor.
 
-What the HTTP chassis does for a request, ``Handlers`` does for an RPC, in the same
+What the HTTP chassis does for a request, ``Interceptor`` does for an RPC, in the same
 order and with the same pieces: the request context from metadata under the same
 trust rules (``propagation.Inbound``), a server span and ``rpc.server.duration``, the
 route's security requirement and rate limit (``Policy.admit``, the same schemes reading
@@ -15,13 +15,6 @@ statuses with ``google.rpc.Status`` details instead of problem+json:
 
 Servicers are async (``grpc.aio``); a sync servicer method runs on a worker thread with
 the request's context copied to it, so ``kiban.current()`` answers there too.
-
-The handlers are wrapped once, when they are registered: a generated
-``add_XServicer_to_server`` is given a stand-in for the server (``Wrapping``) that
-wraps each method handler and adds it to the real one, through grpc's public
-registration calls. No server interceptor runs per call (grpc.aio awaits an
-interceptor pipeline for every call once there is one), and the server's interceptor
-list is left to the app.
 """
 
 from __future__ import annotations
@@ -59,15 +52,7 @@ from kiban.security._routing import Resolved
 if TYPE_CHECKING:
     from kiban._app import Service
 
-__all__ = [
-    "GRPC_STATUS_OF",
-    "HTTP_STATUS_OF",
-    "Handlers",
-    "Method",
-    "Registry",
-    "Wrapping",
-    "peer_ip",
-]
+__all__ = ["GRPC_STATUS_OF", "HTTP_STATUS_OF", "Interceptor", "Method", "Registry", "peer_ip"]
 
 #: The gRPC status a kiban problem's HTTP status becomes.
 GRPC_STATUS_OF: dict[int, grpc.StatusCode] = {
@@ -233,57 +218,9 @@ class Registry:
         self.table = table
 
     def register(self, server: Any) -> None:
-        """Add every servicer to ``server`` (a ``grpc.aio.Server``, or a ``Wrapping``)."""
+        """Add every servicer to ``server`` (a ``grpc.aio.Server``)."""
         for registration in self.registrations:
             registration.adder(registration.servicer, server)
-
-
-Wrap = Callable[[str, "grpc.RpcMethodHandler[Any, Any]"], "grpc.RpcMethodHandler[Any, Any]"]
-
-
-class _WrappedGeneric(grpc.GenericRpcHandler):
-    """A generic handler whose method handlers come out wrapped (each once)."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrap) -> None:
-        self.inner = inner
-        self.wrap = wrap
-        self.wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
-
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = self.inner.service(handler_call_details)
-        if handler is None:
-            return None
-        path = handler_call_details.method
-        cached = self.wrapped.get(path)
-        if cached is None or cached[0] is not handler:
-            cached = self.wrapped[path] = (handler, self.wrap(path, handler))
-        return cached[1]
-
-
-class Wrapping:
-    """What a generated ``add_XServicer_to_server`` is given instead of the server.
-
-    It has the two registration calls generated code makes; each wraps the method
-    handlers in kiban's request path and passes them on to the real server.
-    """
-
-    def __init__(self, server: grpc.aio.Server, wrap: Wrap) -> None:
-        self.server = server
-        self.wrap = wrap
-
-    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers(
-            tuple(_WrappedGeneric(handler, self.wrap) for handler in handlers)
-        )
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        self.server.add_registered_method_handlers(
-            service, {name: self.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
-        )
 
 
 def peer_ip(peer: str) -> str | None:
@@ -339,7 +276,7 @@ class _Call:
         "start",
     )
 
-    def __init__(self, handlers: Handlers, method: Method, context: Any) -> None:
+    def __init__(self, interceptor: Interceptor, method: Method, context: Any) -> None:
         self.start = time.perf_counter()
         self.method = method
         self.code = grpc.StatusCode.OK
@@ -347,7 +284,7 @@ class _Call:
         self.sent = 0
         #: The problem security or the rate limit answered, if the call was refused.
         self.refusal: errors.Problem | None = None
-        inbound = handlers.inbound
+        inbound = interceptor.inbound
         raw = _metadata_headers(context.invocation_metadata())
         peer = context.peer()
         remote = peer_ip(peer)
@@ -361,7 +298,7 @@ class _Call:
             time.monotonic() + remaining if remaining is not None else None
         )
         parent, link = inbound.parent(headers, trusted)
-        telemetry = handlers.telemetry
+        telemetry = interceptor.telemetry
         self.span = telemetry.start_rpc_span(
             method.service, method.name, remote or "", parent, headers.get("tracestate"), link
         )
@@ -384,8 +321,8 @@ def _scope(path: str, headers: list[tuple[bytes, bytes]], remote: str | None) ->
     }
 
 
-class Handlers:
-    """kiban's request path around every RPC handler it serves (``wrap``)."""
+class Interceptor(grpc.aio.ServerInterceptor):
+    """kiban's request path for every RPC the server answers."""
 
     def __init__(self, service: Service, registry: Registry, public: Iterable[str] = ()) -> None:
         settings = service.settings
@@ -404,24 +341,33 @@ class Handlers:
         self.public = frozenset(public)
         self.unavailable = errors.dependency_errors()
         self.inflight = 0
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
         #: Switched on at runtime with the HTTP payload log (the debug endpoints).
         self.payloads = service.payloads
 
-    def wrap(
-        self, path: str, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        """``handler`` of the method at ``path``, inside kiban's request path.
-
-        A method kiban does not know (registered outside ``service.grpc.add``, and not
-        one of the public services) is served as it is.
-        """
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None:
+            return handler  # grpc answers UNIMPLEMENTED
+        path = details.method
+        cached = self._wrapped.get(path)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # a method's handler is the same object call after call
         method = self.registry.table.get(path)
         if method is None:
             service, _, name = path.strip("/").partition("/")
             if service not in self.public:
-                return handler
+                return handler  # registered on the server outside kiban: not ours to wrap
             method = Method(path, service, name, Resolved(Requirement(()), None))
-        return self._wrap(handler, method)
+        wrapped = self._wrap(handler, method)
+        self._wrapped[path] = (handler, wrapped)
+        return wrapped
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: Method

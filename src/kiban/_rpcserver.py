@@ -20,10 +20,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from kiban import _log as log
-from kiban._rpc import Declaration, Handlers, Registry, Wrapping
+from kiban._rpc import Declaration, Interceptor, Registry
 
 if TYPE_CHECKING:
     from kiban._app import Service
@@ -98,12 +98,13 @@ class GrpcServer:
         policy = service.policy
         self.registry.resolve(policy.default, policy.routes.default_rate)
         services = self.registry.services
-        handlers = Handlers(
+        interceptor = Interceptor(
             service,
             self.registry,
             public=(HEALTH_SERVICE, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"),
         )
         server = grpc.aio.server(
+            interceptors=[interceptor],
             options=[
                 ("grpc.max_receive_message_length", settings.grpc_max_receive_bytes),
                 ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
@@ -118,13 +119,10 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        wrapping = Wrapping(server, handlers.wrap)
-        self.registry.register(wrapping)
-        # Generated adders make only the two registration calls a Wrapping has.
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, wrapping)  # type: ignore[arg-type]
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-            reflection.aio.ReflectionServicer([*services, HEALTH_SERVICE, reflection.SERVICE_NAME]),
-            wrapping,
+        self.registry.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*services, HEALTH_SERVICE, reflection.SERVICE_NAME], server
         )
         host = settings.grpc_host or settings.http_host
         self.port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
