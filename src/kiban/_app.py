@@ -237,12 +237,15 @@ class Service:
         return database
 
     def _pool_options(self, url: str) -> dict[str, Any]:
-        """The pool's size from the settings; an in-memory SQLite has one connection."""
+        """The pool's size from the settings, for a server database.
+
+        SQLite keeps the pool SQLAlchemy picks for it (a file's differs between
+        SQLAlchemy releases, and an in-memory database has one connection).
+        """
         from sqlalchemy.engine import make_url
 
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-            return {}
+        if make_url(url).get_backend_name() == "sqlite":
+            return {"pool_recycle": RECYCLE_SECONDS}
         return {
             "pool_recycle": RECYCLE_SECONDS,
             "pool_size": self.settings.database_pool_size,
