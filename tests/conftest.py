@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -144,6 +145,23 @@ def require(address: tuple[str, int], what: str) -> None:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def read_until(stream: Any, marker: str, timeout: float = 60) -> str:
+    """What a process's stdout pipe gives until ``marker`` appears, the process ends or
+    ``timeout`` passes: never blocked on a process that went quiet."""
+    fd = stream.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("utf-8", "replace")
 
 
 def free_port() -> int:

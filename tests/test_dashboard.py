@@ -7,6 +7,7 @@ kiban's log exporter) send to a dashboard served by a real uvicorn on loopback.
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -596,3 +597,44 @@ def test_a_bearer_token_is_never_in_the_window(dashboard: Dashboard) -> None:
     assert trace["spans"]
     for path in ("/api/logs", "/api/requests", f"/api/traces/{trace['trace_id']}"):
         assert token not in dashboard.get(path).text
+
+
+@pytest.mark.process
+def test_kiban_dev_stops_when_a_service_cannot_start(tmp_path: Path) -> None:
+    """A start-up failure ends kiban dev (status 1) and the services it started."""
+    import subprocess
+    import sys
+
+    from tests.conftest import read_until
+
+    path = write(
+        tmp_path,
+        f"""
+[dev]
+port = {free_port()}
+[[dev.services]]
+name = "hello"
+app = "tests.apps.hello:app"
+port = {free_port()}
+[[dev.services]]
+name = "broken"
+app = "tests.apps.hello:no_such_app"
+port = {free_port()}
+""",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kiban", "dev", "--config", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        output = read_until(process.stdout, "before it was ready", timeout=60)
+        assert process.wait(timeout=30) == 1, output
+    finally:
+        process.kill()
+    assert "kiban dev: broken exited with status 2 before it was ready" in output
+    hello = dev.load(path).services[0]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{hello.url}/health/liveness", timeout=1)

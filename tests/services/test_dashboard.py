@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.browser import Browser
-from tests.conftest import ROOT, bearer, free_port, identity
+from tests.conftest import ROOT, bearer, free_port, identity, read_until
 
 pytestmark = pytest.mark.process
 
@@ -74,13 +74,7 @@ def system() -> Iterator[System]:
         text=True,
     )
     assert process.stdout is not None
-    banner = ""
-    deadline = time.monotonic() + 60
-    while "a problem+json 401" not in banner and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        banner += line
+    banner = read_until(process.stdout, "a problem+json 401")
     # The rest of the output is read away, so the services never block on a full pipe.
     drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
     try:

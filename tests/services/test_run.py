@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, ROOT, free_port, identity
+from tests.conftest import API_KEY, ROOT, free_port, identity, read_until
 
 pytestmark = pytest.mark.process
 
@@ -38,15 +37,7 @@ def start(port: int, orders_port: int) -> subprocess.Popen[str]:
 
 
 def read_banner(process: subprocess.Popen[str]) -> str:
-    assert process.stdout is not None
-    banner = ""
-    deadline = time.monotonic() + 60
-    while "a problem+json 401" not in banner and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        banner += line
-    return banner
+    return read_until(process.stdout, "a problem+json 401")
 
 
 def stop(process: subprocess.Popen[str], signum: signal.Signals) -> int:

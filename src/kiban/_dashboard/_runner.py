@@ -374,17 +374,23 @@ async def serve(
         await asyncio.sleep(0.02)
     _print(f"kiban dev: dashboard {config.url}")
     watching: asyncio.Task[None] | None = None
-    code = 0
     try:
         for spec in config.services:
             await runner.start(spec.name)
             _print(f"kiban dev: {spec.name} {spec.url}")
         not_ready = await runner.wait_ready(stopping)
-        if stopping.is_set():
-            pass
-        elif not_ready:
-            _print(f"kiban dev: not ready: {', '.join(not_ready)}")
-        elif on_ready is not None:
+        exited = {
+            name: process.returncode
+            for name, process in runner.processes.items()
+            if name in not_ready and process.returncode is not None
+        }
+        if exited:  # a start-up failure: its output above says why; stop the others
+            for name, status in exited.items():
+                _print(f"kiban dev: {name} exited with status {status} before it was ready")
+            return 1
+        if not_ready and not stopping.is_set():  # still starting: the page will show it
+            _print(f"kiban dev: not ready yet: {', '.join(not_ready)}")
+        elif on_ready is not None and not stopping.is_set():
             on_ready(config)
         watching = asyncio.create_task(runner.watch())
         await stopping.wait()
@@ -394,7 +400,7 @@ async def serve(
         await runner.stop_all()
         server.should_exit = True
         await serving
-    return code
+    return 0
 
 
 def run(
