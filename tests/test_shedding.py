@@ -85,6 +85,14 @@ async def test_the_chassis_answers_503_when_overloaded_past_capacity() -> None:
         assert shed.status_code == 503
         assert shed.headers["retry-after"] == "1"
         assert (await client.get("/health/liveness")).status_code == 200  # probes pass
+        # Saturated is not dead: readiness stays 200, degraded, and says why.
+        ready = await client.get("/health/readiness")
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded"
+        load = ready.json()["checks"]["load"]
+        assert load["status"] == "fail"
+        assert load["critical"] is False
+        assert load["error"] == "1 requests refused in the last 5 s"
         release.set()
         statuses = sorted([(await done).status_code for done in held])
         assert statuses.count(200) >= 1

@@ -39,6 +39,7 @@ from kiban._debug import PayloadLogMiddleware
 from kiban._health import liveness, readiness_endpoint
 from kiban._propagation import RequestContext
 from kiban._ratelimit import Decision
+from kiban._rolling import Rolling
 from kiban._shedding import Shedder
 from kiban._telemetry import activate, deactivate
 from kiban._trust import AllowedHosts, TrustedPeers, local_location
@@ -64,6 +65,8 @@ _REFUSED_HEAD = {
 _REFUSED_BODY = {"type": "http.response.body", "body": _REFUSED}
 #: How often requests past their handler deadline are looked for.
 EXPIRY_TICK = 0.05
+#: Seconds after the last refusal that readiness still reports the load (degraded).
+SATURATION_WINDOW = 5
 #: A body this size goes to the socket's buffers at once: no write timeout needed.
 _BUFFERED = 64 * 1024
 
@@ -125,6 +128,9 @@ class Chassis:
         self.read_body_timeout = settings.http_read_body_timeout
         self.write_timeout = settings.http_write_timeout
         self._shed = 0
+        #: Requests refused, in one-second buckets over the last SATURATION_WINDOW.
+        self._refused = Rolling(1.0, SATURATION_WINDOW, lambda: [0], monotonic)
+        service.health.saturation = self.saturation
         self._expiry: asyncio.Future[None] | None = None
         telemetry = service.telemetry
         self.shedder = (
@@ -246,6 +252,15 @@ class Chassis:
             return "overload"
         return None
 
+    def saturation(self) -> str | None:
+        """Readiness's ``load`` check: requests refused lately is saturation, reported
+        as degraded, not as a failure: taking a saturated instance out of rotation moves
+        its load onto the others, which then saturate too."""
+        refused = int(sum(bucket[0] for bucket in self._refused.buckets()))
+        if refused:
+            return f"{refused} requests refused in the last {SATURATION_WINDOW} s"
+        return None
+
     async def refuse(self, send: Send, reason: str) -> None:
         """Answer 503 before any of the request's own work: no context, span or access
         line, a body made once. An overloaded server that spends on refusals what it
@@ -254,6 +269,7 @@ class Chassis:
         most often) would cost more than the refusal did."""
         self.telemetry.shed.add(1, {"reason": reason})
         self._shed += 1
+        self._refused.current()[0] += 1
         if self._shed % 100 == 1:  # sampled: shedding is when logs are least affordable
             log.warning("request shed", reason=reason, inflight=len(self.inflight), shed=self._shed)
         await send(_REFUSED_HEAD)

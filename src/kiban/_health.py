@@ -149,6 +149,9 @@ class Checker:
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self.draining = False
+        #: Why the service is saturated now (refusing requests), or None: reported as a
+        #: failing non-critical check, ``load``, so readiness says degraded and stays 200.
+        self.saturation: Callable[[], str | None] = lambda: None
         self._cached: tuple[float, Report] | None = None
         self._lock = asyncio.Lock()
         #: Pings that timed out and were cancelled but are still unwinding (a connection
@@ -177,6 +180,9 @@ class Checker:
             if self._cached is not None and now - self._cached[0] < self.cache_seconds:
                 return self._cached[1]
             checks = await asyncio.gather(*(self._run(pinger) for pinger in self.pingers))
+            saturated = self.saturation()
+            if saturated is not None:
+                checks.append(Check("load", False, 0.0, saturated, critical=False))
             report = Report(
                 ok=all(check.ok or not check.critical for check in checks), checks=tuple(checks)
             )
