@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,41 +140,46 @@ def _service(resource: Any) -> tuple[str, str]:
     )
 
 
+def _items(resources: Any, scopes: str, items: str) -> Iterator[tuple[str, str, Any]]:
+    """Each span, log record or metric of an export request, with its service's name
+    and version: ``resources`` hold ``scopes``, which hold ``items``."""
+    for resource in resources:
+        service, version = _service(resource.resource)
+        for scope in getattr(resource, scopes):
+            for item in getattr(scope, items):
+                yield service, version, item
+
+
 def spans(body: bytes) -> list[Span]:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
 
     request = _parse(ExportTraceServiceRequest(), body)
-    out = []
-    for resource_spans in request.resource_spans:
-        service, _ = _service(resource_spans.resource)
-        for scope in resource_spans.scope_spans:
-            for span in scope.spans:
-                out.append(
-                    Span(
-                        trace_id=span.trace_id.hex(),
-                        span_id=span.span_id.hex(),
-                        parent_id=span.parent_span_id.hex(),
-                        name=span.name,
-                        kind=_KINDS.get(span.kind, "internal"),
-                        service=service,
-                        start=span.start_time_unix_nano,
-                        end=max(span.end_time_unix_nano, span.start_time_unix_nano),
-                        status=_STATUSES.get(span.status.code, "unset"),
-                        status_message=span.status.message,
-                        attributes=_attributes(span.attributes),
-                        events=[
-                            {
-                                "name": event.name,
-                                "time": event.time_unix_nano,
-                                "attributes": _attributes(event.attributes),
-                            }
-                            for event in span.events
-                        ],
-                    )
-                )
-    return out
+    return [
+        Span(
+            trace_id=span.trace_id.hex(),
+            span_id=span.span_id.hex(),
+            parent_id=span.parent_span_id.hex(),
+            name=span.name,
+            kind=_KINDS.get(span.kind, "internal"),
+            service=service,
+            start=span.start_time_unix_nano,
+            end=max(span.end_time_unix_nano, span.start_time_unix_nano),
+            status=_STATUSES.get(span.status.code, "unset"),
+            status_message=span.status.message,
+            attributes=_attributes(span.attributes),
+            events=[
+                {
+                    "name": event.name,
+                    "time": event.time_unix_nano,
+                    "attributes": _attributes(event.attributes),
+                }
+                for event in span.events
+            ],
+        )
+        for service, _, span in _items(request.resource_spans, "scope_spans", "spans")
+    ]
 
 
 _LEVELS = {1: "trace", 5: "debug", 9: "info", 13: "warning", 17: "error", 21: "critical"}
@@ -193,22 +199,19 @@ def logs(body: bytes) -> list[Log]:
 
     request = _parse(ExportLogsServiceRequest(), body)
     out = []
-    for resource_logs in request.resource_logs:
-        service, _ = _service(resource_logs.resource)
-        for scope in resource_logs.scope_logs:
-            for record in scope.log_records:
-                message = value(record.body)
-                out.append(
-                    Log(
-                        time=record.time_unix_nano or record.observed_time_unix_nano,
-                        service=service,
-                        level=_level(record),
-                        message="" if message is None else str(message),
-                        trace_id=record.trace_id.hex(),
-                        span_id=record.span_id.hex(),
-                        attributes=_attributes(record.attributes),
-                    )
-                )
+    for service, _, record in _items(request.resource_logs, "scope_logs", "log_records"):
+        message = value(record.body)
+        out.append(
+            Log(
+                time=record.time_unix_nano or record.observed_time_unix_nano,
+                service=service,
+                level=_level(record),
+                message="" if message is None else str(message),
+                trace_id=record.trace_id.hex(),
+                span_id=record.span_id.hex(),
+                attributes=_attributes(record.attributes),
+            )
+        )
     return out
 
 
@@ -219,32 +222,29 @@ def metrics(body: bytes) -> list[Histogram]:
 
     request = _parse(ExportMetricsServiceRequest(), body)
     out = []
-    for resource_metrics in request.resource_metrics:
-        service, version = _service(resource_metrics.resource)
-        for scope in resource_metrics.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name != REQUEST_DURATION or not metric.HasField("histogram"):
-                    continue
-                histogram = metric.histogram
-                total: Histogram | None = None
-                for point in histogram.data_points:
-                    status = _attributes(point.attributes).get("http.response.status_code")
-                    failed = isinstance(status, int) and status >= 500
-                    if total is None or tuple(point.explicit_bounds) != total.bounds:
-                        total = Histogram(
-                            service=service,
-                            version=version,
-                            time=point.time_unix_nano,
-                            count=0,
-                            errors=0,
-                            bounds=tuple(point.explicit_bounds),
-                            buckets=[0] * len(point.bucket_counts),
-                            cumulative=histogram.aggregation_temporality != 1,
-                        )
-                        out.append(total)
-                    total.count += point.count
-                    total.errors += point.count if failed else 0
-                    total.time = max(total.time, point.time_unix_nano)
-                    for index, count in enumerate(point.bucket_counts):
-                        total.buckets[index] += count
+    for service, version, metric in _items(request.resource_metrics, "scope_metrics", "metrics"):
+        if metric.name != REQUEST_DURATION or not metric.HasField("histogram"):
+            continue
+        histogram = metric.histogram
+        total: Histogram | None = None
+        for point in histogram.data_points:
+            status = _attributes(point.attributes).get("http.response.status_code")
+            failed = isinstance(status, int) and status >= 500
+            if total is None or tuple(point.explicit_bounds) != total.bounds:
+                total = Histogram(
+                    service=service,
+                    version=version,
+                    time=point.time_unix_nano,
+                    count=0,
+                    errors=0,
+                    bounds=tuple(point.explicit_bounds),
+                    buckets=[0] * len(point.bucket_counts),
+                    cumulative=histogram.aggregation_temporality != 1,
+                )
+                out.append(total)
+            total.count += point.count
+            total.errors += point.count if failed else 0
+            total.time = max(total.time, point.time_unix_nano)
+            for index, count in enumerate(point.bucket_counts):
+                total.buckets[index] += count
     return out

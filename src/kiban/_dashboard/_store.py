@@ -123,32 +123,29 @@ class Store:
     # -- intake ---------------------------------------------------------------------
 
     def add_spans(self, spans: Iterable[Span]) -> int:
-        added = 0
-        for span in spans:
-            if len(self.spans) >= self.max_spans:
-                old = self.spans.popleft()
-                _unindex(self._trace_spans, old.trace_id, old)
-            self.spans.append(span)
-            self._trace_spans.setdefault(span.trace_id, []).append(span)
-            if span.service not in self.services:
-                self.service(span.service)
-            added += 1
-        if added:
-            self.changed()
-        return added
+        return self._keep(self.spans, self._trace_spans, self.max_spans, spans)
 
     def add_logs(self, logs: Iterable[Log]) -> int:
+        return self._keep(self.logs, self._trace_logs, self.max_logs, logs)
+
+    def _keep(
+        self,
+        window: deque[Any],
+        by_trace: dict[str, list[Any]],
+        limit: int,
+        items: Iterable[Span] | Iterable[Log],
+    ) -> int:
+        """Append to a window, the oldest falling out of it and of its trace's index."""
         added = 0
-        for log in logs:
-            if len(self.logs) >= self.max_logs:
-                old = self.logs.popleft()
+        for item in items:
+            if len(window) >= limit:
+                old = window.popleft()
                 if old.trace_id:
-                    _unindex(self._trace_logs, old.trace_id, old)
-            self.logs.append(log)
-            if log.trace_id:
-                self._trace_logs.setdefault(log.trace_id, []).append(log)
-            if log.service not in self.services:
-                self.service(log.service)
+                    _unindex(by_trace, old.trace_id, old)
+            window.append(item)
+            if item.trace_id:  # a log line outside any request has none
+                by_trace.setdefault(item.trace_id, []).append(item)
+            self.service(item.service)
             added += 1
         if added:
             self.changed()

@@ -15,7 +15,6 @@ arrive, on top of the services' own redaction.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
@@ -33,12 +32,14 @@ from kiban._dashboard._otlp import logs as decode_logs
 from kiban._dashboard._otlp import metrics as decode_metrics
 from kiban._dashboard._otlp import spans as decode_spans
 from kiban._dashboard._store import Store
+from kiban._debug import redact_json
+from kiban._errors import problem_response
+from kiban._trust import AllowedHosts
 
 __all__ = ["LOOPBACK_HOSTS", "create_app"]
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-#: Attribute names whose values never reach a page, whatever a service sent.
-SECRET_NAMES = re.compile(r"token|passw|secret|authorization|cookie|api[-_]?key|credential", re.I)
+#: The Host names the dashboard answers (kiban's Host rules: any port, any case).
+LOOPBACK_HOSTS = AllowedHosts(("localhost", "127.0.0.1", "[::1]"))
 MAX_BODY = 16 * 1024 * 1024
 _STATIC = resources.files("kiban._dashboard") / "static"
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
@@ -50,21 +51,6 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status, media_type="application/json")
 
 
-def _problem(status: int, title: str, detail: str) -> Response:
-    return Response(
-        orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}),
-        status,
-        media_type="application/problem+json",
-    )
-
-
-def _redact(attributes: dict[str, Any]) -> dict[str, Any]:
-    for key in attributes:
-        if SECRET_NAMES.search(key) and attributes[key] not in (None, "", "[REDACTED]"):
-            attributes[key] = "[REDACTED]"
-    return attributes
-
-
 class LoopbackHost:
     """Refuse any request whose ``Host`` is not a loopback name (DNS rebinding)."""
 
@@ -73,16 +59,9 @@ class LoopbackHost:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            host = ""
-            for name, value in scope["headers"]:
-                if name == b"host":
-                    host = value.decode("latin-1")
-                    break
-            hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if hostname not in LOOPBACK_HOSTS:
-                response = _problem(
-                    421, "Misdirected Request", "the dashboard answers loopback names only"
-                )
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host not in LOOPBACK_HOSTS:
+                response = problem_response(421, "the dashboard answers loopback names only")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -110,7 +89,7 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
             try:
                 ingest(await body(request))
             except DecodeError as error:
-                return _problem(400, "Bad OTLP export request", str(error))
+                return problem_response(400, str(error), title="Bad OTLP export request")
             # An empty Export*ServiceResponse: full success.
             return Response(b"", media_type="application/x-protobuf")
 
@@ -119,13 +98,13 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
     def ingest_spans(data: bytes) -> None:
         spans = decode_spans(data)
         for span in spans:
-            _redact(span.attributes)
+            span.attributes = redact_json(span.attributes)
         store.add_spans(spans)
 
     def ingest_logs(data: bytes) -> None:
         logs = decode_logs(data)
         for log in logs:
-            _redact(log.attributes)
+            log.attributes = redact_json(log.attributes)
         store.add_logs(logs)
 
     def ingest_metrics(data: bytes) -> None:
@@ -138,7 +117,7 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
         path = _STATIC / name
         suffix = "." + name.rsplit(".", 1)[-1]
         if "/" in name or name.startswith(".") or suffix not in _TYPES or not path.is_file():
-            return _problem(404, "Not Found", f"no file {name}")
+            return problem_response(404, f"no file {name}")
         return Response(
             path.read_bytes(), media_type=_TYPES[suffix], headers={"cache-control": "no-cache"}
         )
@@ -195,7 +174,7 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
         trace_id = request.path_params["trace_id"].lower()
         found = store.trace(trace_id)
         if found is None:
-            return _problem(404, "Not Found", f"trace {trace_id} is not in the window")
+            return problem_response(404, f"trace {trace_id} is not in the window")
         return _json(found)
 
     async def service_map(_: Request) -> Response:
@@ -228,10 +207,10 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
     async def restart_service(request: Request) -> Response:
         name = request.path_params["name"]
         if request.headers.get("x-kiban-dev") != "1":
-            return _problem(403, "Forbidden", "a restart needs the x-kiban-dev: 1 header")
+            return problem_response(403, "a restart needs the x-kiban-dev: 1 header")
         state = store.services.get(name)
         if restart is None or state is None or not state.managed:
-            return _problem(404, "Not Found", f"kiban dev does not run a service {name}")
+            return problem_response(404, f"kiban dev does not run a service {name}")
         await restart(name)
         return _json({"restarting": name}, 202)
 
@@ -253,10 +232,10 @@ def create_app(store: Store, restart: Restart | None = None, poll: float = 0.25)
     ]
 
     async def not_found(request: Request, _: Exception) -> Response:
-        return _problem(404, "Not Found", f"no page {request.url.path}")
+        return problem_response(404, f"no page {request.url.path}")
 
     async def not_allowed(request: Request, _: Exception) -> Response:
-        return _problem(405, "Method Not Allowed", f"{request.method} {request.url.path}")
+        return problem_response(405, f"{request.method} {request.url.path}")
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
     return LoopbackHost(app)
