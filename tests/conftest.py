@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -162,6 +163,37 @@ def read_until(stream: Any, marker: str, timeout: float = 60) -> str:
             break
         data += chunk
     return data.decode("utf-8", "replace")
+
+
+def start_sample_system(ports: dict[str, int]) -> subprocess.Popen[str]:
+    """``make run``'s runner (``python -m services.run``) on ``ports`` (KIBAN_DEV, MEMBERS,
+    ORDERS, GRPC), each service on its own default database, output on a pipe."""
+    env = {
+        **os.environ,
+        **{f"{name}_PORT": str(port) for name, port in ports.items()},
+        "LOG_FORMAT": "json",
+    }
+    env.pop("DATABASE_URL", None)
+    env.pop("MEMBERS_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_sample_system(process: subprocess.Popen[str], signum: signal.Signals) -> int:
+    """The runner's exit code; a runner that does not stop is killed and fails the test."""
+    process.send_signal(signum)
+    try:
+        return process.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"services.run did not stop within 45 s of {signum.name}")
 
 
 def free_port() -> int:

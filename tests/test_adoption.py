@@ -187,32 +187,18 @@ def test_a_service_made_from_the_wheel_runs_as_its_readme_says(outside: Path) ->
     port, grpc_port = free_port(), free_port()
     log = outside / "billing.log"
     LOGS.append(log)
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            ["make", "run"],
-            cwd=service,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=_clean_env(
-                HTTP_PORT=str(port),
-                GRPC_PORT=str(grpc_port),
-                LOG_FORMAT="json",
-                TRUSTED_PROXIES="127.0.0.1",
-            ),
-            start_new_session=True,
-        )
+    process = _make(
+        "run",
+        service,
+        log,
+        HTTP_PORT=str(port),
+        GRPC_PORT=str(grpc_port),
+        LOG_FORMAT="json",
+        TRUSTED_PROXIES="127.0.0.1",
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/health/readiness").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        _until(process, log, lambda: httpx.get(f"{url}/health/readiness").status_code == 200)
         audit = _attempt(
             kiban,
             "check",
@@ -251,33 +237,18 @@ def _dev_shows_the_service(service: Path, log: Path) -> None:
     package data), the service's requests on the dashboard."""
     dashboard_port, port = free_port(), free_port()
     dashboard = f"http://127.0.0.1:{dashboard_port}"
-    with log.open("ab") as output:
-        process = subprocess.Popen(
-            ["make", "dev"],
-            cwd=service,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=_clean_env(
-                KIBAN_DEV_PORT=str(dashboard_port),
-                BILLING_PORT=str(port),
-                GRPC_PORT=str(free_port()),
-                LOG_FORMAT="json",
-            ),
-            start_new_session=True,
-        )
+    process = _make(
+        "dev",
+        service,
+        log,
+        KIBAN_DEV_PORT=str(dashboard_port),
+        BILLING_PORT=str(port),
+        GRPC_PORT=str(free_port()),
+        LOG_FORMAT="json",
+    )
 
     def shown(path: str, predicate: Any) -> Any:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                body = httpx.get(dashboard + path).json()
-                if predicate(body):
-                    return body
-            except (httpx.TransportError, ValueError):
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        return _until(process, log, lambda: predicate(httpx.get(dashboard + path).json()))
 
     try:
         shown(
@@ -300,3 +271,31 @@ def _dev_shows_the_service(service: Path, log: Path) -> None:
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+def _make(target: str, service: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """``make TARGET`` in the service, as an adopter's shell runs it, output added to ``log``."""
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            ["make", target],
+            cwd=service,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(**env),
+            start_new_session=True,
+        )
+
+
+def _until(process: subprocess.Popen[bytes], log: Path, check: Any, timeout: float = 60) -> Any:
+    """``check()``'s first true value while ``process`` runs (not reachable yet: again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            found = check()
+            if found:
+                return found
+        except (httpx.TransportError, ValueError):
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +21,14 @@ import httpx
 import pytest
 
 from tests.browser import Browser
-from tests.conftest import ROOT, bearer, free_port, identity, read_until
+from tests.conftest import (
+    bearer,
+    free_port,
+    identity,
+    read_until,
+    start_sample_system,
+    stop_sample_system,
+)
 
 pytestmark = pytest.mark.process
 
@@ -58,21 +63,7 @@ class System:
 @pytest.fixture(scope="module")
 def system() -> Iterator[System]:
     ports = {name: free_port() for name in ("KIBAN_DEV", "MEMBERS", "ORDERS", "GRPC")}
-    env = {
-        **os.environ,
-        **{f"{name}_PORT": str(port) for name, port in ports.items()},
-        "LOG_FORMAT": "json",
-    }
-    env.pop("MEMBERS_URL", None)
-    env.pop("DATABASE_URL", None)  # each service its own, as make run has them
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_sample_system(ports)
     assert process.stdout is not None
     banner = read_until(process.stdout, "a problem+json 401")
     # The rest of the output is read away, so the services never block on a full pipe.
@@ -87,13 +78,10 @@ def system() -> Iterator[System]:
             process,
         )
     finally:
-        process.send_signal(signal.SIGINT)
         try:
-            code = process.wait(45)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = None
-        drain.wait(10)
+            code = stop_sample_system(process, signal.SIGINT)
+        finally:
+            drain.wait(10)
     assert code == 0
 
 

@@ -2,53 +2,32 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, ROOT, free_port, identity, read_until
+from tests.conftest import (
+    API_KEY,
+    free_port,
+    identity,
+    read_until,
+    start_sample_system,
+    stop_sample_system,
+)
 
 pytestmark = pytest.mark.process
 
 
 def start(port: int, orders_port: int) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "MEMBERS_PORT": str(port),
-        "ORDERS_PORT": str(orders_port),
-        "KIBAN_DEV_PORT": str(free_port()),
-        "GRPC_PORT": str(free_port()),
-        "LOG_FORMAT": "json",
-    }
-    env.pop("DATABASE_URL", None)
-    env.pop("MEMBERS_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return start_sample_system(
+        {"MEMBERS": port, "ORDERS": orders_port, "KIBAN_DEV": free_port(), "GRPC": free_port()}
     )
 
 
 def read_banner(process: subprocess.Popen[str]) -> str:
     return read_until(process.stdout, "a problem+json 401")
-
-
-def stop(process: subprocess.Popen[str], signum: signal.Signals) -> int:
-    """The runner's exit code; a runner that does not stop is killed and fails the test."""
-    process.send_signal(signum)
-    try:
-        return process.wait(timeout=45)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"services.run did not stop within 45 s of {signum.name}")
 
 
 def test_sample_system_starts_serves_and_stops_cleanly() -> None:
@@ -74,7 +53,7 @@ def test_sample_system_starts_serves_and_stops_cleanly() -> None:
         )
         assert order.status_code == 201, order.text
     finally:
-        assert stop(process, signal.SIGINT) == 0
+        assert stop_sample_system(process, signal.SIGINT) == 0
 
 
 def test_sigterm_stops_the_services_too() -> None:
@@ -83,7 +62,7 @@ def test_sigterm_stops_the_services_too() -> None:
     try:
         assert "a problem+json 401" in read_banner(process)
     finally:
-        assert stop(process, signal.SIGTERM) == 0
+        assert stop_sample_system(process, signal.SIGTERM) == 0
     for service_port in (port, orders_port):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{service_port}/health/liveness")
