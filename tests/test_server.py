@@ -543,3 +543,81 @@ def test_a_connection_is_closed_only_between_responses(spawn: Any, server: str) 
     assert all(idle >= 0.95 for idle in outcomes["closed before answering"])
     # ...and the race is real: some of those were closed before they could be answered.
     assert outcomes["closed before answering"] or server == "granian"
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_new_connections_are_served_at_once_while_the_server_is_busy(
+    spawn: Any, server: str
+) -> None:
+    """A burst of new clients (a deploy, a load balancer reconnecting) is not queued
+    behind the busy ones one connection per turn of the event loop.
+
+    Eight clients keep the loop busy (10 ms of blocking work per request, so one turn
+    runs about 80 ms of them). Thirty clients then connect at once and ask for a cheap
+    answer. Accepting one connection per turn, the last of them waited 30 turns (about
+    2.4 s); accepting every waiting connection, they are all answered within a few turns.
+    """
+    import select
+
+    service = spawn(HELLO, SERVER=server)
+    host, port = service.url.removeprefix("http://").split(":")
+    address = (host, int(port))
+    stop = threading.Event()
+    busy_answers = [0]
+
+    def busy_client() -> None:
+        with socket.create_connection(address) as sock:
+            request = f"GET /busy?ms=10 HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+            while not stop.is_set():
+                sock.sendall(request)
+                answer = b""
+                while not answer.endswith(b"}"):
+                    answer += sock.recv(4096)
+                busy_answers[0] += 1
+
+    workers = [threading.Thread(target=busy_client) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(0.5)  # the busy clients are being served
+        before = busy_answers[0]
+        started = time.monotonic()
+        pending: dict[socket.socket, bytes] = {}
+        for _ in range(30):
+            sock = socket.create_connection(address)
+            sock.sendall(f"GET /hello/burst HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+            pending[sock] = b""
+        waits: list[float] = []
+        while pending and time.monotonic() - started < 10:
+            readable, _, _ = select.select(list(pending), [], [], 1)
+            for sock in readable:
+                pending[sock] += sock.recv(4096)
+                if pending[sock].endswith(b'"burst"}'):
+                    assert pending.pop(sock).startswith(b"HTTP/1.1 200")
+                    waits.append(time.monotonic() - started)
+                    sock.close()
+        assert not pending, f"{len(pending)} of the new clients were never answered"
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=10)
+    assert busy_answers[0] - before > 8  # the loop was busy all along
+    assert max(waits) < 1.0, f"the last new client waited {max(waits):.2f} s"
+
+
+def test_a_port_in_use_fails_the_start_before_any_pool_opens(spawn: Any) -> None:
+    """Exit 3 with the address and the reason, and the lifespan never ran."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = spawn(HELLO, wait=False, HTTP_PORT=str(port))
+        assert service.popen.wait(timeout=20) == 3
+    lines = service.lines()
+    [error] = [line for line in lines if line.get("msg") == "cannot listen"]
+    assert error["level"] == "error"
+    assert error["address"] == f"127.0.0.1:{port}"
+    assert "in use" in error["error"]
+    messages = [line.get("msg") for line in lines]
+    assert "started" not in messages  # kiban's lifespan start line
+    assert "pools closed" not in messages

@@ -28,7 +28,7 @@ import uvicorn
 from kiban import _log as log
 from kiban._config import ConfigError, Settings
 from kiban._shutdown import EXIT_ABANDONED, MARGIN, Shutdown, shutdown_bound
-from kiban._uvicorn import Config, HttpProtocol
+from kiban._uvicorn import Acceptor, Config, HttpProtocol, listen
 
 if TYPE_CHECKING:
     from kiban._app import Service
@@ -62,6 +62,7 @@ class Server(uvicorn.Server):
         self.bound = shutdown_bound(settings)
         self.policy = Shutdown(service, settings, self._stop)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.acceptor: Acceptor | None = None
 
     def _stop(self) -> None:
         self.should_exit = True  # uvicorn's public flag: its main loop ends, shutdown begins
@@ -102,6 +103,8 @@ class Server(uvicorn.Server):
         instead of uvicorn's plain-text 500.
         """
         self.policy.start_watchdog()  # also when stopped without a signal (lifespan failed)
+        if self.acceptor is not None:
+            self.acceptor.close()
         self.service.stop_accepting()  # the gRPC server, beside this one
         cut = asyncio.ensure_future(self._cut_after(self.shutdown_timeout))
         try:
@@ -114,13 +117,41 @@ class Server(uvicorn.Server):
         await self.service.interrupt("shutdown")
 
     async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets=sockets)
+        """Listen, run the app's lifespan, then accept with kiban's ``Acceptor``.
+
+        The port is taken before the lifespan opens any pool, so a port in use fails
+        the start at once (exit 3) with nothing to close.
+        """
+        if sockets is not None:  # given listening sockets: uvicorn accepts on them
+            await super().startup(sockets=sockets)
+            self._started()
+            return
+        try:
+            listener = listen(self.config)
+        except OSError as exc:
+            log.error(
+                "cannot listen", address=f"{self.config.host}:{self.config.port}", error=str(exc)
+            )
+            self.should_exit = True
+            return
+        try:
+            await super().startup(sockets=[])  # the lifespan; no listener of uvicorn's
+        except BaseException:
+            listener.close()
+            raise
+        self.acceptor = Acceptor(listener, self)
+        self._started()
+
+    def _started(self) -> None:
         # Everything loaded so far lives as long as the process: keep it out of the
         # garbage collector's scans, which otherwise show up as tail latency.
         gc.collect()
         gc.freeze()
-        for server in getattr(self, "servers", []):
-            for sock in server.sockets:
+        listeners = [server.sockets for server in getattr(self, "servers", [])]
+        if self.acceptor is not None:
+            listeners.append((self.acceptor.sock,))
+        for sockets in listeners:
+            for sock in sockets:
                 host, port = sock.getsockname()[:2]
                 log.info("listening", url=f"http://{host}:{port}")
 
