@@ -315,7 +315,7 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
     """Start ``kiban run TARGET`` with extra environment; every process is stopped after."""
     started: list[Process] = []
 
-    def start(target: str, wait: bool = True, **env: str) -> Process:
+    def start(target: str, wait: bool = True, max_files: int = 0, **env: str) -> Process:
         port = int(env.pop("HTTP_PORT", 0)) or free_port()
         output = tmp_path / f"{target.replace(':', '_')}-{port}.log"
         environment = {
@@ -333,6 +333,7 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
                 env=environment,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
+                preexec_fn=(lambda: _limit_files(max_files)) if max_files else None,
             )
         process = Process(popen, f"http://127.0.0.1:{port}", output)
         LOGS.append(output)
@@ -344,6 +345,13 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
     yield start
     for process in started:
         process.stop()
+
+
+def _limit_files(count: int) -> None:
+    """In the child: at most ``count`` open files (RLIMIT_NOFILE)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -621,3 +621,43 @@ def test_a_port_in_use_fails_the_start_before_any_pool_opens(spawn: Any) -> None
     messages = [line.get("msg") for line in lines]
     assert "started" not in messages  # kiban's lifespan start line
     assert "pools closed" not in messages
+
+
+def test_out_of_file_descriptors_the_server_waits_and_accepts_again(spawn: Any) -> None:
+    """Past RLIMIT_NOFILE the connections wait in the backlog: the server says so once a
+    second (no busy loop on a listener it cannot accept from), keeps serving the clients
+    it has, and accepts the waiting ones once descriptors are free again."""
+    service = spawn(HELLO, max_files=128)
+    host, port = service.url.removeprefix("http://").split(":")
+    address = (host, int(port))
+    request = f"GET /hello/fd HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+
+    def ask(sock: socket.socket) -> bytes:
+        sock.sendall(request)
+        answer = b""
+        while not answer.endswith(b'"fd"}'):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+    kept = socket.create_connection(address)
+    assert ask(kept).startswith(b"HTTP/1.1 200")
+    crowd = [socket.create_connection(address) for _ in range(160)]  # the kernel takes them
+    try:
+        time.sleep(2.5)
+        lines = service.lines()
+        refusals = [line for line in lines if line.get("msg") == "cannot accept connections"]
+        assert 1 <= len(refusals) <= 4, len(refusals)  # about one a second, not a spin
+        assert "Too many open files" in refusals[0]["error"]
+        assert ask(kept).startswith(b"HTTP/1.1 200")  # the connection it has is served
+        waiting = crowd[-1]
+    finally:
+        for sock in crowd[:-1]:
+            sock.close()
+    time.sleep(1.5)  # the server closes its side of those, and tries again
+    assert ask(waiting).startswith(b"HTTP/1.1 200")
+    waiting.close()
+    kept.close()
+    assert service.popen.poll() is None
