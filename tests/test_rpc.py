@@ -101,6 +101,14 @@ def test_an_untrusted_peer_decides_no_identity_and_no_trace_id(spawn: Any) -> No
     assert seen.trace_id != TRACE
 
 
+def test_a_synchronous_method_runs_on_a_thread_with_the_calls_context(probe: Probe) -> None:
+    seen = probe.stub.Limited(pb.Empty(), metadata=[("x-uid", "ada"), ("x-trace-id", TRACE)])
+    assert (seen.uid, seen.trace_id) == ("ada", TRACE)
+    time.sleep(0.3)
+    (line,) = probe.access("Limited")
+    assert (line["uid"], line["trace_id"], line["grpc_status"]) == ("ada", TRACE, "OK")
+
+
 def test_missing_and_insufficient_credentials_are_refused_with_details(probe: Probe) -> None:
     with pytest.raises(grpc.RpcError) as missing:
         probe.stub.Whoami(pb.Empty())

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from fastapi import params
@@ -396,12 +396,14 @@ class Interceptor(grpc.aio.ServerInterceptor):
     def _unary(
         self, behavior: Callable[..., Any], method: Method, stream_in: bool
     ) -> Callable[[Any, Any], Awaitable[Any]]:
+        invoke = _invoker(behavior)
+
         async def unary(request: Any, context: Any) -> Any:
             call = await self._begin(method, context)
             try:
                 if call.code is grpc.StatusCode.OK:
                     request = self._taken(request, call, stream_in)
-                    response = await _invoke(behavior, request, context)
+                    response = await invoke(request, context)
                     call.sent = _size(response)
                     if self.payloads.enabled and not stream_in:
                         self._log_payloads(method, request, response)
@@ -552,11 +554,15 @@ def _render(message: Any, limit: int) -> Any:
     return redact_json(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
-async def _invoke(behavior: Callable[..., Any], request: Any, context: Any) -> Any:
-    """Await an async servicer method; run a sync one on a thread, context copied."""
+def _invoker(behavior: Callable[..., Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """An async servicer method as it is; a sync one run on a thread, context copied."""
     if inspect.iscoroutinefunction(behavior):
-        return await behavior(request, context)
-    return await asyncio.to_thread(behavior, request, context)
+        return cast("Callable[[Any, Any], Awaitable[Any]]", behavior)
+
+    async def on_thread(request: Any, context: Any) -> Any:
+        return await asyncio.to_thread(behavior, request, context)
+
+    return on_thread
 
 
 def _status(service: str, problem: errors.Problem) -> grpc.Status:

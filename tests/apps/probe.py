@@ -69,7 +69,8 @@ class Probe(pbg.ProbeServicer):
     async def Crash(self, request: pb.Empty, context: Any) -> pb.Seen:
         raise RuntimeError("internal detail: pool 7 of db-3 exhausted")
 
-    async def Limited(self, request: pb.Empty, context: Any) -> pb.Seen:
+    def Limited(self, request: pb.Empty, context: Any) -> pb.Seen:
+        """A synchronous method: run on a thread, with the call's context."""
         kiban.log.debug("limited called")  # written only for a call asking for debug
         return _seen()
 
