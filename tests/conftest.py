@@ -347,6 +347,24 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
         process.stop()
 
 
+def chassis_around(app: Any, service: Any, lifecycle: Any = None) -> Any:
+    """``app`` inside a ``Chassis`` made of ``service``'s collaborators, as the service
+    makes its own; ``lifecycle`` replaces the service's start-up and cleanups."""
+    from kiban._chassis import Chassis
+
+    return Chassis(
+        app,
+        api=service.app,
+        settings=service.settings,
+        policy=service.policy,
+        telemetry=service.telemetry,
+        health=service.health,
+        payloads=service.payloads,
+        inflight=service.inflight,
+        lifecycle=lifecycle or service,
+    )
+
+
 def _limit_files(count: int) -> None:
     """In the child: at most ``count`` open files (RLIMIT_NOFILE)."""
     import resource

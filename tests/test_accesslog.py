@@ -12,10 +12,9 @@ from starlette.testclient import TestClient
 
 import kiban
 from kiban._accesslog import FIELDS, REDACTED, redact_query
-from kiban._chassis import Chassis
 from kiban._config import Settings
 from kiban.security import NoSecurity
-from tests.conftest import Lines
+from tests.conftest import Lines, chassis_around
 
 
 def make_app() -> FastAPI:
@@ -134,7 +133,7 @@ def test_client_disconnect_before_response_is_logged_as_499(lines: Lines) -> Non
         "client": ("192.0.2.1", 1234),
     }
     service = kiban.Service(FastAPI(), Settings(service_name="svc"), security=NoSecurity())
-    asyncio.run(Chassis(app, service)(scope, receive, send))
+    asyncio.run(chassis_around(app, service)(scope, receive, send))
     (line,) = lines.access()
     assert line["status"] == 499
     assert line["host"] == "svc"

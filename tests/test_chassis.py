@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 
 import kiban
@@ -15,7 +16,7 @@ from kiban import _propagation as propagation
 from kiban._chassis import Chassis
 from kiban._config import Settings
 from kiban.security import NoSecurity
-from tests.conftest import Lines, asgi_scope
+from tests.conftest import Lines, asgi_scope, chassis_around
 
 Message = dict[str, Any]
 
@@ -45,9 +46,10 @@ class FakeApp:
         await send({"type": "http.response.body", "body": self.body})
 
 
-def _chassis(app: Any, **settings: Any) -> Chassis:
+def _chassis(app: Any, lifecycle: Any = None, **settings: Any) -> Chassis:
     service = kiban.Service(FastAPI(), Settings(**settings), security=NoSecurity())
-    return Chassis(app, service)
+    built: Chassis = chassis_around(app, service, lifecycle)
+    return built
 
 
 def drive(chassis: Chassis, scope: Any, body: bytes = b"") -> list[Message]:
@@ -108,7 +110,7 @@ def test_a_bug_in_the_app_is_a_500_problem_with_its_access_line(lines: Lines) ->
 
 def test_while_draining_every_answer_asks_to_close_the_connection() -> None:
     chassis = _chassis(FakeApp())
-    chassis.service.health.start_draining()
+    chassis.health.start_draining()
     sent = drive(chassis, asgi_scope())
     assert (b"connection", b"close") in sent[0]["headers"]
 
@@ -151,7 +153,7 @@ def test_a_request_interrupted_at_shutdown_gets_503_and_the_apps_late_answer_is_
     async def scenario() -> None:
         request = asyncio.ensure_future(chassis(asgi_scope(), receive, send))
         await asyncio.sleep(0.01)
-        assert await chassis.service.interrupt("shutdown") == 1
+        assert await kiban.Service.of(chassis.api).interrupt("shutdown") == 1
         release.set()
         await request
 
@@ -161,3 +163,65 @@ def test_a_request_interrupted_at_shutdown_gets_503_and_the_apps_late_answer_is_
     assert b"late" not in [m.get("body") for m in sent]
     (line,) = lines.access()
     assert (line["status"], line["interrupted"]) == (503, "shutdown")
+
+
+class Recorder:
+    """A lifecycle that records when the chassis runs it."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[str] = []
+
+    async def startup(self) -> None:
+        self.calls.append("startup")
+        if self.fail:
+            raise RuntimeError("the database is not there")
+
+    def started(self) -> None:
+        self.calls.append("started")
+
+    async def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+def _lifespan(chassis: Chassis, sent: list[str]) -> None:
+    """Run a lifespan through ``chassis``; ``sent`` gets the messages the server was sent."""
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+
+    asyncio.run(chassis({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+
+
+def test_the_lifecycle_runs_around_the_apps_own_lifespan() -> None:
+    calls: list[str] = []
+    lifecycle = Recorder()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        calls.append(f"app start after {lifecycle.calls}")
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        calls.append(f"app end after {lifecycle.calls}")
+        await send({"type": "lifespan.shutdown.complete"})
+
+    sent: list[str] = []
+    _lifespan(_chassis(app, lifecycle), sent)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert calls == ["app start after ['startup']", "app end after ['startup', 'started']"]
+    assert lifecycle.calls == ["startup", "started", "shutdown"]
+
+
+def test_a_failed_start_up_cleans_up_and_tells_the_server() -> None:
+    lifecycle = Recorder(fail=True)
+    app = FakeApp()
+    sent: list[str] = []
+    with pytest.raises(RuntimeError, match="the database is not there"):  # the server reports it
+        _lifespan(_chassis(app, lifecycle), sent)
+    assert sent[0] == "lifespan.startup.failed"
+    assert lifecycle.calls == ["startup", "shutdown"]
+    assert app.calls == 0  # the app's lifespan never began

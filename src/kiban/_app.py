@@ -131,7 +131,17 @@ class Service:
         log.allow_request_debug(self.settings.debug_endpoints)
         # An ordinary ASGI middleware: it sees the lifespan too, and runs kiban's
         # start-up and cleanups around the app's own lifespan (``Chassis.lifespan``).
-        app.add_middleware(Chassis, service=self)
+        app.add_middleware(
+            Chassis,
+            api=app,
+            settings=self.settings,
+            policy=self.policy,
+            telemetry=self.telemetry,
+            health=self.health,
+            payloads=self.payloads,
+            inflight=self.inflight,
+            lifecycle=self,
+        )
         self._document_openapi(app)
 
     @classmethod

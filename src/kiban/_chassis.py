@@ -1,14 +1,16 @@
 """kiban's request path: one pure ASGI layer around the app, in the chain's order.
 
-    context      inbound headers -> RequestContext      propagation.py
-    telemetry    server span, HTTP duration histogram   telemetry.py
-    access log   one fixed-schema line per request      accesslog.py
-    drain        Connection: close while shutting down  health.py, server.py
-    errors       any exception -> problem+json          errors.py
-    body limit   413 past HTTP_MAX_BODY_BYTES           limits.py
-    probes       /health/*, /metrics answered here      health.py, telemetry.py
-    policy       the route's security and rate limit    security/policy.py
-    payloads     bodies logged when switched on         debug.py
+    shedding     503 past the in-flight cap or load     _shedding.py
+    context      inbound headers -> RequestContext      _propagation.py, _trust.py
+    telemetry    server span, HTTP duration histogram   _telemetry.py
+    access log   one fixed-schema line per request      _accesslog.py
+    drain        Connection: close while shutting down  _health.py, _server.py
+    errors       any exception -> problem+json          _errors.py
+    body limit   413 past HTTP_MAX_BODY_BYTES           _bodylimit.py
+    probes       /health/*, /metrics answered here      _health.py, _telemetry.py
+    policy       the route's security and rate limit    security/_policy.py
+    timeouts     504 past the handler's deadline        security/_declare.py
+    payloads     bodies logged when switched on         _debug.py
 
 Each step is written in the module of its concept; this layer runs them in that order
 with one pass over the headers and one wrapper around ``send`` and ``receive``, the
@@ -22,7 +24,7 @@ import asyncio
 from collections.abc import Awaitable
 from contextvars import Token
 from time import monotonic, perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import trace
 from starlette.exceptions import HTTPException
@@ -47,9 +49,15 @@ from kiban.security._declare import HANDLER_TIMEOUT
 from kiban.security._policy import RATE_DECISION
 
 if TYPE_CHECKING:
-    from kiban._app import Service
+    from fastapi import FastAPI
 
-__all__ = ["Chassis", "Exchange"]
+    from kiban._config import Settings
+    from kiban._debug import PayloadLog
+    from kiban._health import Checker
+    from kiban._telemetry import Telemetry
+    from kiban.security._policy import Policy
+
+__all__ = ["Chassis", "Exchange", "Lifecycle"]
 
 _CLOSE = (b"connection", b"close")
 _REFUSED = errors.problem_body(503, "The service is at capacity; retry shortly.")
@@ -79,25 +87,54 @@ class ClientTooSlow(Exception):
     """The client stopped taking the response (``HTTP_WRITE_TIMEOUT``)."""
 
 
-class Chassis:
-    """The whole of kiban's per-request work for ``service``, around ``app``."""
+class Lifecycle(Protocol):
+    """What runs around the app's own lifespan: kiban's start-up and cleanups (``Service``)."""
 
-    def __init__(self, app: ASGIApp, service: Service) -> None:
-        settings = service.settings
+    async def startup(self) -> None: ...
+
+    def started(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class Chassis:
+    """The whole of kiban's per-request work, around ``app``.
+
+    Built from its collaborators, each a concept of its own module: the settings, the
+    routes' ``policy`` (security, rate limits, handler timeouts), the ``telemetry``,
+    the ``health`` checker (drain, readiness), the runtime ``payloads`` switch, the set
+    of requests ``inflight`` (which the shutdown reaches), and the ``lifecycle`` run
+    around the app's lifespan. ``api`` is the FastAPI app the routes and exception
+    handlers are on; ``app`` is the ASGI app inside the chassis (its middleware stack).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api: FastAPI,
+        settings: Settings,
+        policy: Policy,
+        telemetry: Telemetry,
+        health: Checker,
+        payloads: PayloadLog,
+        inflight: set[Exchange],
+        lifecycle: Lifecycle,
+    ) -> None:
         self.app = app
-        self.service = service
+        self.lifecycle = lifecycle
         # Payload logging is a layer of its own, stepped into only while it is switched on.
-        self.payloads = service.payloads
-        self.logged = PayloadLogMiddleware(app, service.payloads)
-        self.api = service.app
-        self.policy = service.policy
-        self.health = service.health
-        self.telemetry = service.telemetry
+        self.payloads = payloads
+        self.logged = PayloadLogMiddleware(app, payloads)
+        self.api = api
+        self.policy = policy
+        self.health = health
+        self.telemetry = telemetry
         self.access = (
             AccessLog(
                 settings.service_name,
                 settings.log_redact_params,
-                credentials=service.policy.query_credentials,
+                credentials=policy.query_credentials,
             )
             if settings.access_log
             else None
@@ -109,12 +146,12 @@ class Chassis:
             route.path: route
             for route in (
                 Route("/health/liveness", liveness, methods=["GET"]),
-                Route("/health/readiness", readiness_endpoint(service.health), methods=["GET"]),
-                Route("/metrics", service.telemetry.metrics_endpoint, methods=["GET"]),
+                Route("/health/readiness", readiness_endpoint(health), methods=["GET"]),
+                Route("/metrics", telemetry.metrics_endpoint, methods=["GET"]),
             )
         }
         #: The requests being served, for the shutdown to interrupt past its timeout.
-        self.inflight = service.inflight
+        self.inflight = inflight
         self.inbound = propagation.Inbound(
             settings.headers,
             extra=("tracestate", "host", "content-length", "content-type"),
@@ -130,9 +167,8 @@ class Chassis:
         self._shed = 0
         #: Requests refused, in one-second buckets over the last SATURATION_WINDOW.
         self._refused = Rolling(1.0, SATURATION_WINDOW, lambda: [0], monotonic)
-        service.health.saturation = self.saturation
+        health.saturation = self.saturation
         self._expiry: asyncio.Future[None] | None = None
-        telemetry = service.telemetry
         self.shedder = (
             Shedder(
                 settings.http_shed_loop_lag,
@@ -326,20 +362,20 @@ class Chassis:
         if message["type"] != "lifespan.startup":  # not the protocol kiban knows: stand aside
             await self.app(scope, _replay(message, receive), send)
             return
-        service = self.service
+        lifecycle = self.lifecycle
         try:
-            await service.startup()
+            await lifecycle.startup()
         except Exception as exc:
-            await service.shutdown()
+            await lifecycle.shutdown()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             raise  # as Starlette's router does: the server reports it
 
         async def sent(message: Message) -> None:
             kind = message["type"]
             if kind == "lifespan.startup.complete":
-                service.started()
+                lifecycle.started()
             elif kind in _LIFESPAN_ENDS:
-                await service.shutdown()
+                await lifecycle.shutdown()
             await send(message)
 
         await self.app(scope, _replay(message, receive), sent)
