@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 import kiban
-from kiban._accesslog import FIELDS, REDACTED, redact_query
+from kiban._accesslog import FIELDS
 from kiban._config import Settings
+from kiban._redact import REDACTED, redact_query
 from kiban.security import NoSecurity
 from tests.conftest import Lines, chassis_around
 
@@ -99,7 +100,17 @@ def test_query_secrets_are_redacted(lines: Lines) -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["token", "id_token", "client_secret", "Password", "x_api_key"]),
+            st.sampled_from(
+                [
+                    "token",
+                    "id_token",
+                    "client_secret",
+                    "Password",
+                    "x_api_key",
+                    "Cookie",
+                    "auth_credential",
+                ]
+            ),
             st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=6),
         )
     )

@@ -17,8 +17,9 @@ from starlette.types import Scope
 
 from kiban._log import sink
 from kiban._propagation import RequestContext
+from kiban._redact import redact_query
 
-__all__ = ["FIELDS", "AccessLog", "redact_query"]
+__all__ = ["FIELDS", "AccessLog"]
 
 #: The access-log schema, in the order fields are written.
 FIELDS = (
@@ -47,25 +48,8 @@ FIELDS = (
     "api_client",
 )
 
-_SECRET_PARTS = ("token", "password", "passwd", "secret", "apikey", "api_key", "api-key")
-REDACTED = "[REDACTED]"
 #: Status written when the client went away before any response was sent (as nginx does).
 CLIENT_CLOSED = 499
-
-
-def redact_query(query: str, names: Iterable[str] = ()) -> str:
-    """Replace the values of secret-looking parameters; leave the rest byte for byte."""
-    if not query:
-        return query
-    exact = {name.lower() for name in names}
-    parts = []
-    for part in query.split("&"):
-        key, sep, _ = part.partition("=")
-        lowered = key.lower()
-        if sep and (lowered in exact or any(secret in lowered for secret in _SECRET_PARTS)):
-            part = f"{key}={REDACTED}"
-        parts.append(part)
-    return "&".join(parts)
 
 
 class AccessLog:

@@ -29,37 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiban import _log as log
 from kiban._errors import Problem
+from kiban._redact import redact_json
 
-__all__ = ["PayloadLog", "PayloadLogMiddleware", "redact_json", "router"]
-
-_SECRET_PARTS = (
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "authorization",
-    "cookie",
-    "api_key",
-    "api-key",
-    "apikey",
-    "credential",
-    "private_key",
-)
-REDACTED = "[REDACTED]"
-
-
-def redact_json(value: Any) -> Any:
-    """A copy of a JSON value with the values of secret-looking keys replaced."""
-    if isinstance(value, dict):
-        return {
-            key: REDACTED
-            if any(part in str(key).lower() for part in _SECRET_PARTS)
-            else redact_json(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [redact_json(item) for item in value]
-    return value
+__all__ = ["PayloadLog", "PayloadLogMiddleware", "router"]
 
 
 class PayloadLog:

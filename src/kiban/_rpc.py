@@ -38,7 +38,7 @@ from kiban import _errors as errors
 from kiban import _log as log
 from kiban import _propagation as propagation
 from kiban._accesslog import AccessLog
-from kiban._debug import redact_json
+from kiban._redact import redact_json
 from kiban._rpcclient import DEADLINE
 from kiban._telemetry import activate, deactivate
 from kiban._trust import TrustedPeers

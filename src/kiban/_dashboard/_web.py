@@ -32,8 +32,8 @@ from kiban._dashboard._otlp import logs as decode_logs
 from kiban._dashboard._otlp import metrics as decode_metrics
 from kiban._dashboard._otlp import spans as decode_spans
 from kiban._dashboard._store import Store
-from kiban._debug import redact_json
 from kiban._errors import problem_response
+from kiban._redact import redact_json
 from kiban._trust import AllowedHosts
 
 __all__ = ["LOOPBACK_HOSTS", "create_app"]
