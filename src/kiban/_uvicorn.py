@@ -215,16 +215,18 @@ class Acceptor:
                 self.loop.remove_reader(self.sock.fileno())
                 self.loop.call_later(_RETRY_ACCEPT, self._resume)
                 return
+            task = self.loop.create_task(self._serve(conn))
+            self._tasks.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self.loop.create_task(self.loop.connect_accepted_socket(self._protocol, conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._connected)
-
-    def _connected(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # reset before it was served
-            log.debug("connection lost before it was served", error=str(task.exception()))
+            await self.loop.connect_accepted_socket(self._protocol, conn)
+        except OSError as exc:  # reset by the peer before it could be served
+            conn.close()
+            log.debug("connection lost before it was served", error=str(exc))
 
     def _resume(self) -> None:
         if self.sock.fileno() != -1:
