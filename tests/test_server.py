@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import threading
@@ -545,66 +546,6 @@ def test_a_connection_is_closed_only_between_responses(spawn: Any, server: str) 
     assert outcomes["closed before answering"] or server == "granian"
 
 
-@pytest.mark.parametrize("server", SERVERS)
-def test_new_connections_are_served_at_once_while_the_server_is_busy(
-    spawn: Any, server: str
-) -> None:
-    """A burst of new clients (a deploy, a load balancer reconnecting) is not queued
-    behind the busy ones one connection per turn of the event loop.
-
-    Eight clients keep the loop busy (10 ms of blocking work per request, so one turn
-    runs about 80 ms of them). Thirty clients then connect at once and ask for a cheap
-    answer. Accepting one connection per turn, the last of them waited 30 turns (about
-    2.4 s); accepting every waiting connection, they are all answered within a few turns.
-    """
-    import select
-
-    service = spawn(HELLO, SERVER=server)
-    host, port = service.url.removeprefix("http://").split(":")
-    address = (host, int(port))
-    stop = threading.Event()
-    busy_answers = [0]
-
-    def busy_client() -> None:
-        with socket.create_connection(address) as sock:
-            request = f"GET /busy?ms=10 HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
-            while not stop.is_set():
-                sock.sendall(request)
-                answer = b""
-                while not answer.endswith(b"}"):
-                    answer += sock.recv(4096)
-                busy_answers[0] += 1
-
-    workers = [threading.Thread(target=busy_client) for _ in range(8)]
-    for worker in workers:
-        worker.start()
-    try:
-        time.sleep(0.5)  # the busy clients are being served
-        before = busy_answers[0]
-        started = time.monotonic()
-        pending: dict[socket.socket, bytes] = {}
-        for _ in range(30):
-            sock = socket.create_connection(address)
-            sock.sendall(f"GET /hello/burst HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
-            pending[sock] = b""
-        waits: list[float] = []
-        while pending and time.monotonic() - started < 10:
-            readable, _, _ = select.select(list(pending), [], [], 1)
-            for sock in readable:
-                pending[sock] += sock.recv(4096)
-                if pending[sock].endswith(b'"burst"}'):
-                    assert pending.pop(sock).startswith(b"HTTP/1.1 200")
-                    waits.append(time.monotonic() - started)
-                    sock.close()
-        assert not pending, f"{len(pending)} of the new clients were never answered"
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=10)
-    assert busy_answers[0] - before > 8  # the loop was busy all along
-    assert max(waits) < 1.0, f"the last new client waited {max(waits):.2f} s"
-
-
 def test_a_port_in_use_fails_the_start_before_any_pool_opens(spawn: Any) -> None:
     """Exit 3 with the address and the reason, and the lifespan never ran."""
     with socket.socket() as taken:
@@ -623,10 +564,14 @@ def test_a_port_in_use_fails_the_start_before_any_pool_opens(spawn: Any) -> None
     assert "pools closed" not in messages
 
 
-def test_out_of_file_descriptors_the_server_waits_and_accepts_again(spawn: Any) -> None:
-    """Past RLIMIT_NOFILE the connections wait in the backlog: the server says so once a
-    second (no busy loop on a listener it cannot accept from), keeps serving the clients
-    it has, and accepts the waiting ones once descriptors are free again."""
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_file_descriptors_the_server_keeps_serving_and_recovers(spawn: Any) -> None:
+    """Past RLIMIT_NOFILE the server neither spins on the listener it cannot accept from
+    nor stops: it serves the clients it has, and new ones once descriptors are free."""
     service = spawn(HELLO, max_files=128)
     host, port = service.url.removeprefix("http://").split(":")
     address = (host, int(port))
@@ -646,18 +591,15 @@ def test_out_of_file_descriptors_the_server_waits_and_accepts_again(spawn: Any) 
     assert ask(kept).startswith(b"HTTP/1.1 200")
     crowd = [socket.create_connection(address) for _ in range(160)]  # the kernel takes them
     try:
-        time.sleep(2.5)
-        lines = service.lines()
-        refusals = [line for line in lines if line.get("msg") == "cannot accept connections"]
-        assert 1 <= len(refusals) <= 4, len(refusals)  # about one a second, not a spin
-        assert "Too many open files" in refusals[0]["error"]
+        before = _cpu_seconds(service.popen.pid)
+        time.sleep(2)
+        assert _cpu_seconds(service.popen.pid) - before < 1.0  # not a busy loop
         assert ask(kept).startswith(b"HTTP/1.1 200")  # the connection it has is served
-        waiting = crowd[-1]
     finally:
-        for sock in crowd[:-1]:
+        for sock in crowd:
             sock.close()
-    time.sleep(1.5)  # the server closes its side of those, and tries again
-    assert ask(waiting).startswith(b"HTTP/1.1 200")
-    waiting.close()
+    time.sleep(0.5)
+    with socket.create_connection(address) as late:
+        assert ask(late).startswith(b"HTTP/1.1 200")
     kept.close()
     assert service.popen.poll() is None

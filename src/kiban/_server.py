@@ -28,7 +28,7 @@ import uvicorn
 from kiban import _log as log
 from kiban._config import ConfigError, Settings
 from kiban._shutdown import EXIT_ABANDONED, MARGIN, Shutdown, shutdown_bound
-from kiban._uvicorn import Acceptor, Config, HttpProtocol, listen
+from kiban._uvicorn import Config, HttpProtocol
 
 if TYPE_CHECKING:
     from kiban._app import Service
@@ -62,7 +62,8 @@ class Server(uvicorn.Server):
         self.bound = shutdown_bound(settings)
         self.policy = Shutdown(service, settings, self._stop)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.acceptor: Acceptor | None = None
+        #: The listening sockets kiban opened (uvicorn closes its servers on them).
+        self.listeners: list[socket.socket] = []
 
     def _stop(self) -> None:
         self.should_exit = True  # uvicorn's public flag: its main loop ends, shutdown begins
@@ -103,8 +104,6 @@ class Server(uvicorn.Server):
         instead of uvicorn's plain-text 500.
         """
         self.policy.start_watchdog()  # also when stopped without a signal (lifespan failed)
-        if self.acceptor is not None:
-            self.acceptor.close()
         self.service.stop_accepting()  # the gRPC server, beside this one
         cut = asyncio.ensure_future(self._cut_after(self.shutdown_timeout))
         try:
@@ -117,43 +116,57 @@ class Server(uvicorn.Server):
         await self.service.interrupt("shutdown")
 
     async def startup(self, sockets: Any = None) -> None:
-        """Listen, run the app's lifespan, then accept with kiban's ``Acceptor``.
+        """Take the port, then run the app's lifespan and serve on it.
 
         The port is taken before the lifespan opens any pool, so a port in use fails
-        the start at once (exit 3) with nothing to close.
+        the start at once (exit 3) with nothing to close. The listening socket is
+        handed to uvicorn (its public ``sockets``), whose event loop accepts from it.
         """
-        if sockets is not None:  # given listening sockets: uvicorn accepts on them
+        if sockets is None:
+            try:
+                sockets = [listen(self.config)]
+            except OSError as exc:
+                log.error(
+                    "cannot listen",
+                    address=f"{self.config.host}:{self.config.port}",
+                    error=str(exc),
+                )
+                self.should_exit = True
+                return
+            self.listeners = sockets
+        try:
             await super().startup(sockets=sockets)
-            self._started()
-            return
-        try:
-            listener = listen(self.config)
-        except OSError as exc:
-            log.error(
-                "cannot listen", address=f"{self.config.host}:{self.config.port}", error=str(exc)
-            )
-            self.should_exit = True
-            return
-        try:
-            await super().startup(sockets=[])  # the lifespan; no listener of uvicorn's
         except BaseException:
-            listener.close()
+            self._close_listeners()
             raise
-        self.acceptor = Acceptor(listener, self)
-        self._started()
-
-    def _started(self) -> None:
         # Everything loaded so far lives as long as the process: keep it out of the
         # garbage collector's scans, which otherwise show up as tail latency.
         gc.collect()
         gc.freeze()
-        listeners = [server.sockets for server in getattr(self, "servers", [])]
-        if self.acceptor is not None:
-            listeners.append((self.acceptor.sock,))
-        for sockets in listeners:
-            for sock in sockets:
-                host, port = sock.getsockname()[:2]
-                log.info("listening", url=f"http://{host}:{port}")
+        for sock in sockets:
+            host, port = sock.getsockname()[:2]
+            log.info("listening", url=f"http://{host}:{port}")
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+        self.listeners = []
+
+
+def listen(config: uvicorn.Config) -> socket.socket:
+    """The listening socket for ``config``'s host and port (raises ``OSError``)."""
+    host = config.host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, config.port))
+        sock.listen(config.backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def load_target(target: str) -> Any:

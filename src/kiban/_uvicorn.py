@@ -4,14 +4,6 @@ uvicorn has no option for a request-head deadline (slowloris) or for a head size
 limit that holds however the head is split across reads, and answers what its parser
 refuses in plain text. ``HttpProtocol`` adds the three to uvicorn's httptools
 protocol, overriding its parser callbacks; ``Config`` carries the two settings.
-
-uvloop's listener (libuv since 1.45) accepts one connection per turn of the event loop,
-and a turn of a busy server runs every request that is ready: 64 clients connecting
-to a server already serving 64 waited up to 64 turns, half a second, for their first
-answer. ``Acceptor`` takes every pending connection at once, as asyncio's own loop and
-Go's net/http do, and hands each to the protocol through asyncio's public
-``connect_accepted_socket``; it needs the state uvicorn hands its protocols.
-
 pyproject.toml bounds uvicorn from above, and ``tests/test_server.py`` pins the
 protocol's behaviour on the locked release. Everything else kiban
 does with uvicorn goes through its public ``Config`` and ``Server``.
@@ -20,7 +12,6 @@ does with uvicorn goes through its public ``Config`` and ``Server``.
 from __future__ import annotations
 
 import asyncio
-import socket
 from http import HTTPStatus
 from typing import Any
 
@@ -30,7 +21,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from kiban import _log as log
 from kiban._errors import problem_body
 
-__all__ = ["Acceptor", "Config", "HttpProtocol", "listen"]
+__all__ = ["Config", "HttpProtocol"]
 
 
 class Config(uvicorn.Config):
@@ -157,83 +148,3 @@ class HttpProtocol(HttpToolsProtocol):
             self._reject()
             raise ValueError("request head too large")  # stops the parser
         super().on_headers_complete()
-
-
-#: How long an acceptor that ran out of file descriptors waits before it tries again.
-_RETRY_ACCEPT = 1.0
-
-
-def listen(config: uvicorn.Config) -> socket.socket:
-    """The listening socket for ``config``'s host and port (raises ``OSError``)."""
-    host = config.host or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, config.port))
-        sock.listen(config.backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class Acceptor:
-    """Accepts every connection waiting on ``sock`` whenever it is readable.
-
-    Each is served by the protocol uvicorn would have made for it, with uvicorn's
-    ``server_state`` (which tracks connections for limits and shutdown) and the
-    lifespan's state.
-    """
-
-    def __init__(self, sock: socket.socket, server: uvicorn.Server) -> None:
-        self.sock = sock
-        self.server = server
-        self.loop = asyncio.get_running_loop()
-        self.backlog = server.config.backlog
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.loop.add_reader(sock.fileno(), self._accept)
-
-    def _protocol(self) -> asyncio.Protocol:
-        config, server = self.server.config, self.server
-        protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
-            config=config, server_state=server.server_state, app_state=server.lifespan.state
-        )
-        return protocol
-
-    def _accept(self) -> None:
-        for _ in range(self.backlog):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:  # out of file descriptors: let some close first
-                log.error("cannot accept connections", error=str(exc), retry_s=_RETRY_ACCEPT)
-                self.loop.remove_reader(self.sock.fileno())
-                self.loop.call_later(_RETRY_ACCEPT, self._resume)
-                return
-            task = self.loop.create_task(self._serve(conn))
-            self._tasks.add(task)  # held until done: the loop keeps only weak references
-            task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self.loop.connect_accepted_socket(self._protocol, conn)
-        except OSError as exc:  # reset by the peer before it could be served
-            conn.close()
-            log.debug("connection lost before it was served", error=str(exc))
-
-    def _resume(self) -> None:
-        if self.sock.fileno() != -1:
-            self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def close(self) -> None:
-        """Stop accepting: new connections are refused from now on."""
-        if self.sock.fileno() != -1:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -59,15 +58,6 @@ async def echo(request: Request) -> dict[str, int]:
 async def slow(seconds: float = 1.5) -> dict[str, float]:
     await asyncio.sleep(seconds)
     return {"slept": seconds}
-
-
-@app.get("/busy")
-async def busy(ms: float = 10) -> dict[str, float]:
-    """A handler that holds the event loop for ``ms`` of CPU work."""
-    end = time.perf_counter() + ms / 1000
-    while time.perf_counter() < end:
-        pass
-    return {"busy_ms": ms}
 
 
 @app.get("/boom")
