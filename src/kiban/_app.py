@@ -226,10 +226,11 @@ class Service:
         from kiban.database import Database
 
         errors.install_dependency_errors(self.app)
-        engine = create_async_engine(url, **{**self._pool_options(url), **options})
+        merged = {**self._pool_options(url), **options}
+        engine = create_async_engine(url, **merged)
         from kiban._dbtelemetry import observe
 
-        database = Database(engine, name)
+        database = Database(engine, name, connections=_pool_bound(merged))
         observe(engine, self.telemetry, name, waiting=lambda: database.waiting)
         if migrations is not None and self.settings.migrate_on_start:
             from kiban.database import upgrade
@@ -423,3 +424,11 @@ class Service:
 
         threading.Thread(target=flush, name="kiban-telemetry-flush", daemon=True).start()
         await done
+
+
+def _pool_bound(options: dict[str, Any]) -> int | None:
+    """How many connections a pool made with ``options`` lends at most, if bounded."""
+    size, overflow = options.get("pool_size"), options.get("max_overflow")
+    if "poolclass" in options or not isinstance(size, int) or not isinstance(overflow, int):
+        return None
+    return size + overflow if overflow >= 0 else None  # -1: no bound
