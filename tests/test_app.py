@@ -188,3 +188,82 @@ def test_a_failing_app_lifespan_still_runs_kibans_cleanups() -> None:
     with pytest.raises(RuntimeError, match="cannot start"), TestClient(app):
         pass
     assert cleaned == [True]
+
+
+def test_requests_through_the_whole_service_leave_nothing_for_the_garbage_collector() -> None:
+    """Security, rate limit, span, metrics, access line and FastAPI's routing together:
+    every request's objects are freed by reference counting when it ends, answered,
+    refused or not found (a cycle a request would put the GC on the serving loop)."""
+    import asyncio
+    import gc
+    from typing import Any
+
+    from kiban import RateLimit
+    from kiban.security import APIKey, Security
+    from tests.conftest import asgi_scope
+
+    async def validate(key: str) -> bool:
+        return key == "k"
+
+    app = FastAPI()
+    kiban.Service(
+        app, Settings(), security=Security(APIKey(validate)), rate_limit=RateLimit("1000/second")
+    )
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    requests = [
+        ("/items/1", [(b"host", b"svc"), (b"x-api-key", b"k")], 200),
+        ("/items/1", [(b"host", b"svc"), (b"x-api-key", b"wrong")], 401),
+        ("/items/x", [(b"host", b"svc"), (b"x-api-key", b"k")], 422),
+        ("/nothing", [(b"host", b"svc"), (b"x-api-key", b"k")], 404),
+    ]
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def serve(rounds: int) -> None:
+        for _ in range(rounds):
+            for path, headers, _status in requests:
+                scope = asgi_scope(path, headers)
+                # One failed key per client: repeated failures would lock a client out.
+                scope["client"] = (f"192.0.2.{len(statuses) % 250}", 1234)
+                await app(scope, receive, send)
+
+    async def cycles_left_by(rounds: int) -> int:
+        lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        started = asyncio.Event()
+
+        async def lifespan_send(message: dict[str, Any]) -> None:
+            started.set()
+
+        await lifespan.put({"type": "lifespan.startup"})
+        running = asyncio.create_task(
+            app(
+                {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},  # type: ignore[arg-type]
+                lifespan.get,
+                lifespan_send,
+            )
+        )
+        await started.wait()
+        await serve(5)  # caches filled, lazy state made
+        gc.collect()
+        gc.disable()
+        try:
+            await serve(rounds)
+            left = gc.collect()
+        finally:
+            gc.enable()
+        await lifespan.put({"type": "lifespan.shutdown"})
+        await running
+        return left
+
+    assert asyncio.run(cycles_left_by(25)) == 0
+    assert statuses[-4:] == [status for _path, _headers, status in requests]

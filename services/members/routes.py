@@ -20,8 +20,12 @@ from services.members.repository import EmailTaken, MemberRepository
 from services.members.schemas import MemberIn, MemberOut, MemberPage, MemberPatch
 
 
-def repository(session: Session) -> MemberRepository:
-    """The repository in the request's transaction, committed before the response starts."""
+async def repository(session: Session) -> MemberRepository:
+    """The repository in the request's transaction, committed before the response starts.
+
+    ``async`` though it awaits nothing: FastAPI runs a plain ``def`` dependency on a
+    worker thread, a thread hop on every request for a constructor call.
+    """
     return MemberRepository(session)
 
 

@@ -23,12 +23,16 @@ order_latency = _meter.create_histogram(
 )
 
 
-def repository(session: Session) -> OrderRepository:
-    """The repository in the request's transaction, committed before the response starts."""
+async def repository(session: Session) -> OrderRepository:
+    """The repository in the request's transaction, committed before the response starts.
+
+    ``async`` though it awaits nothing: FastAPI runs a plain ``def`` dependency on a
+    worker thread, a thread hop on every request for a constructor call.
+    """
     return OrderRepository(session)
 
 
-def members(request: Request) -> Members:
+async def members(request: Request) -> Members:
     return request.app.state.members  # type: ignore[no-any-return]
 
 

@@ -270,6 +270,9 @@ class Chassis:
                 # The app may not return before the answer made for it is sent.
                 await asyncio.shield(exchange.answering)
             inflight.discard(exchange)
+            # The scope and the exchange refer to each other through this entry: break
+            # the cycle, so the request's objects are freed at once and not by the GC.
+            scope.pop(HANDLER_TIMEOUT, None)
             exchange.finish(propagation.current())
             propagation.leave(exchange.context_token)
             if exchange.deadline_token is not None:
