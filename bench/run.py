@@ -672,7 +672,10 @@ def main() -> int:
     RESULTS.write_text(report + ACCOUNT)
     print()
     print(report)
-    print(f"budget {'held' if held else 'NOT held'}: " + "; ".join(text for text, _ in checks))
+    if held:
+        print("budget held: " + "; ".join(text for text, _ in checks))
+    else:
+        print("budget NOT held: " + "; ".join(text for text, ok in checks if not ok))
     return 0 if held else 1
 
 
