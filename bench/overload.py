@@ -5,7 +5,7 @@ works on the CPU for about 1 ms, waits 2 ms (as on a database), and works 1 ms m
 
 - ``fastapi``: bare FastAPI on uvicorn;
 - ``kiban``: the full chassis (context, access log, span, metrics), no shedding;
-- ``kiban-shed``: the same with adaptive shedding on (``HTTP_SHED_LOOP_LAG=0.02``).
+- ``kiban-shed``: the same with adaptive shedding on (``HTTP_SHED_LOOP_LAG=0.015``).
 
 ``python -m bench.overload drive URL RATE SECONDS`` sends requests **open loop**, at a
 fixed rate whatever the answers (as users arrive), each with a client's patience of
@@ -53,7 +53,7 @@ def app(variant: str) -> Any:
         settings = kiban.Settings(
             service_name="bench-overload",
             log_level="warning",
-            http_shed_loop_lag=0.02 if variant == "kiban-shed" else 0.0,
+            http_shed_loop_lag=0.015 if variant == "kiban-shed" else 0.0,
             http_drain_seconds=0,
         )
         kiban.Service(application, settings, security=NoSecurity())

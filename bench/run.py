@@ -636,7 +636,7 @@ def main() -> int:
             "keep-alive connections, for 6 s a load. Goodput is the 2xx answered within a "
             "client's patience of 2 s; lost, the requests not answered in it (or failed); "
             "p50/p99 are of the answered 2xx, from when each request was due. `kiban-shed` "
-            "is kiban with `HTTP_SHED_LOOP_LAG=0.02`.",
+            "is kiban with `HTTP_SHED_LOOP_LAG=0.015`.",
             "",
             *overload_rows,
             "",
