@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import select
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,22 @@ def asgi_scope(
         "server": ("127.0.0.1", 8000),
         "state": {},
     }
+
+
+async def garbage_left_by(serve: Callable[[], Awaitable[None]]) -> list[object]:
+    """What the cyclic GC finds after ``serve`` ran with the GC off: the objects
+    reference counting could not free (those in cycles, and what they hold)."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage
+    try:
+        await serve()
+        gc.collect()
+        return list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def closed_port() -> int:

@@ -195,14 +195,13 @@ def test_requests_through_the_whole_service_leave_nothing_for_the_garbage_collec
     every request's objects are freed by reference counting when it ends, answered,
     refused or not found (a cycle a request would put the GC on the serving loop)."""
     import asyncio
-    import gc
     from typing import Any
 
     from fastapi.exceptions import RequestValidationError
 
     from kiban import RateLimit
     from kiban.security import APIKey, Security
-    from tests.conftest import asgi_scope
+    from tests.conftest import asgi_scope, garbage_left_by
 
     async def validate(key: str) -> bool:
         return key == "k"
@@ -257,17 +256,7 @@ def test_requests_through_the_whole_service_leave_nothing_for_the_garbage_collec
         left: dict[int, list[object]] = {}
         for status, (path, key) in requests.items():
             await serve(path, key, 5)  # caches filled, lazy state made
-            gc.collect()
-            gc.disable()
-            gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage
-            try:
-                await serve(path, key, 25)
-                gc.collect()
-                left[status] = list(gc.garbage)
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-                gc.enable()
+            left[status] = await garbage_left_by(lambda: serve(path, key, 25))  # noqa: B023 (awaited here)
             assert statuses[-1] == status
         await lifespan.put({"type": "lifespan.shutdown"})
         await running

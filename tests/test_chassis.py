@@ -6,7 +6,6 @@ Each test drives ``Chassis`` directly and looks at what the app saw and what was
 from __future__ import annotations
 
 import asyncio
-import gc
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from kiban import _propagation as propagation
 from kiban._chassis import Chassis
 from kiban._config import Settings
 from kiban.security import NoSecurity
-from tests.conftest import Lines, asgi_scope, chassis_around
+from tests.conftest import Lines, asgi_scope, chassis_around, garbage_left_by
 
 Message = dict[str, Any]
 
@@ -253,14 +252,8 @@ def test_a_request_leaves_nothing_for_the_garbage_collector(outcome: str) -> Non
         for _ in range(requests):
             await chassis(asgi_scope(path), receive, send)
 
-    async def cycles_left_by(requests: int) -> int:
+    async def left_for_the_gc() -> int:
         await serve(10)  # caches filled, lazy state made
-        gc.collect()
-        gc.disable()
-        try:
-            await serve(requests)
-            return gc.collect()
-        finally:
-            gc.enable()
+        return len(await garbage_left_by(lambda: serve(50)))
 
-    assert asyncio.run(cycles_left_by(50)) == 0
+    assert asyncio.run(left_for_the_gc()) == 0
