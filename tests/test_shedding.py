@@ -97,6 +97,9 @@ async def test_the_chassis_answers_503_when_overloaded_past_capacity() -> None:
         release.set()
         statuses = sorted([(await done).status_code for done in held])
         assert statuses.count(200) >= 1
+        metrics = (await client.get("/metrics")).text
+        counted = r'^kiban_shed_total\{[^}]*reason="overload"[^}]*\} [1-9]\d*\.0$'
+        assert re.search(counted, metrics, re.M)
 
 
 def test_a_busy_cpu_sheds_past_capacity_as_a_late_loop_does() -> None:

@@ -7,6 +7,7 @@ run`` process where the server's sockets are the point (a client that stops read
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from typing import Any
@@ -108,6 +109,9 @@ async def test_at_the_inflight_cap_new_requests_get_503_and_probes_pass() -> Non
         events["go"].set()
         assert (await first).status_code == 200
         assert (await client.get("/patient", params={"seconds": 0})).status_code == 200
+        # Refusals are counted by reason on /metrics.
+        metrics = (await client.get("/metrics")).text
+        assert re.search(r'^kiban_shed_total\{[^}]*reason="inflight"[^}]*\} 1\.0$', metrics, re.M)
 
 
 async def test_the_504_goes_out_at_the_deadline_while_a_slow_cleanup_runs(lines: Lines) -> None:

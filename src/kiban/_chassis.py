@@ -306,7 +306,8 @@ class Chassis:
         would have spent on requests gains nothing; they are counted (``kiban.shed``) and
         logged one in a hundred. The connection is kept: a reconnect (a load balancer's,
         most often) would cost more than the refusal did."""
-        self.telemetry.shed.add(1, {"reason": reason})
+        shed = self.telemetry.shed
+        shed[reason] = shed.get(reason, 0) + 1
         self._shed += 1
         self._refused.current()[0] += 1
         if self._shed % 100 == 1:  # sampled: shedding is when logs are least affordable
