@@ -205,7 +205,8 @@ def measure(
             [*command, f"-d{int(seconds)}s", path], capture_output=True, text=True, check=True
         ).stdout
         used = cpu_seconds(pid) - before
-        latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.M))
+        # wrk pads a value in seconds ("1.47s "): the trailing blank is not the end.
+        latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", output, re.M))
         if "99" in latency:
             break
         # No answer within wrk's 2 s timeout for the whole run: said, and tried once more.
