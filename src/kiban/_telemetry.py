@@ -340,8 +340,11 @@ class Telemetry:
         self.meter.create_observable_counter(
             "kiban.shed",
             callbacks=[
+                # list() copies in one step: a new reason may be added on the loop's
+                # thread while an exporter's thread collects.
                 lambda _: [
-                    Observation(count, {"reason": reason}) for reason, count in self.shed.items()
+                    Observation(count, {"reason": reason})
+                    for reason, count in list(self.shed.items())
                 ]
             ],
             unit="{request}",
