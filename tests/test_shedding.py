@@ -186,3 +186,26 @@ async def test_the_loops_lag_is_seen_before_its_late_timer_runs() -> None:
         assert telemetry.loop_lag >= 0.2  # the probe, late, measured it too
     finally:
         watcher.cancel()
+
+
+async def test_a_held_loop_is_seen_within_20_ms_of_the_last_probe() -> None:
+    """The shedder is blind to a surge until the probe is due, and what it admits
+    meanwhile sets the admitted requests' tail: the probe runs every 20 ms."""
+    import time
+
+    service = kiban.Service(FastAPI(), kiban.Settings(), security=NoSecurity())
+    telemetry = service.telemetry
+    watcher = asyncio.ensure_future(telemetry.watch_loop())
+    try:
+        await asyncio.sleep(0.05)
+        due = telemetry._lag_due
+        for _ in range(100_000):  # to just after a probe: the next is a period away
+            if telemetry._lag_due != due:
+                break
+            await asyncio.sleep(0)
+        else:
+            pytest.fail("the probe did not run")
+        time.sleep(0.03)  # noqa: ASYNC251  # a surge holds the loop for 30 ms
+        assert telemetry.current_lag() >= 0.005
+    finally:
+        watcher.cancel()
