@@ -164,7 +164,6 @@ class Chassis:
         self.handler_timeout = settings.http_handler_timeout or None
         self.read_body_timeout = settings.http_read_body_timeout
         self.write_timeout = settings.http_write_timeout
-        self._shed = 0
         #: Requests refused, in one-second buckets over the last SATURATION_WINDOW.
         self._refused = Rolling(1.0, SATURATION_WINDOW, lambda: [0], monotonic)
         health.saturation = self.saturation
@@ -308,10 +307,10 @@ class Chassis:
         most often) would cost more than the refusal did."""
         shed = self.telemetry.shed
         shed[reason] = shed.get(reason, 0) + 1
-        self._shed += 1
         self._refused.current()[0] += 1
-        if self._shed % 100 == 1:  # sampled: shedding is when logs are least affordable
-            log.warning("request shed", reason=reason, inflight=len(self.inflight), shed=self._shed)
+        total = sum(shed.values())
+        if total % 100 == 1:  # sampled: shedding is when logs are least affordable
+            log.warning("request shed", reason=reason, inflight=len(self.inflight), shed=total)
         await send(_REFUSED_HEAD)
         await send(_REFUSED_BODY)
 
