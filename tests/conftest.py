@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import os
@@ -129,6 +130,25 @@ def lines(session_log: Any) -> Iterator[Lines]:
     log.sink.flush()
     session_log.write(stream.getvalue())
     log.configure("info", "json", stream=session_log)
+
+
+#: A still instant a second into its minute, hour and day: one second past midnight.
+STILL = 86_400.0 * 20_000 + 1.0
+
+
+@pytest.fixture
+def still_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-memory rate limits counted at one still instant, a second into every window.
+
+    A sliding window counter rounds the previous window's share down, so a burst that
+    straddles a window's end is admitted once more; on the wall clock a test asserting
+    an exact count would fail whenever its burst crossed a minute.
+    """
+    from kiban import _ratelimit
+
+    monkeypatch.setattr(
+        _ratelimit, "LocalCounter", functools.partial(_ratelimit.LocalCounter, clock=lambda: STILL)
+    )
 
 
 def _reachable(address: tuple[str, int]) -> bool:

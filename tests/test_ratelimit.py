@@ -52,6 +52,7 @@ def make_app(limit: str = "3/minute", **settings: Any) -> FastAPI:
     return app
 
 
+@pytest.mark.usefixtures("still_clock")
 def test_the_limit_is_exact_and_the_headers_agree() -> None:
     with TestClient(make_app()) as client:
         alice = user("alice")
@@ -71,6 +72,7 @@ def test_the_limit_is_exact_and_the_headers_agree() -> None:
         assert client.get("/items", headers=user("bob")).status_code == 200
 
 
+@pytest.mark.usefixtures("still_clock")
 def test_a_route_level_limit_replaces_the_api_one_and_keys_by_ip() -> None:
     with TestClient(make_app(limit="100/minute")) as client:
         statuses = [client.get("/search").status_code for _ in range(3)]
@@ -152,6 +154,7 @@ def test_redis_down_can_fail_closed_with_503() -> None:
     assert response.headers["content-type"] == "application/problem+json"
 
 
+@pytest.mark.usefixtures("still_clock")
 def test_probes_and_scrapes_are_never_rate_limited() -> None:
     with TestClient(make_app(limit="1/minute")) as client:
         for path in ("/health/liveness", "/health/readiness", "/metrics"):

@@ -16,6 +16,7 @@ from kiban._ratelimit import RateLimit
 from kiban.security import JWT, APIKey, NoSecurity, RateLimited, Security
 from tests.conftest import ROOT, Lines, bearer, secret
 
+pytestmark = pytest.mark.usefixtures("still_clock")
 GATEWAY = ("10.0.0.3", 5000)
 STRANGER = ("198.51.100.4", 5000)
 KEY = {"x-api-key": secret("partner-key-1")}

@@ -13,7 +13,6 @@ uid or API client in the context, the logs and the headers sent downstream.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import FastAPI, Request, params
@@ -150,7 +149,7 @@ class Policy:
             key = _rate_key(rate, who, client, context)
             local = self.limiter.local
             decision = (
-                local.hit(rate, key, time.time())
+                local.hit(rate, key, local.clock())
                 if local is not None
                 else await self.limiter.hit(rate, key)
             )
