@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Integer, String, event, select, text
+from sqlalchemy import Integer, String, delete, event, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from starlette.testclient import TestClient
@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kiban
 from kiban._config import Settings
-from kiban.database import Session
+from kiban.database import ReadOnlyError, ReadSession, Session
 from kiban.security import NoSecurity
 from tests.conftest import Lines
 
@@ -86,7 +86,7 @@ def _app(url: str, order: Order) -> FastAPI:
         raise kiban.Problem(400, "Changed my mind.")
 
     @app.get("/things")
-    async def names(session: Session) -> list[str]:
+    async def names(session: ReadSession) -> list[str]:
         return list(await session.scalars(select(Thing.name).order_by(Thing.id)))
 
     app.state.remove_listener = lambda: event.remove(
@@ -155,6 +155,79 @@ def test_a_handler_that_raises_stores_nothing(client: tuple[TestClient, Order]) 
     assert test_client.post("/refused/no").status_code == 400
     assert "commit" not in order.events
     assert test_client.get("/things").json() == []
+
+
+def test_a_read_commits_nothing(client: tuple[TestClient, Order]) -> None:
+    test_client, order = client
+    assert test_client.post("/things/kept").status_code == 201
+    order.events.clear()
+    assert test_client.get("/things").json() == ["kept"]
+    assert order.events == ["start 200"]
+
+
+async def test_a_read_session_refuses_every_write(url: str) -> None:
+    service = kiban.Service(FastAPI(), kiban.Settings(database_url=url), security=NoSecurity())
+    database = service.database()
+    try:
+        async with database.engine.begin() as connection:
+            await connection.run_sync(Base.metadata.drop_all)
+            await connection.run_sync(Base.metadata.create_all)
+        async with database.transaction() as session:
+            session.add(Thing(name="kept", count=1))
+        writes = [
+            insert(Thing).values(name="added"),
+            update(Thing).values(count=2),
+            delete(Thing),
+        ]
+
+        async def execute(write: Any) -> None:
+            async with database.reading() as session:
+                await session.execute(write)
+
+        async def flush() -> None:
+            async with database.reading() as session:
+                (await session.scalars(select(Thing))).one().count = 3
+                session.add(Thing(name="flushed"))
+                await session.flush()
+
+        for write in writes:
+            with pytest.raises(ReadOnlyError):
+                await execute(write)
+        with pytest.raises(ReadOnlyError):
+            await flush()
+        async with database.reading() as session:
+            stored = [(thing.name, thing.count) for thing in await session.scalars(select(Thing))]
+        assert stored == [("kept", 1)]
+        assert database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await database.dispose()
+
+
+async def test_on_postgresql_a_read_opens_no_transaction(postgres_url: str) -> None:
+    """Each statement of a read is its own: no BEGIN before it, no COMMIT after it.
+
+    ``now()`` is the time the transaction began: equal for two statements in one, apart
+    for two statements each in its own. A connection a read used is a transactional one
+    again for the next writer (a pool of one hands the same connection to both).
+    """
+    import asyncio
+
+    service = kiban.Service(
+        FastAPI(), kiban.Settings(database_url=postgres_url), security=NoSecurity()
+    )
+    database = service.database(pool_size=1, max_overflow=0)
+    now = text("SELECT now()")
+    try:
+        async with database.reading() as session:
+            first = (await session.execute(now)).scalar()
+            await asyncio.sleep(0.01)
+            assert (await session.execute(now)).scalar() != first
+        async with database.transaction() as session:
+            first = (await session.execute(now)).scalar()
+            await asyncio.sleep(0.01)
+            assert (await session.execute(now)).scalar() == first
+    finally:
+        await database.dispose()
 
 
 def test_sqlite_is_opened_durable(tmp_path: Path) -> None:
@@ -316,7 +389,10 @@ def server_url(request: pytest.FixtureRequest) -> str:
     return value
 
 
-async def test_a_budget_bounds_the_statements_on_the_database_server(server_url: str) -> None:
+@pytest.mark.parametrize("opened", ["transaction", "reading"])
+async def test_a_budget_bounds_the_statements_on_the_database_server(
+    server_url: str, opened: str
+) -> None:
     import time
 
     from kiban import _propagation as propagation
@@ -333,7 +409,7 @@ async def test_a_budget_bounds_the_statements_on_the_database_server(server_url:
         try:
             began = time.monotonic()
             with pytest.raises(kiban.Problem) as stopped:
-                async with database.transaction() as session:
+                async with getattr(database, opened)() as session:
                     await session.execute(_sleep(server_url, 3))
             assert stopped.value.status == 504
             assert time.monotonic() - began < 1.5  # stopped at the budget, not after 3 s
@@ -349,7 +425,7 @@ async def test_a_budget_bounds_the_statements_on_the_database_server(server_url:
             connects: list[object] = []
             event.listen(database.engine.sync_engine, "checkout", connects.append)
             with pytest.raises(kiban.Problem) as spent:
-                async with database.transaction():
+                async with getattr(database, opened)():
                     pass
             assert spent.value.status == 504
             assert connects == []

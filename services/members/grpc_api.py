@@ -46,7 +46,7 @@ class MembersServicer(members_pb2_grpc.MembersServicer):
         """Any member for a caller holding ``members:read``; a member, only themselves."""
         member = None
         if 1 <= request.id <= 2**31 - 1 and owns(request.id, or_scope="members:read"):
-            async with self.database.transaction() as session:
+            async with self.database.reading() as session:
                 member = await MemberRepository(session).get(request.id)
         if member is None:
             raise kiban.Problem(404, f"No member has id {request.id}.")

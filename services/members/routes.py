@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 
 import kiban
-from kiban.database import Session
+from kiban.database import ReadSession, Session
 from kiban.security import NoSecurity, RateLimited, Security, owns, principal
 from services.common import Schemes
 from services.members.repository import EmailTaken, MemberRepository
@@ -29,7 +29,16 @@ async def repository(session: Session) -> MemberRepository:
     return MemberRepository(session)
 
 
+async def reading_repository(session: ReadSession) -> MemberRepository:
+    """The repository for a handler that only reads: it cannot write, and a one-query
+    read is one round trip on PostgreSQL (no transaction around it)."""
+    return MemberRepository(session)
+
+
 Repo = Annotated[MemberRepository, Depends(repository)]
+#: For one-query reads; a read that needs one snapshot over several queries (a page
+#: and its total) takes ``Repo``.
+ReadRepo = Annotated[MemberRepository, Depends(reading_repository)]
 #: Ids are 32-bit in every supported database; larger ones are a 422, not a driver error.
 MemberId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
@@ -60,7 +69,7 @@ def router(schemes: Schemes, registration_limit: str = "30/second") -> APIRouter
         return MemberOut.model_validate(member)
 
     @routes.get("/me", response_model=MemberOut, dependencies=[Security(schemes.internal)])
-    async def my_profile(repo: Repo) -> MemberOut:
+    async def my_profile(repo: ReadRepo) -> MemberOut:
         who = principal()
         assert who is not None
         member = await repo.get(int(who.subject)) if who.subject.isdigit() else None
@@ -73,7 +82,7 @@ def router(schemes: Schemes, registration_limit: str = "30/second") -> APIRouter
         response_model=MemberOut,
         dependencies=[Security(schemes.jwt.requiring("members:read"), schemes.internal)],
     )
-    async def get_member(member_id: MemberId, repo: Repo) -> MemberOut:
+    async def get_member(member_id: MemberId, repo: ReadRepo) -> MemberOut:
         """Any member for a service holding ``members:read``; a member, only themselves."""
         member = await repo.get(member_id) if owns(member_id, or_scope="members:read") else None
         if member is None:

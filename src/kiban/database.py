@@ -18,6 +18,13 @@ gRPC deadline) bounds its statements by what is left of it: PostgreSQL gets
 ``SET STATEMENT max_statement_time=... FOR ...``. A statement the database stops for
 that reason, or a transaction begun with nothing left, is answered 504: the caller has
 stopped waiting, and the database stops working for it too.
+
+A handler that only reads takes a ``ReadSession``: it cannot write (a flush or an
+INSERT, UPDATE or DELETE through it raises), and on PostgreSQL it opens no transaction,
+so a one-statement read is one round trip instead of three (``BEGIN``, the statement,
+``COMMIT``: asyncpg and psycopg send ``BEGIN`` as a statement of its own). Each of its
+statements then sees its own snapshot; a read that needs one snapshot across several
+statements takes ``Session``.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -36,7 +43,7 @@ from pydantic import AfterValidator
 from kiban import _extras
 
 try:
-    from sqlalchemy import event, exc, text
+    from sqlalchemy import event, exc, orm, text
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 except ImportError:
     raise _extras.MissingExtra("kiban.database needs kiban[db]: pip install 'kiban[db]'") from None
@@ -49,8 +56,11 @@ from kiban._migrate import run_env, upgrade
 __all__ = [
     "SQLITE_PRAGMAS",
     "Database",
+    "ReadOnlyError",
+    "ReadSession",
     "Session",
     "UTCDateTime",
+    "read_session",
     "refusal",
     "run_env",
     "session",
@@ -159,6 +169,27 @@ def _sqlite_durable(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+class ReadOnlyError(exc.InvalidRequestError):
+    """A write was attempted through a read session: a bug in the handler, not the client's."""
+
+
+class _ReadOnlySession(orm.Session):
+    """The session behind ``ReadSession``: it refuses to write (see ``_refuse_*``)."""
+
+
+def _refuse_flush(session: orm.Session, _context: Any, _instances: Any) -> None:
+    raise ReadOnlyError("a read session does not write: take kiban.database.Session to write")
+
+
+def _refuse_dml(state: orm.ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        raise ReadOnlyError("a read session does not write: take kiban.database.Session to write")
+
+
+event.listen(_ReadOnlySession, "before_flush", _refuse_flush)
+event.listen(_ReadOnlySession, "do_orm_execute", _refuse_dml)
+
+
 class Database:
     """An engine, its sessions, and the transaction each request's handler runs in."""
 
@@ -175,32 +206,68 @@ class Database:
         self._turns = asyncio.Semaphore(connections) if connections else None
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         backend = engine.url.get_backend_name()
+        #: PostgreSQL bounds a budgeted transaction's statements with one ``SET LOCAL``.
+        self._set_local = backend == "postgresql"
+        #: Sessions that refuse to write. On PostgreSQL, the unbudgeted ones run without
+        #: a transaction: the same pool, its connections switched to autocommit at
+        #: checkout (a flag in the driver, no round trip) and back when returned.
+        self._read_sessions = async_sessionmaker(
+            engine, expire_on_commit=False, autoflush=False, sync_session_class=_ReadOnlySession
+        )
+        self._direct_reads = (
+            async_sessionmaker(
+                engine.execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False,
+                autoflush=False,
+                sync_session_class=_ReadOnlySession,
+            )
+            if self._set_local
+            else None
+        )
         event.listen(engine.sync_engine, "checkin", _idle_since)
         event.listen(engine.sync_engine, "checkout", _ping_if_idle)
         if backend == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_durable)
         elif backend in ("mysql", "mariadb"):
             event.listen(engine.sync_engine, "before_cursor_execute", _mariadb_bounded, retval=True)
-        #: PostgreSQL bounds a budgeted transaction's statements with one ``SET LOCAL``.
-        self._set_local = backend == "postgresql"
         #: Transactions waiting for a connection from the pool (``db.client.connection.count``).
         self.waiting = 0
         #: The dependency giving a handler a session of this database, committed before
         #: the response starts: ``session: AsyncSession = db.session``.
         self.session: Any = Depends(self._dependency, scope="function")
+        #: The dependency giving a handler a session that only reads (``ReadSession``).
+        self.read_session: Any = Depends(self._read_dependency, scope="function")
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
+    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A session in one transaction: committed when the block ends, rolled back if it raises.
 
         A commit that fails is raised as what it means for the client: a ``Problem``
         409 (constraint) or 422 (a value out of the column's range), or the driver's
         own connection error, which kiban answers 503.
         """
+        return self._session(self.sessions, commit=True)
+
+    def reading(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """A session that only reads, given back when the block ends.
+
+        On PostgreSQL without a budget it runs without a transaction: each statement is
+        one round trip and sees its own snapshot. With a budget (which PostgreSQL
+        applies with ``SET LOCAL``), and on other databases, it is a transaction that is
+        rolled back: the same round trips as one that commits.
+        """
+        direct = self._direct_reads
+        if direct is not None and propagation.remaining() is None:
+            return self._session(direct, commit=False)
+        return self._session(self._read_sessions, commit=False)
+
+    @asynccontextmanager
+    async def _session(
+        self, sessions: Callable[[], AsyncSession], commit: bool
+    ) -> AsyncIterator[AsyncSession]:
         left = propagation.remaining()
         if left is not None and left <= 0:
             raise _out_of_time()  # no budget left: not even a connection is taken
-        async with self._turn(), self.sessions() as session:
+        async with self._turn(), sessions() as session:
             try:
                 self.waiting += 1
                 try:  # the connection the first statement would take, counted while awaited
@@ -227,6 +294,8 @@ class Database:
             except BaseException:
                 await _rollback(session)
                 raise
+            if not commit:
+                return  # closing the session rolls back what a budgeted read began
             try:
                 await session.commit()
             except exc.DBAPIError as error:
@@ -256,6 +325,10 @@ class Database:
 
     async def _dependency(self) -> AsyncIterator[AsyncSession]:
         async with self.transaction() as session:
+            yield session
+
+    async def _read_dependency(self) -> AsyncIterator[AsyncSession]:
+        async with self.reading() as session:
             yield session
 
     async def dispose(self) -> None:
@@ -306,6 +379,15 @@ async def session(request: Request) -> AsyncIterator[AsyncSession]:
         yield value
 
 
+async def read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """The service's first database's session for reads (``Database.reading``)."""
+    async with _default(request).reading() as value:
+        yield value
+
+
 #: A handler parameter typed ``Session`` gets a session of the service's database in a
 #: transaction that commits before the response starts.
 Session = Annotated[AsyncSession, Depends(session, scope="function")]
+#: A handler parameter typed ``ReadSession`` gets a session of the service's database
+#: that cannot write; on PostgreSQL a one-statement read through it is one round trip.
+ReadSession = Annotated[AsyncSession, Depends(read_session, scope="function")]
