@@ -595,30 +595,34 @@ async def test_the_pool_keeps_its_connections_under_steady_load(postgres_url: st
 async def test_transactions_get_the_pools_connections_in_the_order_they_asked(
     postgres_url: str,
 ) -> None:
-    """Under contention every request waits about as long as the others: 24 workers
-    asking again as soon as they are done share two connections in turns. The pool's
-    own queue lets a newcomer take a connection a waiter was woken for: measured, the
-    longest wait was then twice the typical one."""
+    """Under contention requests are served in the order they asked: 24 workers asking
+    again as soon as they are done share two connections. The pool's own queue lets a
+    newcomer take a connection a waiter was woken for and sends the waiter to the back
+    of the line, a whole round later (measured: the longest wait twice the typical).
+
+    Order, not time, is asserted: tickets taken when asking, in the order served, may
+    only swap with the other connection's holder (connections are two).
+    """
     import asyncio
+    import itertools
     import time
 
     app = FastAPI()
     service = kiban.Service(app, kiban.Settings(), security=NoSecurity())
     db = service.database(postgres_url, pool_size=2, max_overflow=0)
-    waits: list[float] = []
-    end = time.monotonic() + 1.5
+    tickets = itertools.count()
+    served: list[int] = []
+    end = time.monotonic() + 1.0
 
     async def worker() -> None:
         while time.monotonic() < end:
-            asked = time.monotonic()
+            ticket = next(tickets)
             async with db.transaction() as session:
-                waits.append(time.monotonic() - asked)
-                await session.execute(text("SELECT pg_sleep(0.005)"))
+                served.append(ticket)
+                await session.execute(text("SELECT pg_sleep(0.002)"))
 
     await asyncio.gather(*(worker() for _ in range(24)))
     await db.dispose()
-    waits.sort()
-    typical = waits[len(waits) // 2]
-    assert len(waits) > 100
-    # In turns: each waits for the 22 ahead of it, give or take one statement.
-    assert waits[-1] < 1.5 * typical, (typical, waits[-5:])
+    assert len(served) > 100
+    overtaken = max(position - ticket for position, ticket in enumerate(served))
+    assert overtaken <= 2, served
