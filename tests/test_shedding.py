@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kiban
 from kiban._shedding import Shedder
@@ -36,6 +38,43 @@ def test_capacity_is_max_throughput_times_min_latency() -> None:
     shedder = Shedder(clock=clock)
     loaded(shedder, clock, per_bucket=50, seconds=0.02)  # 500/s at 20 ms: ~10 in flight
     assert 9 <= shedder.capacity() <= 11
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(0.0001, 2.0).map(lambda seconds: ("done", seconds)),
+            st.floats(0.0, 1.5).map(lambda step: ("wait", step)),
+            st.just(("ask", 0.0)),
+        ),
+        max_size=200,
+    )
+)
+def test_the_capacity_summed_once_a_bucket_is_the_windows_max_pass_times_min_mean(
+    steps: list[tuple[str, float]],
+) -> None:
+    """The past buckets are summed up once per bucket; asked at any moment, between any
+    completions, the capacity is what the whole window says (go-zero's formula)."""
+    clock = Clock()
+    shedder = Shedder(clock=clock, window=1.0, bucket=0.1)
+    completed: list[tuple[float, float]] = []  # (when, seconds)
+    for kind, value in steps:
+        if kind == "done":
+            shedder.done(value)
+            completed.append((clock.now, value))
+        elif kind == "wait":
+            clock.now += value
+        index = int(clock.now / 0.1 + 1e-9)
+        buckets: dict[int, list[float]] = {}
+        for when, seconds in completed:
+            key = int(when / 0.1 + 1e-9)
+            if key > index - 10:
+                bucket = buckets.setdefault(key, [0, 0.0])
+                bucket[0] += 1
+                bucket[1] += seconds
+        passed = max((count for count, _ in buckets.values()), default=0)
+        least = min((total / count for count, total in buckets.values()), default=0.0)
+        assert shedder.capacity() == pytest.approx(max(1.0, passed * least / 0.1))
 
 
 def test_nothing_is_shed_while_the_loop_keeps_up_however_many_are_in_flight() -> None:

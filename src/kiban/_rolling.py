@@ -26,18 +26,29 @@ class Rolling:
         self.empty = empty
         self.clock = clock
         self._buckets: dict[int, list[float]] = {}
+        #: The number of the bucket of now, as last asked: stale buckets are looked for
+        #: only when it moves on, not at every count (this is on the request path).
+        self.index = -1
 
     def current(self) -> list[float]:
         """The bucket of now, the stale ones dropped."""
         now = int(self.clock() / self.width + 1e-9)  # 100.1 / 0.1 is 1000.999...
-        for stale in [key for key in self._buckets if key <= now - self.count]:
-            del self._buckets[stale]
-        bucket = self._buckets.get(now)
+        buckets = self._buckets
+        if now != self.index:
+            self.index = now
+            for stale in [key for key in buckets if key <= now - self.count]:
+                del buckets[stale]
+        bucket = buckets.get(now)
         if bucket is None:
-            bucket = self._buckets[now] = self.empty()
+            bucket = buckets[now] = self.empty()
         return bucket
 
     def buckets(self) -> Iterable[list[float]]:
         """Every bucket within the window, now included."""
         self.current()
         return self._buckets.values()
+
+    def past(self) -> Iterable[list[float]]:
+        """Every bucket within the window but the bucket of now (call ``current`` first)."""
+        index = self.index
+        return (bucket for key, bucket in self._buckets.items() if key != index)

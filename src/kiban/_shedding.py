@@ -12,7 +12,9 @@ throughput x latency). Once something was shed, shedding goes on being considere
 backlog back in.
 
 Counting is in buckets of ``bucket`` seconds over ``window`` seconds, read through a
-clock that tests control.
+clock that tests control. The buckets before the current one are summed up once per
+bucket, not at every request: an overloaded service asks for its capacity at every
+request it refuses.
 """
 
 from __future__ import annotations
@@ -47,22 +49,37 @@ class Shedder:
         self.bucket = bucket
         self.cool_off = cool_off
         self.clock = clock
-        #: Each bucket: [requests completed, sum of their seconds, least seconds].
-        self.window = Rolling(bucket, int(window / bucket), lambda: [0, 0.0, float("inf")], clock)
+        #: Each bucket: [requests completed, sum of their seconds].
+        self.window = Rolling(bucket, int(window / bucket), lambda: [0, 0.0], clock)
         self._dropped_at = -1e18
+        #: The past buckets' most requests completed and least mean seconds, and the
+        #: bucket of now they were summed up at.
+        self._past: tuple[float, float] = (0, float("inf"))
+        self._past_at = -1
 
     def done(self, seconds: float) -> None:
         """A request completed in ``seconds`` (admitted and answered)."""
         stats = self.window.current()
         stats[0] += 1
         stats[1] += seconds
-        stats[2] = min(stats[2], seconds)
 
     def capacity(self) -> float:
         """Requests in flight the service has shown it can carry (max pass x min latency)."""
-        buckets = list(self.window.buckets())
-        passed = max((stats[0] for stats in buckets), default=0)
-        least = min((stats[1] / stats[0] for stats in buckets if stats[0]), default=0.0)
+        window = self.window
+        now = window.current()
+        if window.index != self._past_at:
+            past = list(window.past())
+            self._past = (
+                max((stats[0] for stats in past), default=0),
+                min((stats[1] / stats[0] for stats in past if stats[0]), default=float("inf")),
+            )
+            self._past_at = window.index
+        passed, least = self._past
+        if now[0]:
+            passed = max(passed, now[0])
+            least = min(least, now[1] / now[0])
+        if least == float("inf"):
+            return 1.0
         return max(1.0, passed * least / self.bucket)
 
     def overloaded(self) -> bool:
