@@ -208,20 +208,33 @@ async def test_on_postgresql_a_read_opens_no_transaction(postgres_url: str) -> N
 
     ``now()`` is the time the transaction began: equal for two statements in one, apart
     for two statements each in its own. A connection a read used is a transactional one
-    again for the next writer (a pool of one hands the same connection to both).
+    again for the next writer (a pool of one hands the same connection to both). The
+    read's statements are traced as any others.
     """
     import asyncio
+
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     service = kiban.Service(
         FastAPI(), kiban.Settings(database_url=postgres_url), security=NoSecurity()
     )
     database = service.database(pool_size=1, max_overflow=0)
+    exporter = InMemorySpanExporter()
+    service.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     now = text("SELECT now()")
     try:
-        async with database.reading() as session:
-            first = (await session.execute(now)).scalar()
-            await asyncio.sleep(0.01)
-            assert (await session.execute(now)).scalar() != first
+        with service.telemetry.tracer.start_as_current_span("request"):
+            async with database.reading() as session:
+                first = (await session.execute(now)).scalar()
+                await asyncio.sleep(0.01)
+                assert (await session.execute(now)).scalar() != first
+        traced = [
+            span.attributes["db.query.text"]
+            for span in exporter.get_finished_spans()
+            if span.name == "SELECT database"
+        ]
+        assert traced == ["SELECT now()", "SELECT now()"]
         async with database.transaction() as session:
             first = (await session.execute(now)).scalar()
             await asyncio.sleep(0.01)
