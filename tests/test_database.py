@@ -166,8 +166,11 @@ def test_a_read_commits_nothing(client: tuple[TestClient, Order]) -> None:
 
 
 async def test_a_read_session_refuses_every_write(url: str) -> None:
+    from sqlalchemy.pool import AsyncAdaptedQueuePool
+
     service = kiban.Service(FastAPI(), kiban.Settings(database_url=url), security=NoSecurity())
-    database = service.database()
+    # A pool with counts (older SQLAlchemy gives file SQLite a NullPool, which has none).
+    database = service.database(poolclass=AsyncAdaptedQueuePool)
     try:
         async with database.engine.begin() as connection:
             await connection.run_sync(Base.metadata.drop_all)
