@@ -177,17 +177,27 @@ class _ReadOnlySession(orm.Session):
     """The session behind ``ReadSession``: it refuses to write (see ``_refuse_*``)."""
 
 
+_READ_ONLY = "a read session does not write: take kiban.database.Session to write"
+
+
 def _refuse_flush(session: orm.Session, _context: Any, _instances: Any) -> None:
-    raise ReadOnlyError("a read session does not write: take kiban.database.Session to write")
+    raise ReadOnlyError(_READ_ONLY)
 
 
 def _refuse_dml(state: orm.ORMExecuteState) -> None:
     if state.is_insert or state.is_update or state.is_delete:
-        raise ReadOnlyError("a read session does not write: take kiban.database.Session to write")
+        raise ReadOnlyError(_READ_ONLY)
 
 
 event.listen(_ReadOnlySession, "before_flush", _refuse_flush)
 event.listen(_ReadOnlySession, "do_orm_execute", _refuse_dml)
+
+
+def _read_only(bind: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions on ``bind`` that refuse to write."""
+    return async_sessionmaker(
+        bind, expire_on_commit=False, autoflush=False, sync_session_class=_ReadOnlySession
+    )
 
 
 class Database:
@@ -211,16 +221,9 @@ class Database:
         #: Sessions that refuse to write. On PostgreSQL, the unbudgeted ones run without
         #: a transaction: the same pool, its connections switched to autocommit at
         #: checkout (a flag in the driver, no round trip) and back when returned.
-        self._read_sessions = async_sessionmaker(
-            engine, expire_on_commit=False, autoflush=False, sync_session_class=_ReadOnlySession
-        )
+        self._read_sessions = _read_only(engine)
         self._direct_reads = (
-            async_sessionmaker(
-                engine.execution_options(isolation_level="AUTOCOMMIT"),
-                expire_on_commit=False,
-                autoflush=False,
-                sync_session_class=_ReadOnlySession,
-            )
+            _read_only(engine.execution_options(isolation_level="AUTOCOMMIT"))
             if self._set_local
             else None
         )
