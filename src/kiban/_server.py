@@ -157,7 +157,10 @@ def listen(config: uvicorn.Config) -> socket.socket:
     """The listening socket for ``config``'s host and port (raises ``OSError``)."""
     host = config.host or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Named TCP, not left to the default 0: asyncio's event loop sets TCP_NODELAY only
+    # on accepted sockets that say they are TCP, and without it Nagle's algorithm holds
+    # a response's body back until the head is acknowledged (40 ms a request on Linux).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, config.port))
