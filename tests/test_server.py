@@ -600,11 +600,8 @@ def test_what_the_listener_accepts_is_sent_without_nagle_delay(loop_factory: Any
         await server.wait_closed()
         return nodelay
 
-    loop = loop_factory()
-    try:
-        assert loop.run_until_complete(accepted_nodelay()) == 1
-    finally:
-        loop.close()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(accepted_nodelay()) == 1
 
 
 def _cpu_seconds(pid: int) -> float:
