@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
+import subprocess
 import sys
+import threading
+import time
 
+import httpx
+import orjson
 import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
@@ -15,7 +22,7 @@ from kiban import _log as log
 from kiban._config import Settings
 from kiban._log import configure, set_level
 from kiban.security import NoSecurity
-from tests.conftest import Lines
+from tests.conftest import ROOT, Lines, free_port
 
 
 def test_lines_are_json_with_time_level_and_fields(lines: Lines) -> None:
@@ -196,3 +203,185 @@ def test_with_buffering_a_failing_request_writes_what_it_held_in_order(lines: Li
     # The held lines come before the request's access line.
     order = [line.get("msg") or line["log"] for line in lines.all()]
     assert order.index("step two") < order.index("access")
+
+
+def _stalled_pipe() -> tuple[int, int]:
+    """A pipe nobody reads yet, as stdout is when a log collector or its disk stalls."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    return read, write
+
+
+def _drain(fd: int, until: bytes, timeout: float = 10) -> bytes:
+    """Read ``fd`` until ``until`` arrives (select, not sleeps)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while until not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{until!r} not read within {timeout}s; got {data[-500:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            data += os.read(fd, 1 << 16)
+    return data
+
+
+def test_a_stalled_output_never_blocks_a_writer_and_the_lines_it_dropped_are_reported() -> None:
+    read, write = _stalled_pipe()
+    stream = os.fdopen(write, "wb")
+    sink = log.Sink(stream, max_held=64 * 1024)
+    lines = [b'{"n":%d,"pad":"%s"}' % (n, b"x" * 100) for n in range(4000)]  # ~470 KiB
+
+    # The writer thread fills the pipe and blocks; the callers must not. Written from
+    # a thread so that a regression fails here instead of hanging the suite.
+    def log_them() -> None:
+        for line in lines:
+            sink.write(line, urgent=line.startswith(b'{"n":3'))
+
+    writer = threading.Thread(target=log_them, daemon=True)
+    writer.start()
+    writer.join(10)
+    assert not writer.is_alive(), "a log line waited on the stalled output"
+    assert 0 < sink.dropped < len(lines)
+    began = time.monotonic()
+    assert sink.flush(timeout=0.2) is False  # a stalled output does not hold a flush
+    assert time.monotonic() - began < 2
+
+    # The output takes lines again: what was held comes first, then the count of what
+    # was not, then what is logged afterwards.
+    received = _drain(read, b"log lines dropped")
+    sink.write(b'{"n":"after"}')
+    assert sink.flush(timeout=5) is True
+    received += _drain(read, b'{"n":"after"}\n')
+    written = [orjson.loads(raw) for raw in received.splitlines()]
+    kept = [record["n"] for record in written[:-2]]
+    assert kept == list(range(len(kept)))
+    report = written[-2]
+    assert report["msg"] == "log lines dropped: the output did not take them"
+    assert report["level"] == "warning"
+    assert report["dropped"] == sink.dropped == len(lines) - len(kept)
+    assert written[-1] == {"n": "after"}
+    stream.close()
+    os.close(read)
+
+
+def test_a_flush_waits_for_a_stalled_output_a_bounded_time_and_then_not_at_all() -> None:
+    read, write = _stalled_pipe()
+    sink = log.Sink(os.fdopen(write, "wb"), max_held=64 * 1024)
+    for n in range(2000):
+        sink.write(b'{"n":%d,"pad":"%s"}' % (n, b"x" * 100))
+    began = time.monotonic()
+    assert sink.flush(timeout=0.3) is False  # as at exit: written, or given up on
+    assert time.monotonic() - began < 1.5
+    # Once a write has been stuck that long, a flush no longer waits at all: the
+    # shutdown's flushes, then the one at exit, add nothing to its bound.
+    began = time.monotonic()
+    assert sink.flush(timeout=0.3) is False
+    assert time.monotonic() - began < 0.1
+    os.close(read)
+
+
+def test_a_forked_child_writes_its_own_lines_and_not_the_parents() -> None:
+    read, write = os.pipe()
+    previous = log.sink.stream
+    log.sink.flush()
+    log.sink.stream = os.fdopen(write, "wb")
+    try:
+        log.sink.write(b"parent")  # may still be buffered when the process forks
+        child = os.fork()
+        if child == 0:  # the parent's writer thread is not in the child
+            log.sink.write(b"child")
+            os._exit(0 if log.sink.flush(timeout=5) else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert log.sink.flush(timeout=5)
+        log.sink.stream.close()
+        with os.fdopen(read, "rb") as output:
+            assert sorted(output.read().splitlines()) == [b"child", b"parent"]
+    finally:
+        log.sink.stream = previous
+
+
+def _service_on_a_pipe(port: int, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``kiban run`` of the test service, its stdout and stderr a pipe nobody reads."""
+    read, write = _stalled_pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kiban", "run", "tests.apps.hello:app"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "HTTP_PORT": str(port),
+            "LOG_FORMAT": "json",
+            "HTTP_DRAIN_SECONDS": "0",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            **env,
+        },
+        stdout=write,
+        stderr=write,
+    )
+    os.close(write)
+    return process, read
+
+
+def _ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited with {process.returncode}"
+        try:
+            if httpx.get(f"{url}/health/liveness", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("not up in 30 s")
+
+
+@pytest.mark.process
+def test_a_service_whose_stdout_stalls_goes_on_serving_and_reports_what_it_dropped() -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process, read = _service_on_a_pipe(port, LOG_MAX_HELD_BYTES="65536", SERVICE_NAME="hello")
+    try:
+        _ready(url, process)
+        with httpx.Client(base_url=url, timeout=5) as client:
+            # Each request writes an access line: far more than the pipe and the bound
+            # hold. Before, the service stopped answering once the pipe was full.
+            for n in range(1500):
+                assert client.get(f"/hello/{n}").status_code == 200
+            assert client.get("/health/liveness").status_code == 200
+            assert client.get("/health/readiness").status_code == 200
+            metrics = client.get("/metrics").text
+        dropped = next(
+            line for line in metrics.splitlines() if line.startswith("kiban_log_output_dropped")
+        )
+        assert float(dropped.split()[-1]) > 0
+        # The output takes lines again: the count of the dropped ones is written.
+        received = _drain(read, b"log lines dropped")
+        report = next(
+            orjson.loads(raw) for raw in received.splitlines() if b"log lines dropped" in raw
+        )
+        assert report["dropped"] > 0
+        assert report["service"] == "hello"
+    finally:
+        process.terminate()
+        process.wait(10)
+        os.close(read)
+
+
+@pytest.mark.process
+def test_a_service_whose_stdout_stalls_still_exits_promptly_on_sigterm() -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process, read = _service_on_a_pipe(port, LOG_MAX_HELD_BYTES="65536")
+    try:
+        _ready(url, process)
+        with httpx.Client(base_url=url, timeout=5) as client:
+            for n in range(1000):
+                client.get(f"/hello/{n}")
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert time.monotonic() - began < log.Sink.EXIT_SECONDS + 3
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(read)

@@ -93,7 +93,10 @@ class Service:
         self.http_clients: list[tuple[httpx.AsyncClient, PropagatingTransport]] = []
         self._loop_watch: asyncio.Future[None] | None = None
         log.configure(
-            self.settings.log_level, self.settings.log_format, service=self.settings.service_name
+            self.settings.log_level,
+            self.settings.log_format,
+            service=self.settings.service_name,
+            max_held=self.settings.log_max_held_bytes,
         )
         self.telemetry = Telemetry(self.settings, sampler)
         errors.init_sentry(self.settings)

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     #: Hold each request's info and debug lines; write them only if it fails (5xx, an
     #: exception, an error logged) or asks for debug, else drop them (docs/logging.md).
     log_buffering: bool = False
+    #: Log output held in memory while stdout does not take it (a stalled collector or
+    #: disk); past it new lines are dropped and counted, and the service goes on.
+    log_max_held_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     #: Query parameters whose values are replaced by ``[REDACTED]`` in the access log,
     #: besides any name containing token, password, secret or key.
     log_redact_params: frozenset[str] = frozenset({"code", "sig", "signature", "auth"})

@@ -9,8 +9,10 @@ The level can be changed while the process runs.
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -54,26 +56,49 @@ _METHOD_LEVELS = {
 
 
 class Sink:
-    """Where log lines go: one binary stream, written in whole lines.
+    """Where log lines go: one binary stream, written in whole lines by one thread.
 
-    Lines are buffered and written by a background thread every ``FLUSH_SECONDS`` (or as
-    soon as 64 KiB are waiting), so a request never waits on a write to a slow pipe.
-    Warnings and errors, and every line on a terminal, are written at once; whatever is
-    buffered is written at exit.
+    A line is appended to a buffer in memory, and only the sink's writer thread writes
+    to the stream: every ``FLUSH_SECONDS``, at once for a warning or an error, or as
+    soon as ``MAX_BUFFER`` bytes wait. So no request, and no probe, ever waits on the
+    output: when stdout stops taking lines (a log collector or a disk that stalled, a
+    pipe nobody reads) the writer blocks alone, the service goes on serving, and past
+    ``max_held`` bytes held new lines are dropped, counted (``dropped``) and reported by
+    a line of their own once the output takes lines again. A service whose logging
+    blocks is one whose liveness probe fails when its log pipeline blinks.
+
+    On a terminal (development) every line is written at once by its caller. Whatever
+    is buffered is written at exit, waiting at most ``EXIT_SECONDS`` for a stalled
+    output.
     """
 
     FLUSH_SECONDS = 0.1
     MAX_BUFFER = 64 * 1024
+    #: How long ``flush`` waits by default for the writer to write what is buffered.
+    EXIT_SECONDS = 2.0
 
-    def __init__(self, stream: IO[bytes] | None = None) -> None:
+    def __init__(self, stream: IO[bytes] | None = None, max_held: int = 4 * 1024 * 1024) -> None:
         self._stream = stream
         self.json = True
         self.immediate = False
+        #: Bytes held (buffered, and being written) past which new lines are dropped.
+        self.max_held = max_held
+        #: Lines dropped because the output did not take them, since the start.
+        self.dropped = 0
+        self._unreported = 0  # dropped lines the output has not been told of yet
+        self._gap = 0  # the offset in the buffer at which they were dropped
         # One growing bytearray, not a list of lines: each line's bytes are copied in and
         # freed at once, so the next line reuses memory still in cache.
         self._buffer = bytearray()
-        self._lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self._writing_bytes = 0  # of the chunk the writer is writing now
+        self._writing_since: float | None = None  # when that write began (monotonic)
+        self._buffered_total = 0  # bytes ever buffered, and ever written: flush's marks
+        self._written_total = 0
+        self._lock = threading.Lock()  # the buffer and the counts
+        self._written = threading.Condition(threading.Lock())  # a chunk was written
+        self._output = threading.Lock()  # the stream: one chunk at a time, in order
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
         #: Also handed every line, before it is buffered (the OTLP log exporter).
         self.tees: list[Callable[[bytes], None]] = []
 
@@ -99,42 +124,135 @@ class Sink:
             tee(line if newline else line.rstrip(b"\n"))
         with self._lock:
             buffer = self._buffer
+            if len(buffer) + self._writing_bytes >= self.max_held:
+                self.dropped += 1
+                if not self._unreported:
+                    self._gap = len(buffer)  # where the report of the dropped lines goes
+                self._unreported += 1
+                return
+            size = len(buffer)
             buffer += line
             if newline:
                 buffer += b"\n"
-            if not (urgent or self.immediate or len(buffer) >= self.MAX_BUFFER):
-                if self._flusher is None:
-                    self._start_flusher()
-                return
-            self._write_locked()
+            self._buffered_total += len(buffer) - size
+            if self._writer is None:
+                self._start_writer()
+            wake = urgent or len(buffer) >= self.MAX_BUFFER
+        if self.immediate:
+            self._write_buffered()
+        elif wake:
+            self._wake.set()
 
-    def flush(self) -> None:
-        """Write everything buffered now (tests, shutdown)."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Have what was written so far reach the stream (tests, shutdown, exit).
+
+        Waits at most ``timeout`` seconds (``EXIT_SECONDS`` by default) for the writer,
+        counted from when its current write began: a stalled output never holds the
+        caller, and once a write has been stuck that long a flush no longer waits.
+        Returns whether everything was written.
+        """
+        wait = self.EXIT_SECONDS if timeout is None else timeout
         with self._lock:
-            self._write_locked()
+            mark = self._buffered_total
+            if self._written_total >= mark and not self._unreported:
+                return True
+            if self._writer is None:
+                self._start_writer()
+            since = self._writing_since
+        if since is not None:
+            wait = max(0.0, min(wait, since + wait - time.monotonic()))
+        self._wake.set()
+        with self._written:
+            return self._written.wait_for(lambda: self._written_total >= mark, wait)
 
-    def _write_locked(self) -> None:
-        if self._buffer:
-            data, self._buffer = self._buffer, bytearray()
+    def _write_buffered(self) -> None:
+        """Write what is buffered now, and the count of lines dropped before it."""
+        with self._output:
+            with self._lock:
+                data, self._buffer = self._buffer, bytearray()
+                mark = self._buffered_total
+                dropped, self._unreported = self._unreported, 0
+                gap = self._gap
+                self._writing_bytes = len(data)
+                self._writing_since = time.monotonic()
+            if dropped:  # told where it happened: after the lines buffered before
+                data[gap:gap] = self._dropped_line(dropped)
             try:
-                self.stream.write(data)
-                self.stream.flush()
+                if data:
+                    _put(self.stream, data)
             except (ValueError, OSError):  # closed or broken stream: drop, never raise
                 pass
+            finally:
+                with self._lock:
+                    self._writing_bytes = 0
+                    self._writing_since = None
+                with self._written:
+                    self._written_total = mark
+                    self._written.notify_all()
 
-    def _start_flusher(self) -> None:
+    def _dropped_line(self, count: int) -> bytes:
+        """The line that says ``count`` lines were dropped, in the output's format."""
+        event = "log lines dropped: the output did not take them"
+        if not self.json:
+            return f"[warning  ] {event} dropped={count}\n".encode()
+        record: dict[str, Any] = {
+            "msg": event,
+            "dropped": count,
+            "level": "warning",
+            "time": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+        }
+        if _state.service:
+            record["service"] = _state.service
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+    def _start_writer(self) -> None:
         def run() -> None:
             while True:
-                time.sleep(self.FLUSH_SECONDS)
-                if self._buffer:
-                    self.flush()
+                self._wake.wait(self.FLUSH_SECONDS)
+                self._wake.clear()
+                if self._buffer or self._unreported:
+                    self._write_buffered()
 
-        self._flusher = threading.Thread(target=run, name="kiban-log-flush", daemon=True)
-        self._flusher.start()
+        self._writer = threading.Thread(target=run, name="kiban-log-writer", daemon=True)
+        self._writer.start()
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's writer thread is not there; lines of the
+        parent still buffered are the parent's to write."""
+        self._lock = threading.Lock()
+        self._written = threading.Condition(threading.Lock())
+        self._output = threading.Lock()
+        self._wake = threading.Event()
+        self._writer = None
+        self._buffer = bytearray()
+        self._writing_bytes = 0
+        self._writing_since = None
+        self._buffered_total = self._written_total = 0
+        self._unreported = self._gap = 0
+
+
+def _put(stream: IO[bytes], data: bytearray) -> None:
+    """Write ``data`` whole. To a file descriptor (stdout) directly, past Python's own
+    buffer: a write blocked on a stalled pipe then holds no lock of Python's, which the
+    interpreter's exit would wait on, and abort (a daemon thread's ``BufferedWriter``).
+    What the app prints keeps Python's buffering and is not ordered with log lines."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: a test's BytesIO
+        stream.write(data)
+        stream.flush()
+        return
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:  # a non-blocking descriptor: wait until it takes more
+            select.select([], [fd], [])
 
 
 sink = Sink()
 atexit.register(sink.flush)
+os.register_at_fork(after_in_child=sink._forked)
 
 
 class _State:
@@ -257,7 +375,7 @@ class _SinkLogger:
         sink.write(_encoded(message))
 
     def urgent(self, message: str | bytes) -> None:
-        """Warnings are written at once: they matter most when things go wrong."""
+        """Warnings wake the writer at once: they matter most when things go wrong."""
         sink.write(_encoded(message), True)
 
     def failing(self, message: str | bytes) -> None:
@@ -339,10 +457,13 @@ def configure(
     stream: IO[bytes] | None = None,
     service: str | None = None,
     structlog_global: bool = False,
+    max_held: int | None = None,
 ) -> None:
     """Set up logging for the process: level, JSON or console lines, the service.
 
     ``stream`` (binary) replaces where lines go; by default the process's stdout.
+    ``max_held`` bounds the bytes held while the output does not take them
+    (``LOG_MAX_HELD_BYTES``): past it, lines are dropped and counted.
     structlog's global configuration becomes kiban's pipeline unless the host app set
     its own (then ``structlog_global=True`` overrides it): importing kiban changes
     nothing of the host's logging.
@@ -350,6 +471,8 @@ def configure(
     if stream is not None:
         sink.flush()
         sink.stream = stream
+    if max_held is not None:
+        sink.max_held = max_held
     terminal = _is_terminal(sink.stream)
     sink.json = fmt == "json" or (fmt == "auto" and not terminal)
     sink.immediate = terminal

@@ -332,6 +332,13 @@ class Telemetry:
             unit="{line}",
             description="Log lines of successful requests not written (LOG_BUFFERING).",
         )
+        self.meter.create_observable_counter(
+            "kiban.log.output_dropped",
+            callbacks=[lambda _: [Observation(sink.dropped)]],
+            unit="{line}",
+            description="Log lines dropped because the output did not take them "
+            "(stdout stalled past LOG_MAX_HELD_BYTES).",
+        )
         #: Requests refused at capacity, by reason: counted in plain ints and read at
         #: collection, as ``active`` is. A refusal must cost as little as it can (what an
         #: overloaded server spends refusing it takes from the requests it serves), and
