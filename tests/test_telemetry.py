@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -130,6 +131,50 @@ def test_metrics_are_exported_over_otlp(otlp: OTLPReceiver, spawn: Any) -> None:
         )
     )
     assert "http.server.active_requests" in names
+
+
+@pytest.mark.process
+def test_the_spans_still_queued_at_sigterm_reach_the_collector(
+    otlp: OTLPReceiver, spawn: Any
+) -> None:
+    # Batches wait 60 s: only the shutdown's flush can send these.
+    service = spawn(HELLO, OTLP_ENDPOINT=otlp.grpc_endpoint, TRACE_EXPORT_DELAY="60")
+    with httpx.Client(base_url=service.url) as client:
+        for number in range(5):
+            client.get(f"/hello/{number}")
+    assert otlp.spans() == []
+    assert service.stop() == 0
+    assert len([span for span in otlp.spans() if span.kind == SERVER]) == 5
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_collector_that_does_not_answer_does_not_hold_the_shutdown(
+    spawn: Any, protocol: str
+) -> None:
+    """Fault drill: the collector accepts connections and never answers. The SDK's
+    own exit handler used to wait for it, batch after batch: 10 to 34 s after SIGTERM,
+    past the documented bound and a pod's grace period."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as blackhole:
+        endpoint = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
+        service = spawn(
+            HELLO,
+            OTLP_ENDPOINT=endpoint,
+            OTLP_PROTOCOL=protocol,
+            TRACE_EXPORT_BATCH="16",
+            METRICS_EXPORT_INTERVAL="0.5",
+            SHUTDOWN_CLEANUP_TIMEOUT="1",
+        )
+        with httpx.Client(base_url=service.url) as client:
+            for number in range(200):
+                assert client.get(f"/hello/{number}").status_code == 200
+        began = time.monotonic()
+        code = service.stop()
+        took = time.monotonic() - began
+    assert took < 1 + 2  # drain 0 + nothing in flight + the cleanup timeout + 2 s
+    assert code == 3  # a cleanup was abandoned: the telemetry flush, and it says so
+    stopped = next(line for line in service.lines() if line.get("msg") == "stopped")
+    assert stopped["abandoned"] == ["cleanup telemetry flush"]
 
 
 def _items(settings: Settings) -> tuple[FastAPI, kiban.Service]:

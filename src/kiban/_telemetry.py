@@ -215,10 +215,14 @@ class Telemetry:
         resource = Resource.create(
             {"service.name": settings.service_name, "service.version": settings.service_version}
         )
+        # Flushed by kiban's shutdown within its cleanup budget, and not again at exit:
+        # the SDK's own exit handler waits up to 30 s a processor, batch after batch,
+        # on a collector that is down, past a pod's grace period.
         self.tracer_provider = TracerProvider(
             resource=resource,
             sampler=sampler or ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
             id_generator=_ContextIds(),
+            shutdown_on_exit=False,
         )
         self.registry = CollectorRegistry()
         if REGISTRY.get_sample_value("process_start_time_seconds") is None:
@@ -248,6 +252,7 @@ class Telemetry:
         self.meter_provider = MeterProvider(
             resource=resource,
             metric_readers=readers,
+            shutdown_on_exit=False,
             views=[
                 View(
                     instrument_name="*duration*",
