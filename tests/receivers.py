@@ -188,10 +188,12 @@ def _decoded(body: bytes, encoding: str | None) -> bytes:
 class SentryReceiver:
     """Stands in for the Sentry host of a DSN and keeps every event envelope it gets."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.port = free_port()
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        #: Seconds each envelope waits for its answer, once kept: a slow Sentry.
+        self.delay = delay
 
     @property
     def dsn(self) -> str:
@@ -206,6 +208,7 @@ class SentryReceiver:
                 receiver.events.extend(
                     item for item in items[1:] if "exception" in item or "tags" in item
                 )
+            time.sleep(receiver.delay)
             return 200, "application/json", b"{}"
 
         self.server = serve(envelope, self.port)

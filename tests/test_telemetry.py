@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -418,6 +419,22 @@ def test_unhandled_exceptions_reach_sentry_tagged_and_4xx_do_not(
     started = next(line for line in service.lines() if line.get("msg") == "started")
     assert started["sentry"] is True
     assert "publickey" not in service.output.read_text()
+
+
+@pytest.mark.process
+def test_the_error_reports_still_queued_at_sigterm_reach_sentry(spawn: Any) -> None:
+    # A slow Sentry: the first report holds the SDK's sender for a second, so the
+    # second is still queued in the process when SIGTERM comes right after it.
+    with contextlib.contextmanager(running)(SentryReceiver(delay=1.0)) as sentry:
+        service = spawn(HELLO, SENTRY_DSN=sentry.dsn)
+        with httpx.Client(base_url=service.url) as client:
+            assert client.get("/boom").status_code == 500
+            deadline = time.monotonic() + 10
+            while not sentry.events and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.get("/boom").status_code == 500
+        assert service.stop() == 0
+        assert len(sentry.events) == 2
 
 
 def test_handlers_add_attributes_events_and_exceptions_to_the_server_span() -> None:

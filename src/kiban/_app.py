@@ -403,30 +403,38 @@ class Service:
             # In-flight calls finish (within the shutdown budget) before the pools close.
             await self._grpc.stopped(self.settings.http_shutdown_timeout)
         deadline = self._cleanup_deadline()
-        flushing = asyncio.ensure_future(self._flush_telemetry())
+        flushing = asyncio.ensure_future(_on_thread("telemetry", self.telemetry.shutdown))
+        # Error reports of the last moments (a request that failed as the signal came)
+        # are sent too; on a thread of their own, so that neither flush starves the other.
+        reporting = asyncio.ensure_future(
+            _on_thread("error reports", lambda: errors.flush_reports(self.settings))
+        )
         await self.aclose(deadline)
         await self._settle("telemetry flush", flushing, deadline)
+        await self._settle("error reports flush", reporting, deadline)
 
-    async def _flush_telemetry(self) -> None:
-        """Flush spans and metrics on a daemon thread: a hung exporter is abandoned with it."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
 
-        def settle() -> None:
-            if not done.done():
-                done.set_result(None)
+async def _on_thread(what: str, flush: Callable[[], object]) -> None:
+    """Run ``flush`` on a daemon thread: a hung exporter is abandoned with it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
 
-        def flush() -> None:
-            try:
-                self.telemetry.shutdown()
-            except Exception:
-                log.exception("telemetry flush failed")
-            finally:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: abandoned
-                    loop.call_soon_threadsafe(settle)
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
 
-        threading.Thread(target=flush, name="kiban-telemetry-flush", daemon=True).start()
-        await done
+    def run() -> None:
+        try:
+            flush()
+        except Exception:
+            log.exception(f"{what} flush failed")
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: abandoned
+                loop.call_soon_threadsafe(settle)
+
+    name = f"kiban-{what.replace(' ', '-')}-flush"
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
 
 
 def _pool_bound(options: dict[str, Any]) -> int | None:

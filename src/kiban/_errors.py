@@ -295,6 +295,14 @@ def init_sentry(settings: Settings) -> None:
     )
 
 
+def flush_reports(settings: Settings) -> None:
+    """Send the error reports still queued (at shutdown), within the cleanup timeout."""
+    if sentry_enabled():
+        import sentry_sdk
+
+        sentry_sdk.flush(timeout=settings.shutdown_cleanup_timeout)
+
+
 def sentry_enabled() -> bool:
     module = sys.modules.get("sentry_sdk")
     return module is not None and bool(module.is_initialized())
