@@ -160,6 +160,20 @@ def test_guessing_api_keys_is_throttled_before_the_key_is_checked(lines: Lines) 
         -1
     ] == "throttled"
     assert 'reason="throttled"' in metrics
+    with TestClient(make_app(auth_failure_limit="5/minute"), client=STRANGER) as client:
+        for n in range(5 + 250):  # a guesser that goes on past the throttle
+            client.get("/partner", headers={"x-api-key": f"guess-{n}"})
+        metrics = client.get("/metrics").text
+    throttled = [line for line in lines.app() if line.get("reason") == "throttled"][1:]
+    # Every refusal is counted, and only one in a hundred is logged: a client cannot
+    # flood the logs by guessing on.
+    assert [line["throttled"] for line in throttled] == [1, 101, 201]
+    counted = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("kiban_auth_failures_total") and 'reason="throttled"' in line
+    )
+    assert counted.endswith(" 250.0")
     with TestClient(make_app(auth_failure_limit="5/minute"), client=GATEWAY) as client:
         assert client.get("/partner", headers=KEY).status_code == 200  # another client IP
 

@@ -78,6 +78,8 @@ class Policy:
         self.limiter = limiter or Limiter()
         self.telemetry = telemetry
         self.routes = RouteTable(rate_limit, handler_timeout)
+        #: Requests refused by the authentication throttle, since the start.
+        self.throttled = 0
 
     @property
     def query_credentials(self) -> set[str]:
@@ -174,7 +176,10 @@ class Policy:
         """The principal, and whether it is an API client; or the problem to answer."""
         throttle = self.auth_failures
         if throttle is not None and not await self.limiter.allows(throttle, _ip_key(context)):
-            self._failed("*", "throttled", path)
+            # Counted every time, logged the first time and one in a hundred after: a
+            # guesser past the limit, whatever it sends, cannot flood the logs.
+            self.throttled += 1
+            self._failed("*", "throttled", path, logged=self.throttled % 100 == 1)
             raise Problem(
                 429,
                 "Too many failed authentications; retry later.",
@@ -218,15 +223,17 @@ class Policy:
         )
         raise Problem(401, "Credentials are required.", headers={"www-authenticate": challenges})
 
-    def _failed(self, scheme: str, reason: str, route: str) -> None:
-        context = propagation.current()
-        log.warning(
-            "authentication failed",
-            scheme=scheme,
-            reason=reason,
-            route=route,
-            client=context.user_ip if context else None,
-        )
+    def _failed(self, scheme: str, reason: str, route: str, logged: bool = True) -> None:
+        if logged:
+            context = propagation.current()
+            log.warning(
+                "authentication failed",
+                scheme=scheme,
+                reason=reason,
+                route=route,
+                client=context.user_ip if context else None,
+                **({"throttled": self.throttled} if reason == "throttled" else {}),
+            )
         if self.telemetry is not None:
             self.telemetry.auth_failures.add(1, {"scheme": scheme, "reason": reason})
 
