@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
 import uuid
 from typing import Any
@@ -19,8 +20,9 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.testclient import TestClient
 
 import kiban
+from kiban._breaker import Breaker
 from kiban._config import Settings, parse_rate
-from kiban._ratelimit import LocalCounter, RateLimit
+from kiban._ratelimit import Limiter, LocalCounter, RateLimit
 from kiban.security import JWT, NoSecurity, RateLimited, Security
 from tests.conftest import DEV_KEYS, Lines, closed_port, token
 
@@ -135,13 +137,59 @@ def test_redis_down_fails_open_with_a_log_line_and_a_metric(lines: Lines) -> Non
         statuses = [client.get("/items", headers=user("erin")).status_code for _ in range(3)]
         metrics = client.get("/metrics").text
     assert statuses == [200, 200, 200]
-    failures = [
+    # Each request's two checks (the API's limit, the authentication throttle) failed:
+    # all six are counted, and logged in one line (at most one a second).
+    (failures,) = [line for line in lines.app() if line["msg"] == "rate limit storage unavailable"]
+    assert failures["failures"] == 1
+    errors = next(
         line
-        for line in lines.app()
-        if line["msg"] == "rate limit storage unavailable" and line["limit"] == "1/minute"
+        for line in metrics.splitlines()
+        if line.startswith("kiban_ratelimit_storage_errors_total")
+    )
+    assert errors.endswith(" 6.0")
+
+
+async def test_a_redis_that_stops_answering_costs_a_few_checks_their_timeout() -> None:
+    """A Redis that accepts connections and never answers (stalled, or its network
+    partitioned): every check used to wait its timeout, twice per request."""
+    with socket.create_server(("127.0.0.1", 0), backlog=128) as stalled:
+        url = f"redis://127.0.0.1:{stalled.getsockname()[1]}/0"
+        limiter = Limiter(url, timeout=0.05, breaker=Breaker(chance=lambda: 0.5))
+        rate = RateLimit("10/second")
+        took = []
+        try:
+            for _ in range(60):
+                began = time.monotonic()
+                assert await limiter.hit(rate, "erin") is None  # fails open
+                took.append(time.monotonic() - began)
+        finally:
+            await limiter.aclose()
+    waited = [seconds for seconds in took if seconds >= 0.04]
+    assert len(waited) == 12  # until failures outweigh the breaker's protection
+    assert sum(took[12:]) < 0.05  # then no check waits on it
+
+
+@pytest.mark.process
+def test_a_stalled_redis_does_not_slow_every_request(spawn: Any) -> None:
+    with socket.create_server(("127.0.0.1", 0), backlog=128) as stalled:
+        service = spawn(
+            "tests.apps.guarded:app",
+            REDIS_URL=f"redis://127.0.0.1:{stalled.getsockname()[1]}/0",
+        )
+        took = []
+        with httpx.Client(base_url=service.url, timeout=10) as client:
+            for _ in range(40):
+                began = time.monotonic()
+                response = client.get("/items", headers={"x-api-key": "good-key"})
+                took.append(time.monotonic() - began)
+                assert response.status_code == 200  # fails open
+        service.stop()
+    # Before, every request waited 0.5 s (two checks of 0.25 s each).
+    assert sorted(took)[len(took) // 2] < 0.1
+    logged = [
+        line for line in service.lines() if line.get("msg") == "rate limit storage unavailable"
     ]
-    assert len(failures) == 3
-    assert "kiban_ratelimit_storage_errors_total" in metrics
+    assert 1 <= len(logged) <= 1 + sum(took)  # at most one line a second
 
 
 @pytest.mark.integration

@@ -9,7 +9,10 @@ memory by default, which is per process (say so when running several workers), o
 Redis when ``REDIS_URL`` is set, which makes a limit global across replicas: Redis
 applies each hit atomically. When Redis cannot be reached within its short timeout the
 limiter follows ``RATELIMIT_FAIL_OPEN`` (default: let the request through, as Envoy
-does), logging and counting every such failure.
+does), counting every such failure and logging them at most once a second. A Redis
+that keeps failing is throttled (``Breaker``): most checks then skip it and follow the
+policy at once, so a Redis that stopped answering costs a few requests its timeout,
+not every request.
 
 In memory, the same sliding window counter is computed in place by ``LocalCounter``
 (no await, no key strings, no expiry timer on the request path); a property test holds
@@ -28,6 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from kiban import _extras
 from kiban import _log as log
+from kiban._breaker import Breaker
 from kiban._config import parse_rate
 from kiban._errors import Problem
 from kiban._telemetry import Telemetry
@@ -200,8 +204,16 @@ class Limiter:
         fail_open: bool = True,
         timeout: float = 0.25,
         telemetry: Telemetry | None = None,
+        breaker: Breaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.local: LocalCounter | None = None
+        #: Throttles the calls to Redis while it fails.
+        self.breaker = breaker or Breaker()
+        self.clock = clock
+        #: Storage failures not logged yet, and when the last line was written.
+        self._unlogged = 0
+        self._logged_at = -math.inf
         self.pool: Any = None
         self.strategy: SlidingWindowCounterRateLimiter | None = None
         if redis_url:
@@ -248,25 +260,39 @@ class Limiter:
         if self.local is not None:
             return self.local.allows(rate, key, self.local.clock())
         assert self.strategy is not None
+        if not self.breaker.allow():
+            self._storage_failed(rate, "BreakerOpen", fail_open=True)
+            return True
         span = self._span("test")
         try:
-            return await self.strategy.test(rate.item, rate.name, key)
+            allowed = await self.strategy.test(rate.item, rate.name, key)
         except Exception as exc:
+            self.breaker.record(False)
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            self._storage_failed(rate, exc, fail_open=True)
+            self._storage_failed(rate, type(exc).__name__, fail_open=True)
             return True
         finally:
             if span is not None:
                 span.end()
+        self.breaker.record(True)
+        return allowed
 
-    def _storage_failed(self, rate: RateLimit, exc: Exception, fail_open: bool) -> None:
-        log.warning(
-            "rate limit storage unavailable",
-            limit=rate.limit,
-            fail_open=fail_open,
-            error_type=type(exc).__name__,
-        )
+    def _storage_failed(self, rate: RateLimit, error: str, fail_open: bool) -> None:
+        """Count a check the storage did not answer (``BreakerOpen``: not even tried);
+        log at most one line a second, with how many failed since the last one."""
+        self._unlogged += 1
+        now = self.clock()
+        if now - self._logged_at >= 1.0:
+            log.warning(
+                "rate limit storage unavailable",
+                limit=rate.limit,
+                fail_open=fail_open,
+                error_type=error,
+                failures=self._unlogged,
+            )
+            self._unlogged = 0
+            self._logged_at = now
         if self.telemetry is not None:
             self.telemetry.ratelimit_errors.add(1, {"fail_open": fail_open})
 
@@ -280,21 +306,30 @@ class Limiter:
             return self.local.hit(rate, key, self.local.clock())
         assert self.strategy is not None
         item = rate.item
+        if not self.breaker.allow():
+            self._unavailable(rate, "BreakerOpen")
+            return None
         span = self._span("hit")
         try:
             allowed = await self.strategy.hit(item, rate.name, key)
             reset_at, remaining = await self.strategy.get_window_stats(item, rate.name, key)
         except Exception as exc:
+            self.breaker.record(False)
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 span.end()
-            self._storage_failed(rate, exc, self.fail_open)
-            if self.fail_open:
-                return None
-            raise Problem(
-                503, "Rate limiting is unavailable; try again later.", headers={"retry-after": "1"}
-            ) from None
+            self._unavailable(rate, type(exc).__name__)
+            return None
+        self.breaker.record(True)
         if span is not None:
             span.end()
         reset = max(1, math.ceil(reset_at - time.time()))
         return Decision(allowed, item.amount, max(0, remaining), reset)
+
+    def _unavailable(self, rate: RateLimit, error: str) -> None:
+        """The storage did not count a hit: let it through (return), or refuse it (503)."""
+        self._storage_failed(rate, error, self.fail_open)
+        if not self.fail_open:
+            raise Problem(
+                503, "Rate limiting is unavailable; try again later.", headers={"retry-after": "1"}
+            )
