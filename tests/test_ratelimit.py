@@ -140,7 +140,7 @@ def test_redis_down_fails_open_with_a_log_line_and_a_metric(lines: Lines) -> Non
     # Each request's two checks (the API's limit, the authentication throttle) failed:
     # all six are counted, and logged in one line (at most one a second).
     (failures,) = [line for line in lines.app() if line["msg"] == "rate limit storage unavailable"]
-    assert failures["failures"] == 1
+    assert failures["occurrences"] == 1
     errors = next(
         line
         for line in metrics.splitlines()

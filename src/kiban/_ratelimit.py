@@ -30,10 +30,10 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from kiban import _extras
-from kiban import _log as log
 from kiban._breaker import Breaker
 from kiban._config import parse_rate
 from kiban._errors import Problem
+from kiban._occasional import Occasional
 from kiban._telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -210,10 +210,7 @@ class Limiter:
         self.local: LocalCounter | None = None
         #: Throttles the calls to Redis while it fails.
         self.breaker = breaker or Breaker()
-        self.clock = clock
-        #: Storage failures not logged yet, and when the last line was written.
-        self._unlogged = 0
-        self._logged_at = -math.inf
+        self.unavailable = Occasional("rate limit storage unavailable", clock=clock)
         self.pool: Any = None
         self.strategy: SlidingWindowCounterRateLimiter | None = None
         if redis_url:
@@ -281,18 +278,7 @@ class Limiter:
     def _storage_failed(self, rate: RateLimit, error: str, fail_open: bool) -> None:
         """Count a check the storage did not answer (``BreakerOpen``: not even tried);
         log at most one line a second, with how many failed since the last one."""
-        self._unlogged += 1
-        now = self.clock()
-        if now - self._logged_at >= 1.0:
-            log.warning(
-                "rate limit storage unavailable",
-                limit=rate.limit,
-                fail_open=fail_open,
-                error_type=error,
-                failures=self._unlogged,
-            )
-            self._unlogged = 0
-            self._logged_at = now
+        self.unavailable.warning(limit=rate.limit, fail_open=fail_open, error_type=error)
         if self.telemetry is not None:
             self.telemetry.ratelimit_errors.add(1, {"fail_open": fail_open})
 

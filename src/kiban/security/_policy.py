@@ -23,6 +23,7 @@ from kiban import _log as log
 from kiban import _propagation as propagation
 from kiban import _routes as routes
 from kiban._errors import Problem
+from kiban._occasional import Occasional
 from kiban._ratelimit import Limiter, RateLimit
 from kiban._telemetry import Telemetry
 from kiban.security._declare import ADMITTED, Requirement, requirement_of
@@ -78,8 +79,8 @@ class Policy:
         self.limiter = limiter or Limiter()
         self.telemetry = telemetry
         self.routes = RouteTable(rate_limit, handler_timeout)
-        #: Requests refused by the authentication throttle, since the start.
-        self.throttled = 0
+        #: Requests refused by the authentication throttle: logged occasionally.
+        self.throttled = Occasional("authentication failed")
 
     @property
     def query_credentials(self) -> set[str]:
@@ -176,10 +177,16 @@ class Policy:
         """The principal, and whether it is an API client; or the problem to answer."""
         throttle = self.auth_failures
         if throttle is not None and not await self.limiter.allows(throttle, _ip_key(context)):
-            # Counted every time, logged the first time and one in a hundred after: a
-            # guesser past the limit, whatever it sends, cannot flood the logs.
-            self.throttled += 1
-            self._failed("*", "throttled", path, logged=self.throttled % 100 == 1)
+            # Counted every time, logged at most once a second: a guesser past the
+            # limit, whatever it sends, cannot flood the logs.
+            self._failed("*", "throttled", path, logged=False)
+            context = propagation.current()
+            self.throttled.warning(
+                scheme="*",
+                reason="throttled",
+                route=path,
+                client=context.user_ip if context else None,
+            )
             raise Problem(
                 429,
                 "Too many failed authentications; retry later.",
@@ -232,7 +239,6 @@ class Policy:
                 reason=reason,
                 route=route,
                 client=context.user_ip if context else None,
-                **({"throttled": self.throttled} if reason == "throttled" else {}),
             )
         if self.telemetry is not None:
             self.telemetry.auth_failures.add(1, {"scheme": scheme, "reason": reason})
