@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
@@ -152,6 +154,17 @@ def test_an_unreachable_database_is_503_not_500_and_hides_the_dsn(lines: Lines) 
     assert_problem(response, 503)
     assert "pw-secret" not in response.text
     assert "pw-secret" not in lines.text()
+
+
+def test_a_dependency_that_is_down_is_not_a_log_line_per_request(lines: Lines) -> None:
+    client = make_client()
+    began = time.monotonic()
+    for _ in range(40):
+        assert_problem(client.get("/db"), 503)
+    # Each request has its access line (503); the outage itself is said once a second.
+    written = [line for line in lines.app() if line["msg"] == "dependency unavailable"]
+    assert len(written) <= 1 + (time.monotonic() - began)
+    assert len([line for line in lines.all() if line.get("status") == 503]) == 40
 
 
 def test_405_lists_every_method_of_the_path_even_across_routes() -> None:

@@ -27,6 +27,7 @@ from kiban import _log as log
 from kiban import _propagation as propagation
 from kiban import _routes as routes
 from kiban._config import Settings
+from kiban._occasional import Occasional
 
 __all__ = ["PROBLEM_JSON", "Problem", "answer_escaped", "install", "problem_response"]
 
@@ -152,13 +153,19 @@ async def _on_validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
+#: While a dependency is down every request fails on it: one line a second says so (the
+#: access lines, 503 or 504, have each request), not a flood when the logs are read.
+TIMED_OUT = Occasional("dependency timed out")
+UNAVAILABLE = Occasional("dependency unavailable")
+
+
 async def _on_downstream_timeout(request: Request, exc: Exception) -> Response:
-    log.warning("dependency timed out", path=request.url.path, error_type=type(exc).__name__)
+    TIMED_OUT.warning(path=request.url.path, error_type=type(exc).__name__)
     return problem_response(504, "A dependency did not answer in time.")
 
 
 async def _on_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("dependency unavailable", path=request.url.path, error_type=type(exc).__name__)
+    UNAVAILABLE.warning(path=request.url.path, error_type=type(exc).__name__)
     return problem_response(
         503, "A dependency is unavailable; try again later.", headers={"retry-after": "1"}
     )

@@ -495,7 +495,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
             await _abort(context, self.service.settings.service_name, exc)
         if isinstance(exc, self.unavailable):
             call.code = grpc.StatusCode.UNAVAILABLE
-            log.warning("dependency unavailable", rpc=call.method.path, error=type(exc).__name__)
+            errors.UNAVAILABLE.warning(rpc=call.method.path, error_type=type(exc).__name__)
             await _abort(
                 context,
                 self.service.settings.service_name,
