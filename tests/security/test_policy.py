@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
 import kiban
+from kiban._breaker import Breaker
 from kiban._config import Settings
+from kiban._errors import Problem
 from kiban.security import (
     JWT,
     APIKey,
@@ -30,7 +35,7 @@ from kiban.security import (
     SecurityConfigError,
     principal,
 )
-from kiban.security._schemes import Introspection
+from kiban.security._schemes import AuthError, Introspection
 from tests.conftest import DEV_KEYS, Lines, closed_port, free_port, token
 from tests.receivers import Reply, serve
 
@@ -359,13 +364,14 @@ def test_identity_token_sets_the_uid_and_overrides_a_forged_one(lines: Lines) ->
 class Introspector:
     """A real RFC 7662 endpoint on loopback."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.port = free_port()
         self.calls = 0
         outer = self
 
         def introspect(method: str, path: str, headers: Any, body: bytes) -> Reply:
             outer.calls += 1
+            time.sleep(delay)
             expected = "Basic " + base64.b64encode(b"kiban:s3cret").decode()
             if headers.get("authorization") != expected:
                 return 401, "", b""
@@ -454,6 +460,46 @@ def test_an_introspection_endpoint_that_fails_is_503_not_401(lines: Lines) -> No
     assert (
         len([line for line in lines.app() if line["msg"] == "token introspection unavailable"]) == 2
     )
+
+
+async def test_concurrent_requests_with_a_new_token_make_one_introspection_call() -> None:
+    introspector = Introspector(delay=0.3)  # all 20 arrive while the first call is out
+    try:
+        introspection = Introspection(
+            f"http://127.0.0.1:{introspector.port}/introspect", "kiban", "s3cret"
+        )
+        answers = await asyncio.gather(
+            *(introspection.claims("good-token") for _ in range(20)),
+            *(introspection.claims("revoked-token") for _ in range(5)),
+            return_exceptions=True,
+        )
+    finally:
+        introspector.server.shutdown()
+    assert [claims["sub"] for claims in answers[:20]] == ["svc-7"] * 20  # type: ignore[index]
+    assert all(isinstance(refused, AuthError) for refused in answers[20:])
+    assert introspector.calls == 2  # one per token, not one per request
+
+
+async def test_an_authorization_server_that_stops_answering_costs_a_few_requests() -> None:
+    """It accepts connections and never answers: every request with a token not cached
+    used to wait the 2 s timeout for its 503."""
+    with socket.create_server(("127.0.0.1", 0), backlog=128) as stalled:
+        introspection = Introspection(
+            f"http://127.0.0.1:{stalled.getsockname()[1]}/introspect",
+            "kiban",
+            "s3cret",
+            timeout=0.05,
+            breaker=Breaker(chance=lambda: 0.5),
+        )
+        took = []
+        for number in range(40):
+            began = time.monotonic()
+            with pytest.raises(Problem) as refused:
+                await introspection.claims(f"token-{number}")
+            took.append(time.monotonic() - began)
+            assert refused.value.status == 503
+    assert len([seconds for seconds in took if seconds >= 0.04]) == 12
+    assert sum(took[12:]) < 0.05
 
 
 def test_duplicate_api_keys_in_headers_or_query_are_refused() -> None:

@@ -8,6 +8,7 @@ are present but wrong. Schemes needing a lookup call a validator the service sup
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.requests import HTTPConnection
 
-from kiban import _log as log
 from kiban import _propagation as propagation
+from kiban._breaker import Breaker
 from kiban._errors import Problem
+from kiban._occasional import Occasional
 from kiban.security._tokens import JWKS, InvalidToken, TokenVerifier
 
 if TYPE_CHECKING:
@@ -309,7 +311,13 @@ class JWT(Scheme):
 
 
 class Introspection:
-    """RFC 7662 token introspection, with answers cached briefly by token hash."""
+    """RFC 7662 token introspection, with answers cached briefly by token hash.
+
+    Concurrent requests with the same token not yet cached wait for one call, not one
+    each. An authorization server that keeps failing is throttled (``Breaker``): most
+    requests then get their 503 at once instead of after ``timeout``, and calls get
+    through again as it recovers. Failures are logged at most once a second.
+    """
 
     def __init__(
         self,
@@ -319,34 +327,31 @@ class Introspection:
         *,
         cache_seconds: float = 30.0,
         timeout: float = 2.0,
+        breaker: Breaker | None = None,
     ) -> None:
         self.url = url
         self.auth = (client_id, client_secret)
         self.cache_seconds = cache_seconds
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
+        self.unavailable = Occasional("token introspection unavailable")
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._asking: dict[str, asyncio.Task[dict[str, Any]]] = {}
 
     async def claims(self, token: str) -> dict[str, Any]:
         digest = hashlib.sha256(token.encode()).hexdigest()
-        now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             answer = cached[1]
         else:
-            import httpx
-
-            try:
-                async with httpx.AsyncClient(timeout=self.timeout) as client:
-                    response = await client.post(self.url, data={"token": token}, auth=self.auth)
-                response.raise_for_status()
-                answer = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                raise _introspection_failed(type(exc).__name__) from None
-            if not isinstance(answer, dict):  # RFC 7662 §2.2: a JSON object
-                raise _introspection_failed("not a JSON object")
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now + self.cache_seconds, answer)
+            asking = self._asking.get(digest)
+            if asking is None:
+                asking = self._asking[digest] = asyncio.ensure_future(self._ask(token, digest))
+                asking.add_done_callback(lambda _: self._asking.pop(digest, None))
+                asking.add_done_callback(_retrieved)
+            # Shielded: one caller going away (a client that hung up) does not cancel
+            # the call the others wait for.
+            answer = await asyncio.shield(asking)
         if answer.get("active") is not True:
             raise AuthError("token not active")
         exp = answer.get("exp")
@@ -354,13 +359,41 @@ class Introspection:
             raise AuthError("token expired")
         return dict(answer)
 
+    async def _ask(self, token: str, digest: str) -> dict[str, Any]:
+        """The authorization server's answer for ``token``, cached; or the 503 problem."""
+        import httpx
 
-def _introspection_failed(error: str) -> Problem:
-    """The authorization server could not say: its fault, not the client's (503, not 401)."""
-    log.warning("token introspection unavailable", error_type=error)
-    return Problem(
-        503, "Token introspection is unavailable; retry later.", headers={"retry-after": "1"}
-    )
+        if not self.breaker.allow():
+            raise self._failed("BreakerOpen")
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await client.post(self.url, data={"token": token}, auth=self.auth)
+            response.raise_for_status()
+            answer = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            self.breaker.record(False)
+            raise self._failed(type(exc).__name__) from None
+        if not isinstance(answer, dict):  # RFC 7662 §2.2: a JSON object
+            self.breaker.record(False)
+            raise self._failed("not a JSON object")
+        self.breaker.record(True)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (time.monotonic() + self.cache_seconds, answer)
+        return answer
+
+    def _failed(self, error: str) -> Problem:
+        """The authorization server could not say: its fault, not the client's (503)."""
+        self.unavailable.warning(error_type=error)
+        return Problem(
+            503, "Token introspection is unavailable; retry later.", headers={"retry-after": "1"}
+        )
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A shared call's failure goes to whoever waited for it; none may be left waiting."""
+    if not task.cancelled():
+        task.exception()
 
 
 class OAuth2(Scheme):
