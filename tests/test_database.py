@@ -389,9 +389,11 @@ def _sleep(url: str, seconds: float) -> Any:
 
 def _running_sleeps(url: str) -> Any:
     if url.startswith("postgresql"):
+        # Running ones only: an idle backend shows its last query too, and the stopped
+        # statement's connection may not have rolled back yet when this is asked.
         return text(
             "SELECT count(*) FROM pg_stat_activity "
-            "WHERE query LIKE '%pg_sleep(3%' AND pid <> pg_backend_pid()"
+            "WHERE query LIKE '%pg_sleep(3%' AND state = 'active' AND pid <> pg_backend_pid()"
         )
     return text(
         "SELECT count(*) FROM information_schema.processlist "
