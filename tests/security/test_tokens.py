@@ -253,11 +253,14 @@ class JWKSServer:
         self.keys: dict[str, Any] = {}
         self.up = True
         self.requests = 0
+        #: Seconds each answer takes: an endpoint gone slow.
+        self.stall = 0.0
         self.port = free_port()
         server = self
 
         def jwks(method: str, path: str, headers: Any, body: bytes) -> Reply:
             server.requests += 1
+            time.sleep(server.stall)
             if not server.up:
                 return 503, "", b""
             keys = [
@@ -307,6 +310,31 @@ async def test_jwks_rotation_cooldown_and_outage(jwks_server: JWKSServer) -> Non
     jwks.ttl = 0
     await asyncio.sleep(0.6)
     assert (await verifier.verify(sign(headers={"kid": "old"}, aud=None)))["sub"] == "user-1"
+    await jwks.settled()
+
+
+async def test_stale_keys_verify_while_a_slow_jwks_endpoint_is_refetched(
+    jwks_server: JWKSServer,
+) -> None:
+    jwks_server.keys = {"old": PRIVATE}
+    now = [0.0]
+    jwks = JWKS(jwks_server.url, ttl=300, cooldown=30, clock=lambda: now[0])
+    assert await jwks.key("old") is not None
+    jwks_server.stall = 1.0  # the endpoint goes slow
+    now[0] = 301.0  # and the keys are stale
+    began = time.monotonic()
+    for _ in range(10):
+        assert await jwks.key("old") is not None
+    # Nobody waited for the slow fetch: it runs once, in the background.
+    assert time.monotonic() - began < 0.5
+    await jwks.settled()
+    assert jwks.fetches == 2
+    # A token naming a key not held does wait for it (once a cooldown).
+    jwks_server.stall = 0.0
+    jwks_server.keys = {"old": PRIVATE, "new": OTHER_PRIVATE}
+    now[0] = 400.0
+    assert await jwks.key("new") is not None
+    assert jwks.fetches == 3
 
 
 def test_the_default_leeway_is_small_and_exp_is_never_stretched_far() -> None:

@@ -10,14 +10,15 @@
   the JWKS.
 - Oversized tokens are refused before parsing; malformed ones are a 401, never a 500.
 - A JWKS is cached, refetched on an unknown ``kid`` at most once per cooldown, and the
-  last good keys are kept while the endpoint is down.
+  last good keys are kept while the endpoint is down; stale keys are refreshed in the
+  background, so a slow endpoint holds no request whose key is held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +75,12 @@ def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
 
 
 class JWKS:
-    """Keys from a JWKS URL: cached, refetched on an unknown kid at most once per cooldown."""
+    """Keys from a JWKS URL: cached, refetched on an unknown kid at most once per cooldown.
+
+    Keys past ``ttl`` still verify while they are refetched in the background: no
+    request waits on a JWKS endpoint that has gone slow or down, except one whose
+    token names a key not held, which waits for the fetch (at most once a cooldown).
+    """
 
     def __init__(
         self,
@@ -84,22 +90,33 @@ class JWKS:
         cooldown: float = 30.0,
         timeout: float = 2.0,
         client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self.ttl = ttl
         self.cooldown = cooldown
         self.timeout = timeout
         self.client = client
+        self.clock = clock
         self.fetches = 0
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = -float("inf")
         self._attempted_at = -float("inf")
         self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
-        now = time.monotonic()
-        if now - self._fetched_at > self.ttl or (kid not in self._keys and kid is not None):
-            await self._refresh(now)
+        now = self.clock()
+        held = kid in self._keys if kid is not None else bool(self._keys)
+        if not held:
+            await self._refresh(now)  # the token needs keys not held: it waits for them
+        elif (
+            now - self._fetched_at > self.ttl
+            and now - self._attempted_at >= self.cooldown
+            and self._refreshing is None
+        ):
+            self._refreshing = asyncio.ensure_future(self._refresh(now))
+            self._refreshing.add_done_callback(self._refreshed)
         if kid is None:
             if len(self._keys) == 1:
                 return next(iter(self._keys.values()))
@@ -109,6 +126,16 @@ class JWKS:
         except KeyError:
             raise InvalidToken("unknown kid") from None
 
+    def _refreshed(self, task: asyncio.Task[None]) -> None:
+        self._refreshing = None
+        if not task.cancelled():
+            task.exception()  # none: a failed fetch is logged and the keys kept
+
+    async def settled(self) -> None:
+        """Wait for the background refresh in flight, if any."""
+        if self._refreshing is not None:
+            await asyncio.wait({self._refreshing})
+
     async def _refresh(self, now: float) -> None:
         import httpx
         import jwt
@@ -116,7 +143,7 @@ class JWKS:
         async with self._lock:
             if now - self._attempted_at < self.cooldown:
                 return  # someone just tried: never hammer the JWKS endpoint
-            self._attempted_at = time.monotonic()
+            self._attempted_at = self.clock()
             self.fetches += 1
             try:
                 if self.client is None:
@@ -138,7 +165,7 @@ class JWKS:
                 )
                 return
             self._keys = keys
-            self._fetched_at = time.monotonic()
+            self._fetched_at = self.clock()
 
 
 @dataclass(frozen=True)
