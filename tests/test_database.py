@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,7 +15,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Integer, String, delete, event, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +24,7 @@ import kiban
 from kiban._config import Settings
 from kiban.database import ReadOnlyError, ReadSession, Session
 from kiban.security import NoSecurity
-from tests.conftest import Lines
+from tests.conftest import ROOT, Lines
 
 
 class Base(DeclarativeBase):
@@ -405,6 +409,65 @@ def _running_sleeps(url: str) -> Any:
 def server_url(request: pytest.FixtureRequest) -> str:
     value: str = request.getfixturevalue(request.param)
     return value
+
+
+_UPGRADE = """
+import asyncio, sys
+from sqlalchemy.ext.asyncio import create_async_engine
+from kiban.database import upgrade
+from tests.apps.migrations import HERE
+
+async def main() -> None:
+    engine = create_async_engine(sys.argv[1])
+    print("ready", flush=True)
+    sys.stdin.readline()  # all start at once
+    try:
+        await upgrade(engine, HERE)
+    finally:
+        await engine.dispose()
+
+asyncio.run(main())
+"""
+
+
+def test_replicas_that_migrate_on_start_together_take_turns(server_url: str) -> None:
+    """Three replicas start at once with MIGRATE_ON_START and a migration that takes
+    0.5 s. Without a lock they raced: all but one failed on a duplicate table."""
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UPGRADE, server_url],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for replica in replicas:
+        assert replica.stdout is not None
+        assert replica.stdout.readline().strip() == "ready"
+    for replica in replicas:
+        assert replica.stdin is not None
+        replica.stdin.write("go\n")
+        replica.stdin.flush()
+    outcomes = [replica.communicate(timeout=60) for replica in replicas]
+    assert [replica.returncode for replica in replicas] == [0, 0, 0], outcomes
+
+    async def schema() -> tuple[list[str], int]:
+        engine = create_async_engine(server_url)
+        try:
+            async with engine.connect() as connection:
+                versions = (
+                    await connection.execute(text("SELECT version_num FROM alembic_version"))
+                ).scalars()
+                rows = (await connection.execute(text("SELECT count(*) FROM slow"))).scalar_one()
+                return list(versions), rows
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(schema()) == (["0001"], 0)
 
 
 @pytest.mark.parametrize("opened", ["transaction", "reading"])

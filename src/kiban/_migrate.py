@@ -1,5 +1,8 @@
 """Alembic migrations run from code (at start-up or in a job) and from the alembic CLI.
 
+Either way the upgrade holds a lock in the database, so replicas that start together
+take turns instead of racing on the same tables.
+
 A service's ``migrations/env.py`` is two lines::
 
     from kiban._migrate import run_env
@@ -9,11 +12,13 @@ A service's ``migrations/env.py`` is two lines::
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import Connection, MetaData
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import Connection, MetaData, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 __all__ = ["run_env", "upgrade"]
 
@@ -33,7 +38,45 @@ async def upgrade(engine: AsyncEngine, script_location: str | Path, revision: st
         command.upgrade(config, revision)
 
     async with engine.begin() as connection:
+        await _locked(connection, run)
+
+
+#: Replicas that start together with MIGRATE_ON_START upgrade one at a time: the others
+#: wait for the lock, then find the schema at head and do nothing. Without it they race
+#: (measured: one of four failed on a duplicate table, on PostgreSQL and on MariaDB,
+#: where DDL is not transactional and an interleaved upgrade can be left half done).
+LOCK_NAME = "kiban-migrations"
+#: How long a replica waits for another's upgrade before its start fails.
+LOCK_TIMEOUT = 300
+_PG_KEY = int.from_bytes(hashlib.sha256(LOCK_NAME.encode()).digest()[:8], "big", signed=True)
+
+
+async def _locked(connection: AsyncConnection, run: Callable[[Connection], None]) -> None:
+    """``run`` the migrations on ``connection`` holding the database's migration lock."""
+    held = await _lock(connection)
+    try:
         await connection.run_sync(run)
+    finally:
+        if held is not None:  # MariaDB's lock is the session's: given back here
+            await connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": held})
+
+
+async def _lock(connection: AsyncConnection) -> str | None:
+    """Take the database's migration lock; the MariaDB lock's name, to release it."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":  # held until the upgrade's transaction ends
+        await connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}s'"))
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_KEY})
+        return None
+    if dialect in ("mysql", "mariadb"):  # named per database: the server's locks are global
+        name = f"{LOCK_NAME}:{connection.engine.url.database}"[:64]
+        got = await connection.execute(
+            text("SELECT GET_LOCK(:name, :timeout)"), {"name": name, "timeout": LOCK_TIMEOUT}
+        )
+        if got.scalar() != 1:
+            raise TimeoutError(f"another process held {name!r} for {LOCK_TIMEOUT} s")
+        return name
+    return None  # SQLite: one file, its writers already queue
 
 
 def run_env(metadata: MetaData) -> None:
@@ -53,7 +96,7 @@ def run_env(metadata: MetaData) -> None:
     async def from_url(url: str) -> None:
         engine = create_async_engine(url)
         async with engine.begin() as connection:
-            await connection.run_sync(run)
+            await _locked(connection, run)
         await engine.dispose()
 
     url = os.environ.get("DATABASE_URL") or context.config.get_main_option("sqlalchemy.url")
