@@ -28,6 +28,8 @@ MARGIN = 2.0
 
 #: The exit status of a shutdown that had to abandon something (requests or cleanups).
 EXIT_ABANDONED = 3
+#: Seconds an exit that cannot wait gives the log lines still buffered.
+EXIT_FLUSH = 0.5
 
 
 class Watchdog:
@@ -53,7 +55,7 @@ class Watchdog:
             bound_s=round(self.bound, 3),
             abandoned=self.service.abandoned or None,
         )
-        log.sink.flush()
+        log.sink.flush(timeout=EXIT_FLUSH)  # the bound is past: a stalled stdout waits little
         os._exit(EXIT_ABANDONED)
 
 
@@ -68,7 +70,7 @@ def shutdown_bound(settings: Settings) -> float:
 
 
 def _exit_now() -> NoReturn:
-    log.sink.flush()
+    log.sink.flush(timeout=EXIT_FLUSH)
     os._exit(EXIT_ABANDONED)
 
 
