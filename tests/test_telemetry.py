@@ -255,6 +255,41 @@ def test_requests_carry_the_semantic_conventions_error_type_scheme_and_protocol(
     assert 'error_type=""' in served  # absent: Prometheus reads an empty label as none
 
 
+def test_a_method_a_client_made_up_is_other_and_mints_no_series() -> None:
+    """Any token is a method to some servers (granian): as a label, a client could
+    make one series (and kiban one cached entry) per request."""
+    from kiban.testing import capture_spans
+
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    spans = capture_spans(service)
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    with TestClient(app) as client:
+        for number in range(30):
+            assert client.request(f"M{number}XYZ", "/items/1").status_code == 405
+        assert client.get("/items/1").status_code == 200
+        text = client.get("/metrics").text
+    counts = [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_server_request_duration_seconds_count")
+    ]
+    assert len(counts) == 2
+    (other,) = [line for line in counts if 'http_request_method="_OTHER"' in line]
+    assert other.endswith(" 30.0")
+    assert len(service.telemetry._attributes) == 2
+    made_up = [span for span in spans.get_finished_spans() if span.name.startswith("HTTP")]
+    assert len(made_up) == 30
+    assert made_up[0].name == "HTTP /items/{item_id}"
+    assert made_up[0].attributes is not None
+    assert made_up[0].attributes["http.request.method"] == "_OTHER"
+    assert made_up[0].attributes["http.request.method_original"] == "M0XYZ"
+
+
 def test_metrics_has_the_runtime_and_the_apps_own_prometheus_metrics() -> None:
     from prometheus_client import Counter
 

@@ -169,6 +169,14 @@ def _metric_reader(settings: Settings) -> PeriodicExportingMetricReader:
     return PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
 
 
+#: The methods OTel's HTTP conventions name; any other is recorded as ``_OTHER`` (the
+#: span keeps it in ``http.request.method_original``): a server that passes any token
+#: as a method (granian does) must not let a client mint a series, or a dict entry,
+#: per request.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
 #: gRPC codes that mark a server span as failed (OTel's RPC conventions): UNKNOWN,
 #: DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
 _RPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})
@@ -465,18 +473,17 @@ class Telemetry:
         caller's as a link.
         """
         parent, links = _parent(traceparent, tracestate, link)
-        return self.tracer.start_span(
-            method,
-            parent,
-            SpanKind.SERVER,
-            {
-                "http.request.method": method,
-                "url.path": path,
-                "url.scheme": scheme,
-                "client.address": client,
-            },
-            links,
-        )
+        attributes: dict[str, str] = {
+            "http.request.method": method,
+            "url.path": path,
+            "url.scheme": scheme,
+            "client.address": client,
+        }
+        if method not in KNOWN_METHODS:  # a client's own word: kept, not a name or label
+            attributes["http.request.method"] = "_OTHER"
+            attributes["http.request.method_original"] = method
+            method = "HTTP"
+        return self.tracer.start_span(method, parent, SpanKind.SERVER, attributes, links)
 
     def start_rpc_span(
         self,
@@ -542,6 +549,8 @@ class Telemetry:
         """
         if error is None and status >= 500:
             error = str(status)
+        if method not in KNOWN_METHODS:
+            method = "_OTHER"
         key = (method, status, route, scheme, version, error)
         attributes = self._attributes.get(key)
         if attributes is None:
@@ -566,7 +575,8 @@ class Telemetry:
                 span.set_attribute("http.route", route)
                 name = self._names.get((method, route))
                 if name is None:
-                    name = self._names[(method, route)] = f"{method} {route}"
+                    shown = "HTTP" if method == "_OTHER" else method
+                    name = self._names[(method, route)] = f"{shown} {route}"
                 span.update_name(name)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
