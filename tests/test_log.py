@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -22,7 +23,7 @@ from kiban import _log as log
 from kiban._config import Settings
 from kiban._log import configure, set_level
 from kiban.security import NoSecurity
-from tests.conftest import ROOT, Lines, free_port
+from tests.conftest import ROOT, Lines, Process, free_port
 
 
 def test_lines_are_json_with_time_level_and_fields(lines: Lines) -> None:
@@ -322,16 +323,8 @@ def _service_on_a_pipe(port: int, **env: str) -> tuple[subprocess.Popen[bytes], 
 
 
 def _ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited with {process.returncode}"
-        try:
-            if httpx.get(f"{url}/health/liveness", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("not up in 30 s")
+    """Liveness answers (its output is the pipe, not a file: nothing to show if not)."""
+    Process(process, url, Path(os.devnull)).wait_ready(timeout=30)
 
 
 @pytest.mark.process
