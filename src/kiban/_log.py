@@ -85,6 +85,12 @@ class Sink:
         self.max_held = max_held
         #: Lines dropped because the output did not take them, since the start.
         self.dropped = 0
+        #: Also handed every line, before it is buffered (the OTLP log exporter).
+        self.tees: list[Callable[[bytes], None]] = []
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """The buffer and the writer's state, empty (a new sink, or a forked child's)."""
         self._unreported = 0  # dropped lines the output has not been told of yet
         self._gap = 0  # the offset in the buffer at which they were dropped
         # One growing bytearray, not a list of lines: each line's bytes are copied in and
@@ -99,8 +105,6 @@ class Sink:
         self._output = threading.Lock()  # the stream: one chunk at a time, in order
         self._wake = threading.Event()
         self._writer: threading.Thread | None = None
-        #: Also handed every line, before it is buffered (the OTLP log exporter).
-        self.tees: list[Callable[[bytes], None]] = []
 
     @property
     def stream(self) -> IO[bytes]:
@@ -130,11 +134,10 @@ class Sink:
                     self._gap = len(buffer)  # where the report of the dropped lines goes
                 self._unreported += 1
                 return
-            size = len(buffer)
             buffer += line
             if newline:
                 buffer += b"\n"
-            self._buffered_total += len(buffer) - size
+            self._buffered_total += len(line) + newline
             if self._writer is None:
                 self._start_writer()
             wake = urgent or len(buffer) >= self.MAX_BUFFER
@@ -219,16 +222,7 @@ class Sink:
     def _forked(self) -> None:
         """In a forked child: the parent's writer thread is not there; lines of the
         parent still buffered are the parent's to write."""
-        self._lock = threading.Lock()
-        self._written = threading.Condition(threading.Lock())
-        self._output = threading.Lock()
-        self._wake = threading.Event()
-        self._writer = None
-        self._buffer = bytearray()
-        self._writing_bytes = 0
-        self._writing_since = None
-        self._buffered_total = self._written_total = 0
-        self._unreported = self._gap = 0
+        self._start_afresh()
 
 
 def _put(stream: IO[bytes], data: bytearray) -> None:

@@ -205,12 +205,11 @@ class Limiter:
         timeout: float = 0.25,
         telemetry: Telemetry | None = None,
         breaker: Breaker | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.local: LocalCounter | None = None
         #: Throttles the calls to Redis while it fails.
         self.breaker = breaker or Breaker()
-        self.unavailable = Occasional("rate limit storage unavailable", clock=clock)
+        self.unavailable = Occasional("rate limit storage unavailable")
         self.pool: Any = None
         self.strategy: SlidingWindowCounterRateLimiter | None = None
         if redis_url:

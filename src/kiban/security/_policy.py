@@ -13,6 +13,8 @@ uid or API client in the context, the logs and the headers sent downstream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request, params
@@ -179,14 +181,7 @@ class Policy:
         if throttle is not None and not await self.limiter.allows(throttle, _ip_key(context)):
             # Counted every time, logged at most once a second: a guesser past the
             # limit, whatever it sends, cannot flood the logs.
-            self._failed("*", "throttled", path, logged=False)
-            context = propagation.current()
-            self.throttled.warning(
-                scheme="*",
-                reason="throttled",
-                route=path,
-                client=context.user_ip if context else None,
-            )
+            self._failed("*", "throttled", path, self.throttled.warning)
             raise Problem(
                 429,
                 "Too many failed authentications; retry later.",
@@ -230,16 +225,17 @@ class Policy:
         )
         raise Problem(401, "Credentials are required.", headers={"www-authenticate": challenges})
 
-    def _failed(self, scheme: str, reason: str, route: str, logged: bool = True) -> None:
-        if logged:
-            context = propagation.current()
-            log.warning(
-                "authentication failed",
-                scheme=scheme,
-                reason=reason,
-                route=route,
-                client=context.user_ip if context else None,
-            )
+    def _failed(
+        self, scheme: str, reason: str, route: str, warn: Callable[..., None] | None = None
+    ) -> None:
+        """Log (with ``warn``, else a line each time) and count a refused authentication."""
+        context = propagation.current()
+        (warn or partial(log.warning, "authentication failed"))(
+            scheme=scheme,
+            reason=reason,
+            route=route,
+            client=context.user_ip if context else None,
+        )
         if self.telemetry is not None:
             self.telemetry.auth_failures.add(1, {"scheme": scheme, "reason": reason})
 
