@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -260,6 +261,39 @@ async def garbage_left_by(serve: Callable[[], Awaitable[None]]) -> list[object]:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+class Silent:
+    """A loopback server that takes connections and never says a word (a blackholed host)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port: int = self.listener.getsockname()[1]
+        #: Set once a client has connected: it is waiting for an answer now.
+        self.connected = threading.Event()
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self._held.append(connection)
+            self.connected.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self._held:
+            connection.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[Silent]:
+    server = Silent()
+    yield server
+    server.close()
 
 
 def closed_port() -> int:

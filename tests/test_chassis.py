@@ -227,6 +227,51 @@ def test_a_failed_start_up_cleans_up_and_tells_the_server() -> None:
     assert app.calls == 0  # the app's lifespan never began
 
 
+def test_a_failed_start_up_is_logged_once_naming_its_exception(lines: Lines) -> None:
+    """``TimeoutError()`` has no message: the server was told an empty one and logged an
+    empty line, and the cause was nowhere in the log."""
+    told: list[Message] = []
+
+    class TimesOut(Recorder):
+        async def startup(self) -> None:
+            raise TimeoutError
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        told.append(message)
+
+    chassis = _chassis(FakeApp(), TimesOut())
+    with pytest.raises(TimeoutError):
+        asyncio.run(chassis({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    assert told == [{"type": "lifespan.startup.failed", "message": "start-up failed: TimeoutError"}]
+    [failed] = [line for line in lines.app() if line["msg"] == "start-up failed"]
+    assert failed["error"] == "TimeoutError"
+    assert "in startup" in failed["exception"]  # where it came from
+
+
+def test_the_apps_own_failed_lifespan_is_logged_by_kiban_once(lines: Lines) -> None:
+    """Starlette tells the server the whole traceback as the message, which the server
+    logs as one unstructured line; kiban logs it structured and tells the server a line."""
+    from contextlib import asynccontextmanager
+
+    from fastapi.testclient import TestClient
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        raise ConnectionRefusedError("the cache is not there")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    kiban.Service(app, Settings(), security=NoSecurity())
+    with pytest.raises(ConnectionRefusedError), TestClient(app):
+        pass
+    [failed] = [line for line in lines.app() if line["msg"] == "start-up failed"]
+    assert failed["error"] == "ConnectionRefusedError: the cache is not there"
+    assert "in lifespan" in failed["exception"]
+
+
 @pytest.mark.parametrize("outcome", ["answered", "bug", "probe"])
 def test_a_request_leaves_nothing_for_the_garbage_collector(outcome: str) -> None:
     """Every object a request made is freed when it ends, by reference counting.

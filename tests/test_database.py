@@ -707,3 +707,76 @@ async def test_transactions_get_the_pools_connections_in_the_order_they_asked(
     assert len(served) > 100
     overtaken = max(position - ticket for position, ticket in enumerate(served))
     assert overtaken <= 2, served
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    ("driver", "server"),
+    [
+        ("postgresql+asyncpg", "uvicorn"),
+        ("mysql+asyncmy", "uvicorn"),
+        ("postgresql+asyncpg", "granian"),
+    ],
+)
+def test_a_database_that_never_answers_fails_the_start_in_its_connect_timeout(
+    spawn: Any, silent: Any, driver: str, server: str
+) -> None:
+    """Fault drill: the database's address takes connections and never answers. The
+    migration at start-up waited asyncpg's own 60 s, then the start failed with no word
+    of why: a ``TimeoutError`` has no message, and the server logged an empty line."""
+    import time
+
+    from tests.conftest import free_port
+
+    service = spawn(
+        "services.members.app:create_app",
+        wait=False,
+        SERVER=server,
+        DATABASE_URL=f"{driver}://root@127.0.0.1:{silent.port}/test",
+        DATABASE_CONNECT_TIMEOUT="0.5",
+        GRPC_PORT=str(free_port()),
+    )
+    assert silent.connected.wait(20), service.output.read_text()
+    began = time.monotonic()
+    assert service.popen.wait(timeout=20) == 3, service.output.read_text()
+    assert time.monotonic() - began < 3
+    lines = service.lines()
+    [failed] = [line for line in lines if line.get("msg") == "start-up failed"]
+    assert failed["level"] == "error"
+    assert "TimeoutError" in failed["error"]
+    assert "upgrade" in failed["exception"]  # the traceback says where: the migration
+    assert lines[-1]["msg"] == "not started"
+    assert f"127.0.0.1:{silent.port} did not answer in 0.5 s" in failed["error"]
+    # One traceback, in that line: the server adds none of its own.
+    assert [line for line in lines if "Traceback" in str(line)] == [failed]
+
+
+@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "mysql+asyncmy"])
+def test_a_request_whose_database_never_answers_gets_503_in_the_connect_timeout(
+    silent: Any, driver: str
+) -> None:
+    """The database's address takes connections and never answers: each request waited
+    for the driver (asyncpg 60 s, asyncmy's handshake for ever) until its handler's time
+    ran out, holding a turn at the pool all along."""
+    import time
+
+    app = FastAPI()
+    settings = kiban.Settings(
+        database_url=f"{driver}://root@127.0.0.1:{silent.port}/test",
+        database_connect_timeout=0.3,
+    )
+    service = kiban.Service(app, settings, security=NoSecurity())
+    service.database()
+
+    @app.get("/things")
+    async def names(session: Session) -> list[str]:
+        return list(await session.scalars(select(Thing.name)))
+
+    with TestClient(app) as client:
+        began = time.monotonic()
+        response = client.get("/things")
+        assert time.monotonic() - began < 1.5
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "1"
+    assert silent.connected.is_set()

@@ -246,22 +246,46 @@ def test_a_stalled_output_never_blocks_a_writer_and_the_lines_it_dropped_are_rep
     assert sink.flush(timeout=0.2) is False  # a stalled output does not hold a flush
     assert time.monotonic() - began < 2
 
-    # The output takes lines again: what was held comes first, then the count of what
-    # was not, then what is logged afterwards.
-    received = _drain(read, b"log lines dropped")
+    # The output takes lines again (read from now on): what was held comes first, each
+    # run of lines dropped is counted by a report in its place, then what is logged after.
+    received: list[bytes] = []
+    reader = threading.Thread(target=_read_all, args=(read, received), daemon=True)
+    reader.start()
+    assert sink.flush(timeout=5) is True
     sink.write(b'{"n":"after"}')
     assert sink.flush(timeout=5) is True
-    received += _drain(read, b'{"n":"after"}\n')
-    written = [orjson.loads(raw) for raw in received.splitlines()]
-    kept = [record["n"] for record in written[:-2]]
-    assert kept == list(range(len(kept)))
-    report = written[-2]
-    assert report["msg"] == "log lines dropped: the output did not take them"
-    assert report["level"] == "warning"
-    assert report["dropped"] == sink.dropped == len(lines) - len(kept)
-    assert written[-1] == {"n": "after"}
     stream.close()
+    reader.join(5)
+    written = [orjson.loads(raw) for raw in b"".join(received).splitlines()]
+    assert written[-1] == {"n": "after"}
+    following = 0  # the next line's number, as the lines and the reports so far say
+    reports = []
+    for record in written[:-1]:
+        if "n" in record:
+            assert record["n"] == following, "a line missing where no report says so"
+            following += 1
+        else:
+            assert record["msg"] == "log lines dropped: the output did not take them"
+            assert record["level"] == "warning"
+            reports.append(record)
+            following += record["dropped"]
+    assert following == len(lines)
+    assert reports, "the dropped lines were never reported"
+    assert sum(report["dropped"] for report in reports) == sink.dropped
     os.close(read)
+
+
+def _read_all(fd: int, into: list[bytes]) -> None:
+    """Read ``fd`` until its writer closes it."""
+    while True:
+        select.select([fd], [], [], 5)
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        into.append(data)
 
 
 def test_a_flush_waits_for_a_stalled_output_a_bounded_time_and_then_not_at_all() -> None:

@@ -18,6 +18,7 @@ import uvicorn
 import uvloop
 
 from kiban._server import EXIT_ABANDONED, listen
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.process
 
@@ -643,3 +644,32 @@ def test_out_of_file_descriptors_the_server_keeps_serving_and_recovers(spawn: An
         assert ask(late).startswith(b"HTTP/1.1 200")
     kept.close()
     assert service.popen.poll() is None
+
+
+MEMBERS = "services.members.app:create_app"
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_signal_during_start_up_stops_it_at_once(spawn: Any, silent: Any, server: str) -> None:
+    """Fault drill: a replica migrating on start waits for a database host that takes
+    connections and never answers, and is told to stop (a rollout superseded). The
+    signal used to start a drain of nothing while the start-up went on waiting: the exit
+    came at the watchdog's bound, 30 s later, racing the kubelet's SIGKILL."""
+    service = spawn(
+        MEMBERS,
+        wait=False,
+        SERVER=server,
+        DATABASE_URL=f"postgresql+asyncpg://postgres@127.0.0.1:{silent.port}/test",
+        DATABASE_CONNECT_TIMEOUT="60",
+        GRPC_PORT=str(free_port()),
+    )
+    assert silent.connected.wait(20), service.output.read_text()
+    began = time.monotonic()
+    service.popen.send_signal(signal.SIGTERM)
+    assert service.popen.wait(timeout=10) == 0, service.output.read_text()
+    assert time.monotonic() - began < 2
+    messages = [line.get("msg") for line in service.lines()]
+    assert "shutdown requested during start-up: start-up stopped" in messages
+    assert "start-up stopped before the service was ready" in messages
+    assert "cleanup abandoned" not in messages
+    assert messages[-1] == "stopped before it started"

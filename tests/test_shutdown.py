@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 import kiban
 from kiban._shutdown import MARGIN, Shutdown
@@ -96,3 +99,43 @@ def test_the_watchdog_is_started_once_and_disarmed_at_the_end() -> None:
     shutdown.disarm()
     assert first is not None
     assert first.cancelled  # type: ignore[attr-defined]
+
+
+def test_a_signal_during_start_up_stops_it_without_a_drain() -> None:
+    """Nothing is served yet: the start-up is cancelled where it waits, and stop comes at once."""
+    shutdown, _, events, service = policy(http_drain_seconds=30)
+    waiting = asyncio.Event()
+
+    async def hangs() -> None:
+        waiting.set()
+        await asyncio.Event().wait()  # a database that never answers
+
+    service.on_startup(hangs)
+
+    async def scenario() -> None:
+        starting = asyncio.ensure_future(service.startup())
+        await waiting.wait()
+        shutdown.signal()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    asyncio.run(scenario())
+    assert events == ["stop at 0.0"]
+    assert service.interrupted
+    assert not service.health.draining  # no drain: it never served
+    assert shutdown.watchdog is not None  # the exit is bounded all the same
+
+
+def test_a_signal_after_start_up_drains() -> None:
+    shutdown, clock, events, service = policy(http_drain_seconds=5)
+
+    async def scenario() -> None:
+        await service.startup()
+        service.started()
+        shutdown.signal()
+
+    asyncio.run(scenario())
+    assert not service.interrupted
+    assert service.health.draining
+    clock.advance(5)
+    assert events == ["stop at 5.0"]

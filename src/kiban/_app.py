@@ -37,7 +37,7 @@ from kiban._config import ConfigError, Settings, load
 from kiban._health import Checker, Pinger, RedisPinger, SQLPinger
 from kiban._ratelimit import Limiter, RateLimit
 from kiban._telemetry import Telemetry
-from kiban.security._declare import SecurityConfigError, Unlimited
+from kiban.security._declare import Unlimited
 from kiban.security._policy import Policy
 
 if TYPE_CHECKING:  # imported when used: a service without a database or client skips them
@@ -92,6 +92,10 @@ class Service:
         #: The HTTP clients made with ``http_client`` and their kiban transports.
         self.http_clients: list[tuple[httpx.AsyncClient, PropagatingTransport]] = []
         self._loop_watch: asyncio.Future[None] | None = None
+        #: The task running the start-up until the service has started (see ``interrupt_start``).
+        self._starting: asyncio.Task[Any] | None = None
+        #: A signal stopped the start-up before the service served anything.
+        self.interrupted = False
         log.configure(
             self.settings.log_level,
             self.settings.log_format,
@@ -233,7 +237,10 @@ class Service:
         engine = create_async_engine(url, **merged)
         from kiban._dbtelemetry import observe
 
-        database = Database(engine, name, connections=_pool_bound(merged))
+        connect_timeout = self.settings.database_connect_timeout
+        database = Database(
+            engine, name, connections=_pool_bound(merged), connect_timeout=connect_timeout
+        )
         observe(engine, self.telemetry, name, waiting=lambda: database.waiting)
         if migrations is not None and self.settings.migrate_on_start:
             from kiban.database import upgrade
@@ -241,7 +248,7 @@ class Service:
             location = migrations
 
             async def migrate() -> None:
-                await upgrade(engine, location)
+                await upgrade(engine, location, connect_timeout=connect_timeout)
 
             self.on_startup(migrate)
         self.add_pinger(SQLPinger(engine, name))
@@ -372,18 +379,32 @@ class Service:
         Refuses to start (``SecurityConfigError``) while a route has no security; then
         runs the start-up hooks (migrations), in order.
         """
-        try:
-            self.policy.resolve(self.app)
-        except SecurityConfigError as exc:
-            log.error("invalid security declarations", error=str(exc))
-            raise
+        self._starting = asyncio.current_task()
+        self.policy.resolve(self.app)
         for hook in self._startups:
             await hook()
         if self._grpc is not None and self._grpc.enabled:
             await self._grpc.start()
         self._loop_watch = asyncio.ensure_future(self.telemetry.watch_loop())
 
+    def interrupt_start(self) -> bool:
+        """Stop a start-up still under way (a signal came first); whether there was one.
+
+        The start-up's task (kiban's hooks, then the app's own lifespan up to
+        ``lifespan.startup.complete``) is cancelled where it waits: a migration waiting
+        for a database that does not answer ends now, not at the shutdown's bound. The
+        app's lifespan sees the cancellation as a failed start; the pools close as after
+        any failed start.
+        """
+        starting = self._starting
+        if starting is None or starting.done():
+            return False
+        self.interrupted = True
+        starting.cancel()
+        return True
+
     def started(self) -> None:
+        self._starting = None
         log.info(
             "started",
             service=self.settings.service_name,
@@ -397,6 +418,7 @@ class Service:
 
         The exporters flush while the pools close: a hung pool cannot starve them.
         """
+        self._starting = None
         if self._loop_watch is not None:
             self._loop_watch.cancel()
         if self._grpc is not None:

@@ -21,6 +21,7 @@ of eight middlewares is what keeps the chassis cheap on every request.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable
 from contextvars import Token
 from time import monotonic, perf_counter
@@ -368,9 +369,9 @@ class Chassis:
         lifecycle = self.lifecycle
         try:
             await lifecycle.startup()
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: a signal stops a start-up (``Service``)
             await lifecycle.shutdown()
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            await send({"type": "lifespan.startup.failed", "message": _start_failed(exc)})
             raise  # as Starlette's router does: the server reports it
 
         async def sent(message: Message) -> None:
@@ -378,6 +379,9 @@ class Chassis:
             if kind == "lifespan.startup.complete":
                 lifecycle.started()
             elif kind in _LIFESPAN_ENDS:
+                if kind == "lifespan.startup.failed":  # the app's own lifespan failed to start
+                    said = _start_failed(sys.exception(), message.get("message"))
+                    message = {**message, "message": said}
                 await lifecycle.shutdown()
             await send(message)
 
@@ -403,6 +407,24 @@ class Chassis:
             await self.app(scope, receive, send)
         finally:
             propagation.leave(token)
+
+
+def _start_failed(exc: BaseException | None, said: str | None = None) -> str:
+    """Log why the start-up failed, once; what the server is told (it logs that too).
+
+    The exception's type is named: a start-up that timed out (``TimeoutError()``) has no
+    message of its own, and the server would log an empty line. ``said`` is what an app
+    that failed without raising said.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        log.warning("start-up stopped before the service was ready")
+        return "start-up stopped before the service was ready"
+    if exc is None:
+        reason = said or "the app's lifespan did not start"
+    else:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    log.error("start-up failed", error=reason, exc_info=exc)
+    return f"start-up failed: {reason}"
 
 
 #: What the app sends when its lifespan is over, whether it started or not.

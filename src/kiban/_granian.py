@@ -18,12 +18,13 @@ import signal
 from typing import TYPE_CHECKING
 
 from granian.constants import Interfaces
+from granian.errors import FatalError
 from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
 from kiban import _log as log
 from kiban._config import Settings
-from kiban._shutdown import EXIT_ABANDONED, Shutdown
+from kiban._shutdown import Shutdown
 
 if TYPE_CHECKING:
     from kiban._app import Service
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["serve"]
 
 
-async def _serve(service: Service, settings: Settings) -> None:
+async def _serve(service: Service, settings: Settings) -> bool:
     server = Server(
         service.app,
         address=settings.http_host,
@@ -59,13 +60,15 @@ async def _serve(service: Service, settings: Settings) -> None:
     log.info("listening", url=f"http://{settings.http_host}:{settings.http_port}", server="granian")
     try:
         await server.serve()
+    except FatalError:  # granian's word for a lifespan that did not start (kiban logged why)
+        return False
     finally:
         shutdown.disarm()
+    return True
 
 
-def serve(service: Service, settings: Settings) -> int:
-    """Serve until signalled; the exit status as ``kiban.run`` gives it."""
+def serve(service: Service, settings: Settings) -> bool:
+    """Serve until signalled; whether the service started (``kiban.run`` gives the status)."""
     import uvloop
 
-    uvloop.run(_serve(service, settings))
-    return EXIT_ABANDONED if service.abandoned else 0
+    return uvloop.run(_serve(service, settings))

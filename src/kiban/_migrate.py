@@ -23,8 +23,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 __all__ = ["run_env", "upgrade"]
 
 
-async def upgrade(engine: AsyncEngine, script_location: str | Path, revision: str = "head") -> None:
-    """Upgrade the database behind ``engine`` to ``revision``."""
+async def upgrade(
+    engine: AsyncEngine,
+    script_location: str | Path,
+    revision: str = "head",
+    *,
+    connect_timeout: float | None = None,
+) -> None:
+    """Upgrade the database behind ``engine`` to ``revision``.
+
+    With ``connect_timeout``, a database that does not give a connection within it
+    fails the upgrade with a ``TimeoutError`` naming its address: a start-up waiting on
+    an address that takes connections and never answers ends, and says so.
+    """
     from alembic import command
     from alembic.config import Config
 
@@ -37,8 +48,20 @@ async def upgrade(engine: AsyncEngine, script_location: str | Path, revision: st
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
-    async with engine.begin() as connection:
-        await _locked(connection, run)
+    connection = engine.connect()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await connection.start()
+    except TimeoutError:
+        where = f"{engine.url.host}:{engine.url.port}" if engine.url.host else engine.url.database
+        raise TimeoutError(
+            f"the database at {where} did not answer in {connect_timeout} s"
+        ) from None
+    try:
+        async with connection.begin():
+            await _locked(connection, run)
+    finally:
+        await connection.close()
 
 
 #: Replicas that start together with MIGRATE_ON_START upgrade one at a time: the others

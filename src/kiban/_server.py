@@ -136,6 +136,10 @@ class Server(uvicorn.Server):
             self.listeners = sockets
         try:
             await super().startup(sockets=sockets)
+        except SystemExit:  # uvicorn's way to say the lifespan did not start
+            self._close_listeners()
+            self.should_exit = True  # not ``started``: ``run`` says why and exits with it
+            return
         except BaseException:
             self._close_listeners()
             raise
@@ -219,33 +223,40 @@ def run(target: Any, settings: Settings | None = None) -> int:
     if settings.server == "granian":
         from kiban._granian import serve
 
-        status = serve(service, settings)
-        log.info("stopped", exit_status=status, abandoned=service.abandoned or None)
-        log.sink.flush()
-        return status
-    config = Config(
-        service.app,
-        host=settings.http_host,
-        port=settings.http_port,
-        http=HttpProtocol,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        timeout_keep_alive=int(max(1, settings.http_keep_alive_timeout)),
-        timeout_graceful_shutdown=settings.http_shutdown_timeout + 1,
-        read_header_timeout=settings.http_read_header_timeout,
-        max_header_bytes=settings.http_max_header_bytes,
-    )
-    server = Server(config, service, settings)
-    server.run()
-    server.disarm()
-    if not server.started:  # the start-up failed (newer uvicorn exits 3 itself)
+        started = serve(service, settings)
+    else:
+        config = Config(
+            service.app,
+            host=settings.http_host,
+            port=settings.http_port,
+            http=HttpProtocol,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_keep_alive=int(max(1, settings.http_keep_alive_timeout)),
+            timeout_graceful_shutdown=settings.http_shutdown_timeout + 1,
+            read_header_timeout=settings.http_read_header_timeout,
+            max_header_bytes=settings.http_max_header_bytes,
+        )
+        server = Server(config, service, settings)
+        server.run()
+        server.disarm()
+        started = server.started
+    return _exit_status(service, started)
+
+
+def _exit_status(service: Service, started: bool) -> int:
+    """Log how the service ended, the same on both servers; its exit status."""
+    if service.interrupted:  # stopped by a signal before it served: as asked
+        log.info("stopped before it started", exit_status=0)
+        status = 0
+    elif not started:  # the start-up failed: its ``start-up failed`` line says why
         log.error("not started", exit_status=EXIT_NOT_STARTED)
-        log.sink.flush()
-        return EXIT_NOT_STARTED
-    status = EXIT_ABANDONED if service.abandoned else 0
-    log.info("stopped", exit_status=status, abandoned=service.abandoned or None)
+        status = EXIT_NOT_STARTED
+    else:
+        status = EXIT_ABANDONED if service.abandoned else 0
+        log.info("stopped", exit_status=status, abandoned=service.abandoned or None)
     log.sink.flush()
     return status

@@ -77,7 +77,9 @@ def _exit_now() -> NoReturn:
 class Shutdown:
     """The signals' effect, the same on every server; runs on the service's event loop.
 
-    The first signal turns readiness 503 (the load balancer takes the instance out),
+    A signal that comes while the service is still starting stops the start-up
+    (``Service.interrupt_start``): nothing is served yet, so there is nothing to drain.
+    Otherwise the first signal turns readiness 503 (the load balancer takes the instance out),
     starts the watchdog and keeps serving for ``HTTP_DRAIN_SECONDS``, then calls
     ``stop`` (the server closes its listener and finishes what is in flight). A second
     signal calls ``stop`` at once: the operator does not want the rest of the drain. A
@@ -111,7 +113,13 @@ class Shutdown:
     def signal(self) -> None:
         """One SIGTERM or SIGINT (called on the loop, not in the signal handler)."""
         self.signals += 1
-        if self.signals == 1:
+        if self.signals == 1 and self.service.interrupt_start():
+            # Not serving yet: nothing to drain, and a start-up waiting on a dependency
+            # that does not answer would otherwise hold the exit until the watchdog's bound.
+            log.info("shutdown requested during start-up: start-up stopped")
+            self.start_watchdog()
+            self.stop()
+        elif self.signals == 1:
             self.service.health.start_draining()
             self.start_watchdog()
             drain = self.settings.http_drain_seconds

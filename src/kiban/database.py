@@ -204,10 +204,18 @@ class Database:
     """An engine, its sessions, and the transaction each request's handler runs in."""
 
     def __init__(
-        self, engine: AsyncEngine, name: str = "database", connections: int | None = None
+        self,
+        engine: AsyncEngine,
+        name: str = "database",
+        connections: int | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.name = name
+        #: Seconds a transaction may wait for its connection once its turn has come: a
+        #: pooled one at once, a new one as long as the database takes to open it. None:
+        #: as long as the driver waits (asyncpg 60 s; asyncmy's handshake, for ever).
+        self.connect_timeout = connect_timeout
         #: Transactions take the pool's ``connections`` in the order they asked. The
         #: pool's own wait (an ``asyncio.Queue``) lets a newcomer take a connection a
         #: waiter was woken for, and sends that waiter to the back of the line: under
@@ -274,7 +282,7 @@ class Database:
             try:
                 self.waiting += 1
                 try:  # the connection the first statement would take, counted while awaited
-                    await session.connection()
+                    await self._connection(session)
                 finally:
                     self.waiting -= 1
                 if left is not None and self._set_local:
@@ -308,6 +316,17 @@ class Database:
                     raise
                 log.info("commit refused", database=self.name, status=problem.status)
                 raise problem from None
+
+    async def _connection(self, session: AsyncSession) -> None:
+        """Give ``session`` its connection within ``connect_timeout``, or raise
+        SQLAlchemy's ``TimeoutError`` (answered 503, as a database that is down)."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await session.connection()
+        except TimeoutError:
+            raise exc.TimeoutError(
+                f"{self.name} gave no connection within {self.connect_timeout} s"
+            ) from None
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
