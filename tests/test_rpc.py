@@ -340,6 +340,26 @@ def test_a_method_without_security_stops_the_start(spawn: Any) -> None:
     assert "no security requirement for the gRPC methods /probe.v1.Probe/Whoami" in output
 
 
+def test_a_grpc_port_in_use_stops_the_start_before_any_migration(spawn: Any, tmp_path: Any) -> None:
+    """As the HTTP port: taken before the start-up hooks. It was taken after them, so a
+    replica whose gRPC port was in use ran its migrations first, then failed."""
+    import socket
+
+    database = tmp_path / "members.db"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        process = spawn(
+            "services.members.app:create_app",
+            wait=False,
+            GRPC_PORT=str(port),
+            DATABASE_URL=f"sqlite+aiosqlite:///{database}",
+        )
+        assert process.popen.wait(timeout=30) == 3
+    [failed] = [line for line in process.lines() if line.get("msg") == "start-up failed"]
+    assert f"127.0.0.1:{port}" in failed["error"]
+    assert not database.exists()  # no migration ran
+
+
 def test_sigterm_turns_health_not_serving_and_in_flight_calls_finish(spawn: Any) -> None:
     port = free_port()
     process = spawn(APP, GRPC_PORT=str(port), HTTP_DRAIN_SECONDS="1")

@@ -376,15 +376,19 @@ class Service:
     async def startup(self) -> None:
         """What the ASGI ``lifespan.startup`` runs before the app's own lifespan.
 
-        Refuses to start (``SecurityConfigError``) while a route has no security; then
-        runs the start-up hooks (migrations), in order.
+        Refuses to start (``SecurityConfigError``) while a route or gRPC method has no
+        security, or while the gRPC port is taken; then runs the start-up hooks
+        (migrations), in order, and starts serving gRPC.
         """
         self._starting = asyncio.current_task()
         self.policy.resolve(self.app)
+        grpc = self._grpc if self._grpc is not None and self._grpc.enabled else None
+        if grpc is not None:
+            grpc.bind()  # as the HTTP port: taken before any hook runs
         for hook in self._startups:
             await hook()
-        if self._grpc is not None and self._grpc.enabled:
-            await self._grpc.start()
+        if grpc is not None:
+            await grpc.start()
         self._loop_watch = asyncio.ensure_future(self.telemetry.watch_loop())
 
     def interrupt_start(self) -> bool:

@@ -68,6 +68,7 @@ class GrpcServer:
         self.port: int | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._address = ""
 
     def add(
         self,
@@ -92,7 +93,9 @@ class GrpcServer:
     def enabled(self) -> bool:
         return bool(self.registry.registrations)
 
-    async def start(self) -> None:
+    def bind(self) -> None:
+        """Resolve the methods' declarations and take the port, before any start-up hook:
+        an undeclared method or a port in use fails the start before a migration runs."""
         service = self.service
         settings = service.settings
         policy = service.policy
@@ -126,11 +129,19 @@ class GrpcServer:
         )
         host = settings.grpc_host or settings.http_host
         self.port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
-        await server.start()
         self.server = server
+        self._address = f"grpc://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Serve on the port ``bind`` took, health following HTTP readiness."""
+        if self.server is None:
+            self.bind()
+        assert self.server is not None
+        await self.server.start()
+        services = self.registry.services
         await self._set_all(services, await self._status())
         self._watch = asyncio.ensure_future(self._follow(services))
-        log.info("listening", url=f"grpc://{host}:{self.port}", services=services)
+        log.info("listening", url=self._address, services=services)
 
     async def _status(self) -> int:
         report = await self.service.health.check()
