@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -78,6 +81,54 @@ def test_redis_down_is_503_and_readiness_503_and_the_span_says_why() -> None:
     assert failed.status.status_code.name == "ERROR"
     assert failed.attributes is not None
     assert failed.attributes["error.type"] == "ConnectionError"
+
+
+def test_a_stalled_redis_is_503_in_its_timeout_then_at_once(silent: Any) -> None:
+    """Fault drill: the app's Redis takes connections and never answers. Without a
+    timeout (redis-py has none by default) every request waited for its handler's 30 s;
+    then, each one would still wait ``REDIS_TIMEOUT``."""
+    app = FastAPI()
+    service = kiban.Service(app, Settings(redis_timeout=0.2), security=NoSecurity())
+    redis = service.redis(f"redis://127.0.0.1:{silent.port}/0")
+
+    @app.get("/cached")
+    async def cached() -> str | None:
+        value = await redis.get("kiban-test:cached")
+        return None if value is None else value.decode()
+
+    took = []
+    with TestClient(app) as client:
+        for _ in range(60):
+            began = time.monotonic()
+            answer = client.get("/cached")
+            took.append(time.monotonic() - began)
+            assert answer.status_code == 503
+            assert answer.headers["content-type"] == "application/problem+json"
+        assert client.get("/health/readiness").status_code == 503
+    assert silent.connected.is_set()
+    assert max(took) < 1  # each within its timeout (0.2 s), never the handler's 30 s
+    assert sorted(took)[len(took) // 2] < 0.05  # most at once: not sent to a failing Redis
+
+
+def test_an_answered_error_is_not_a_failing_redis(redis_url: str) -> None:
+    """A command Redis refuses (a wrong type) is the app's error, answered at once: it
+    does not make later commands fail fast."""
+    from redis.exceptions import ResponseError
+
+    app = FastAPI()
+    service = kiban.Service(app, Settings(), security=NoSecurity())
+    redis = service.redis(redis_url)
+    key = f"kiban-test:{uuid.uuid4().hex}"
+
+    async def scenario() -> None:
+        await redis.set(key, "text", ex=60)
+        for _ in range(30):
+            with pytest.raises(ResponseError):
+                await redis.incr(key)
+        assert await redis.get(key) == b"text"
+        await redis.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_no_url_is_a_config_error_that_says_so() -> None:

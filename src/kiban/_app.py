@@ -276,14 +276,18 @@ class Service:
     def redis(self, url: str | None = None, name: str = "redis", **options: Any) -> Any:
         """A ``redis.asyncio.Redis`` (``kiban[redis]``) whose commands are client spans
         and points in ``db.client.operation.duration``; readiness pings it, shutdown
-        closes it, and its connection errors are answered 503. ``url`` defaults to
-        ``REDIS_URL``; ``options`` are redis-py's (``socket_timeout=...``)."""
+        closes it, and its connection errors and timeouts (``REDIS_TIMEOUT``) are
+        answered 503. While it fails, most commands fail at once instead of waiting
+        (``kiban._breaker``). ``url`` defaults to ``REDIS_URL``; ``options`` are
+        redis-py's (``socket_timeout=...``)."""
         _extras.require("redis", "redis", "service.redis()")
         from kiban._redis import client
 
         url = url or self.settings.redis_url
         if not url:
             raise ConfigError("service.redis() needs a URL: set REDIS_URL or pass one")
+        timeout = self.settings.redis_timeout
+        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **options}
         redis = client(url.removeprefix("async+"), self.telemetry, name, **options)
         errors.install_dependency_errors(self.app)
         self.add_pinger(RedisPinger(redis, name))

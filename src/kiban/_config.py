@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     #: development; in production run the migrations as a job before the rollout.
     migrate_on_start: bool = False
     redis_url: str | None = None
+    #: Seconds the app's Redis (``service.redis()``) has to connect and to answer each
+    #: command: a stalled Redis is a 503 in this time, not a request held to its handler's
+    #: timeout. A blocking command (``BLPOP`` with a timeout) needs a longer one: pass
+    #: ``socket_timeout`` to ``service.redis()``.
+    redis_timeout: float = Field(1.0, gt=0)
     #: When the rate-limit storage (Redis) is unreachable: True lets requests through.
     ratelimit_fail_open: bool = True
     #: Bound on each rate-limit call to Redis; past it the fail policy applies.

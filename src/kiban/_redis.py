@@ -6,6 +6,11 @@ client span named by its command (``GET``, ``PIPELINE``) with ``db.system.name=r
 ``db.operation.name`` and the server's address, and a point in
 ``db.client.operation.duration``, as SQL statements are. Keys and values are never
 recorded: they are the app's data. Readiness pings the client; shutdown closes it.
+
+A Redis that stops answering costs a few commands their timeout; then the breaker
+(``kiban._breaker``, as for the rate limiter's Redis) fails most at once with redis-py's
+own ``ConnectionError`` (a 503) until commands succeed again. Readiness's ``PING`` is
+never refused by it: it asks Redis itself.
 """
 
 from __future__ import annotations
@@ -14,18 +19,31 @@ import time
 from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from redis import exceptions
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from kiban._breaker import Breaker
 from kiban._telemetry import Telemetry, in_trace
 
 __all__ = ["client"]
+
+#: What redis-py raises when Redis did not answer (down, stalled, out of time).
+_UNANSWERED = (exceptions.ConnectionError, exceptions.TimeoutError)
 
 
 class _Observed:
     """The span and duration of one Redis round trip, for the client and its pipelines."""
 
-    def __init__(self, telemetry: Telemetry, name: str, address: str, port: int) -> None:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        name: str,
+        address: str,
+        port: int,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self.breaker = breaker or Breaker()
         self.tracer = telemetry.tracer
         self.durations = telemetry.db_durations
         self.name = name
@@ -47,6 +65,10 @@ class _Observed:
 
     async def run(self, operation: str, call: Any) -> Any:
         attributes = self.attributes(operation)
+        breaker = None if operation == "PING" else self.breaker
+        if breaker is not None and not breaker.allow():
+            call.close()  # never sent: no round trip to measure
+            raise exceptions.ConnectionError(f"{self.name} is failing: the command was not sent")
         span = None
         if in_trace():
             span = self.tracer.start_span(operation, kind=SpanKind.CLIENT, attributes=attributes)
@@ -54,6 +76,8 @@ class _Observed:
         try:
             result = await call
         except Exception as exc:
+            if breaker is not None:  # an error Redis answered (WRONGTYPE) is an answer
+                breaker.record(not isinstance(exc, _UNANSWERED))
             error = type(exc).__qualname__
             self.durations.record(time.perf_counter() - began, {**attributes, "error.type": error})
             if span is not None:
@@ -63,6 +87,8 @@ class _Observed:
         finally:
             if span is not None:
                 span.end()
+        if breaker is not None:
+            breaker.record(True)
         self.durations.record(time.perf_counter() - began, attributes)
         return result
 
