@@ -673,3 +673,22 @@ def test_a_signal_during_start_up_stops_it_at_once(spawn: Any, silent: Any, serv
     assert "start-up stopped before the service was ready" in messages
     assert "cleanup abandoned" not in messages
     assert messages[-1] == "stopped before it started"
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_signal_during_the_apps_own_start_up_stops_it_at_once(spawn: Any, server: str) -> None:
+    """The app's lifespan waits before it yields: the signal ends that wait as well, and
+    kiban's cleanups run."""
+    service = spawn(HELLO, wait=False, SERVER=server, HELLO_HANG_START="1")
+    deadline = time.monotonic() + 20
+    while "warming up" not in service.output.read_text():
+        assert time.monotonic() < deadline, service.output.read_text()
+        time.sleep(0.05)
+    began = time.monotonic()
+    service.popen.send_signal(signal.SIGTERM)
+    assert service.popen.wait(timeout=10) == 0, service.output.read_text()
+    assert time.monotonic() - began < 2
+    messages = [line.get("msg") for line in service.lines()]
+    assert "start-up stopped before the service was ready" in messages
+    assert "pools closed" in messages
+    assert messages[-1] == "stopped before it started"

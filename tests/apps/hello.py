@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -13,7 +14,16 @@ from opentelemetry import trace
 import kiban
 from kiban.security import APIKey, NoSecurity, Security
 
-app = FastAPI(title="hello")
+
+@asynccontextmanager
+async def _warm_up(_: FastAPI) -> AsyncIterator[None]:
+    """An app's own start-up that waits on something that never comes (a cache to fill)."""
+    kiban.log.info("warming up")
+    await asyncio.Event().wait()
+    yield
+
+
+app = FastAPI(title="hello", lifespan=_warm_up if os.environ.get("HELLO_HANG_START") else None)
 
 
 async def _debug_key(key: str) -> bool:
