@@ -349,9 +349,10 @@ def test_a_grpc_port_in_use_stops_the_start_before_any_migration(spawn: Any, tmp
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         process = spawn(
-            "services.members.app:create_app",
+            APP,
             wait=False,
             GRPC_PORT=str(port),
+            MIGRATE_ON_START="1",
             DATABASE_URL=f"sqlite+aiosqlite:///{database}",
         )
         assert process.popen.wait(timeout=30) == 3

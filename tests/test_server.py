@@ -18,7 +18,6 @@ import uvicorn
 import uvloop
 
 from kiban._server import EXIT_ABANDONED, listen
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.process
 
@@ -646,9 +645,6 @@ def test_out_of_file_descriptors_the_server_keeps_serving_and_recovers(spawn: An
     assert service.popen.poll() is None
 
 
-MEMBERS = "services.members.app:create_app"
-
-
 @pytest.mark.parametrize("server", SERVERS)
 def test_a_signal_during_start_up_stops_it_at_once(spawn: Any, silent: Any, server: str) -> None:
     """Fault drill: a replica migrating on start waits for a database host that takes
@@ -656,12 +652,12 @@ def test_a_signal_during_start_up_stops_it_at_once(spawn: Any, silent: Any, serv
     signal used to start a drain of nothing while the start-up went on waiting: the exit
     came at the watchdog's bound, 30 s later, racing the kubelet's SIGKILL."""
     service = spawn(
-        MEMBERS,
+        "tests.apps.migrating:app",
         wait=False,
         SERVER=server,
+        MIGRATE_ON_START="1",
         DATABASE_URL=f"postgresql+asyncpg://postgres@127.0.0.1:{silent.port}/test",
         DATABASE_CONNECT_TIMEOUT="60",
-        GRPC_PORT=str(free_port()),
     )
     assert silent.connected.wait(20), service.output.read_text()
     began = time.monotonic()

@@ -117,9 +117,9 @@ class Settings(BaseSettings):
     #: Connections opened for a burst past the pool, closed as soon as they are given
     #: back: each costs a new connection (TLS included) per use, so 0 by default.
     database_max_overflow: int = Field(0, ge=0)
-    #: Seconds a new connection (PostgreSQL, MariaDB/MySQL) may take to open, the
-    #: server's handshake included: past it the attempt fails (503) instead of waiting on
-    #: a database host that does not answer for the driver's own 60 s.
+    #: Seconds a transaction (and the migration at start-up) waits for a connection to
+    #: open, the server's handshake included: past it the request gets 503 instead of
+    #: waiting on a host that does not answer (asyncpg waits 60 s, asyncmy for ever).
     database_connect_timeout: float = Field(5.0, gt=0)
     #: Upgrade the schema at start-up (``service.database(migrations=...)``): handy in
     #: development; in production run the migrations as a job before the rollout.

@@ -104,6 +104,10 @@ def create_app() -> FastAPI:
         debug_security=Security(jwt, scopes=["debug"]),
     )
     service.payloads.enabled = bool(os.environ.get("PROBE_PAYLOADS"))
+    if service.settings.migrate_on_start:  # a database migrated at start-up (DATABASE_URL)
+        from tests.apps.migrations import HERE
+
+        service.database(migrations=HERE)
     service.grpc.add(
         pbg.add_ProbeServicer_to_server,
         Probe(service),
