@@ -370,6 +370,14 @@ class Process:
             time.sleep(0.05)
         raise AssertionError(f"not up within {timeout}s:\n{self.output.read_text()}")
 
+    def stopped_at_once(self, within: float = 2.0) -> list[str | None]:
+        """SIGTERM: it exits 0 within ``within`` seconds; its lines' messages."""
+        began = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        assert self.popen.wait(timeout=10) == 0, self.output.read_text()
+        assert time.monotonic() - began < within
+        return [line.get("msg") for line in self.lines()]
+
     def stop(self) -> int:
         if self.popen.poll() is None:
             self.popen.terminate()
@@ -416,6 +424,19 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
     yield start
     for process in started:
         process.stop()
+
+
+def start_migrating(spawn: Any, database_url: str, **env: str) -> Process:
+    """The light service that migrates at start-up (``tests/apps/migrating.py``),
+    against ``database_url``, not waited for."""
+    process: Process = spawn(
+        "tests.apps.migrating:app",
+        wait=False,
+        MIGRATE_ON_START="1",
+        DATABASE_URL=database_url,
+        **env,
+    )
+    return process
 
 
 def chassis_around(app: Any, service: Any, lifecycle: Any = None) -> Any:

@@ -24,7 +24,7 @@ import kiban
 from kiban._config import Settings
 from kiban.database import ReadOnlyError, ReadSession, Session
 from kiban.security import NoSecurity
-from tests.conftest import ROOT, Lines
+from tests.conftest import ROOT, Lines, start_migrating
 
 
 class Base(DeclarativeBase):
@@ -725,14 +725,8 @@ def test_a_database_that_never_answers_fails_the_start_in_its_connect_timeout(
     of why: a ``TimeoutError`` has no message, and the server logged an empty line."""
     import time
 
-    service = spawn(
-        "tests.apps.migrating:app",
-        wait=False,
-        SERVER=server,
-        MIGRATE_ON_START="1",
-        DATABASE_URL=f"{driver}://root@127.0.0.1:{silent.port}/test",
-        DATABASE_CONNECT_TIMEOUT="0.5",
-    )
+    url = f"{driver}://root@127.0.0.1:{silent.port}/test"
+    service = start_migrating(spawn, url, SERVER=server, DATABASE_CONNECT_TIMEOUT="0.5")
     assert silent.connected.wait(20), service.output.read_text()
     began = time.monotonic()
     assert service.popen.wait(timeout=20) == 3, service.output.read_text()

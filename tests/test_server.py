@@ -18,6 +18,7 @@ import uvicorn
 import uvloop
 
 from kiban._server import EXIT_ABANDONED, listen
+from tests.conftest import start_migrating
 
 pytestmark = pytest.mark.process
 
@@ -651,20 +652,10 @@ def test_a_signal_during_start_up_stops_it_at_once(spawn: Any, silent: Any, serv
     connections and never answers, and is told to stop (a rollout superseded). The
     signal used to start a drain of nothing while the start-up went on waiting: the exit
     came at the watchdog's bound, 30 s later, racing the kubelet's SIGKILL."""
-    service = spawn(
-        "tests.apps.migrating:app",
-        wait=False,
-        SERVER=server,
-        MIGRATE_ON_START="1",
-        DATABASE_URL=f"postgresql+asyncpg://postgres@127.0.0.1:{silent.port}/test",
-        DATABASE_CONNECT_TIMEOUT="60",
-    )
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{silent.port}/test"
+    service = start_migrating(spawn, url, SERVER=server, DATABASE_CONNECT_TIMEOUT="60")
     assert silent.connected.wait(20), service.output.read_text()
-    began = time.monotonic()
-    service.popen.send_signal(signal.SIGTERM)
-    assert service.popen.wait(timeout=10) == 0, service.output.read_text()
-    assert time.monotonic() - began < 2
-    messages = [line.get("msg") for line in service.lines()]
+    messages = service.stopped_at_once()
     assert "shutdown requested during start-up: start-up stopped" in messages
     assert "start-up stopped before the service was ready" in messages
     assert "cleanup abandoned" not in messages
@@ -680,11 +671,7 @@ def test_a_signal_during_the_apps_own_start_up_stops_it_at_once(spawn: Any, serv
     while "warming up" not in service.output.read_text():
         assert time.monotonic() < deadline, service.output.read_text()
         time.sleep(0.05)
-    began = time.monotonic()
-    service.popen.send_signal(signal.SIGTERM)
-    assert service.popen.wait(timeout=10) == 0, service.output.read_text()
-    assert time.monotonic() - began < 2
-    messages = [line.get("msg") for line in service.lines()]
+    messages = service.stopped_at_once()
     assert "start-up stopped before the service was ready" in messages
     assert "pools closed" in messages
     assert messages[-1] == "stopped before it started"
