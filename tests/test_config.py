@@ -94,6 +94,9 @@ def test_kiban_run_refuses_to_start_half_configured() -> None:
         ("SENTRY_DSN", "nonsense-s3cr3t", "not a Sentry DSN"),
         ("TRACE_SAMPLE_RATIO", "2", "TRACE_SAMPLE_RATIO"),
         ("AUTH_FAILURE_LIMIT", "lots", "not a rate"),
+        ("LOG_MAX_HELD_BYTES", "65536", "262144"),  # less than four of the writer's chunks
+        ("DATABASE_CONNECT_TIMEOUT", "0", "greater than 0"),
+        ("REDIS_TIMEOUT", "-1", "greater than 0"),
     ],
 )
 def test_values_outside_pydantics_types_are_checked_at_start_up(

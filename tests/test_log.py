@@ -355,7 +355,7 @@ def _ready(url: str, process: subprocess.Popen[bytes]) -> None:
 def test_a_service_whose_stdout_stalls_goes_on_serving_and_reports_what_it_dropped() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process, read = _service_on_a_pipe(port, LOG_MAX_HELD_BYTES="65536", SERVICE_NAME="hello")
+    process, read = _service_on_a_pipe(port, LOG_MAX_HELD_BYTES="262144", SERVICE_NAME="hello")
     try:
         _ready(url, process)
         with httpx.Client(base_url=url, timeout=5) as client:
@@ -387,7 +387,7 @@ def test_a_service_whose_stdout_stalls_goes_on_serving_and_reports_what_it_dropp
 def test_a_service_whose_stdout_stalls_still_exits_promptly_on_sigterm() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process, read = _service_on_a_pipe(port, LOG_MAX_HELD_BYTES="65536")
+    process, read = _service_on_a_pipe(port, LOG_MAX_HELD_BYTES="262144")
     try:
         _ready(url, process)
         with httpx.Client(base_url=url, timeout=5) as client:

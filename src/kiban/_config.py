@@ -104,8 +104,10 @@ class Settings(BaseSettings):
     #: exception, an error logged) or asks for debug, else drop them (docs/logging.md).
     log_buffering: bool = False
     #: Log output held in memory while stdout does not take it (a stalled collector or
-    #: disk); past it new lines are dropped and counted, and the service goes on.
-    log_max_held_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    #: disk); past it new lines are dropped and counted, and the service goes on. At
+    #: least four of the writer's 64 KiB chunks: held bytes count the chunk being written,
+    #: and a bound of one chunk dropped lines while a healthy stdout took that chunk.
+    log_max_held_bytes: int = Field(4 * 1024 * 1024, ge=256 * 1024)
     #: Query parameters whose values are replaced by ``[REDACTED]`` in the access log,
     #: besides any name containing token, password, secret or key.
     log_redact_params: frozenset[str] = frozenset({"code", "sig", "signature", "auth"})
