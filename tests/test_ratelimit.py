@@ -179,7 +179,9 @@ def test_a_stalled_redis_does_not_slow_every_request(spawn: Any) -> None:
         )
         took = []
         with httpx.Client(base_url=service.url, timeout=10) as client:
-            for _ in range(40):
+            # The breaker lets a share of calls through while it learns (about 27 of
+            # these 200): enough requests that the median says what the rest do.
+            for _ in range(100):
                 began = time.monotonic()
                 response = client.get("/items", headers={"x-api-key": "good-key"})
                 took.append(time.monotonic() - began)
