@@ -24,7 +24,7 @@ import kiban
 from kiban._config import Settings
 from kiban.database import ReadOnlyError, ReadSession, Session
 from kiban.security import NoSecurity
-from tests.conftest import ROOT, Lines, start_migrating
+from tests.conftest import ROOT, Lines, Silent, start_migrating
 
 
 class Base(DeclarativeBase):
@@ -718,7 +718,7 @@ async def test_transactions_get_the_pools_connections_in_the_order_they_asked(
     ],
 )
 def test_a_database_that_never_answers_fails_the_start_in_its_connect_timeout(
-    spawn: Any, silent: Any, driver: str, server: str
+    spawn: Any, silent: Silent, driver: str, server: str
 ) -> None:
     """Fault drill: the database's address takes connections and never answers. The
     migration at start-up waited asyncpg's own 60 s, then the start failed with no word
@@ -744,7 +744,7 @@ def test_a_database_that_never_answers_fails_the_start_in_its_connect_timeout(
 
 @pytest.mark.parametrize("driver", ["postgresql+asyncpg", "mysql+asyncmy"])
 def test_a_request_whose_database_never_answers_gets_503_in_the_connect_timeout(
-    silent: Any, driver: str
+    silent: Silent, driver: str
 ) -> None:
     """The database's address takes connections and never answers: each request waited
     for the driver (asyncpg 60 s, asyncmy's handshake for ever) until its handler's time

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
 import uuid
 from typing import Any
@@ -24,7 +23,7 @@ from kiban._breaker import Breaker
 from kiban._config import Settings, parse_rate
 from kiban._ratelimit import Limiter, LocalCounter, RateLimit
 from kiban.security import JWT, NoSecurity, RateLimited, Security
-from tests.conftest import DEV_KEYS, Lines, closed_port, token
+from tests.conftest import DEV_KEYS, Lines, Silent, closed_port, token
 
 AUTH = (DEV_KEYS / "auth-dev.pub.pem").read_bytes()
 scheme = JWT(algorithms=["EdDSA"], key=AUTH, issuer="kiban-dev-auth")
@@ -149,44 +148,44 @@ def test_redis_down_fails_open_with_a_log_line_and_a_metric(lines: Lines) -> Non
     assert errors.endswith(" 6.0")
 
 
-async def test_a_redis_that_stops_answering_costs_a_few_checks_their_timeout() -> None:
+async def test_a_redis_that_stops_answering_costs_a_few_checks_their_timeout(
+    silent: Silent,
+) -> None:
     """A Redis that accepts connections and never answers (stalled, or its network
     partitioned): every check used to wait its timeout, twice per request."""
-    with socket.create_server(("127.0.0.1", 0), backlog=128) as stalled:
-        url = f"redis://127.0.0.1:{stalled.getsockname()[1]}/0"
-        limiter = Limiter(url, timeout=0.05, breaker=Breaker(chance=lambda: 0.5))
-        rate = RateLimit("10/second")
-        took = []
-        try:
-            for _ in range(60):
-                began = time.monotonic()
-                assert await limiter.hit(rate, "erin") is None  # fails open
-                took.append(time.monotonic() - began)
-        finally:
-            await limiter.aclose()
+    url = f"redis://127.0.0.1:{silent.port}/0"
+    limiter = Limiter(url, timeout=0.05, breaker=Breaker(chance=lambda: 0.5))
+    rate = RateLimit("10/second")
+    took = []
+    try:
+        for _ in range(60):
+            began = time.monotonic()
+            assert await limiter.hit(rate, "erin") is None  # fails open
+            took.append(time.monotonic() - began)
+    finally:
+        await limiter.aclose()
     waited = [seconds for seconds in took if seconds >= 0.04]
     assert len(waited) == 12  # until failures outweigh the breaker's protection
     assert sum(took[12:]) < 0.05  # then no check waits on it
 
 
 @pytest.mark.process
-def test_a_stalled_redis_does_not_slow_every_request(spawn: Any) -> None:
-    with socket.create_server(("127.0.0.1", 0), backlog=128) as stalled:
-        service = spawn(
-            "tests.apps.guarded:app",
-            REDIS_URL=f"redis://127.0.0.1:{stalled.getsockname()[1]}/0",
-            RATELIMIT_TIMEOUT="0.1",
-        )
-        took = []
-        with httpx.Client(base_url=service.url, timeout=10) as client:
-            # The breaker lets a share of calls through while it learns (about 27 of
-            # these 200): enough requests that the median says what the rest do.
-            for _ in range(100):
-                began = time.monotonic()
-                response = client.get("/items", headers={"x-api-key": "good-key"})
-                took.append(time.monotonic() - began)
-                assert response.status_code == 200  # fails open
-        service.stop()
+def test_a_stalled_redis_does_not_slow_every_request(spawn: Any, silent: Silent) -> None:
+    service = spawn(
+        "tests.apps.guarded:app",
+        REDIS_URL=f"redis://127.0.0.1:{silent.port}/0",
+        RATELIMIT_TIMEOUT="0.1",
+    )
+    took = []
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        # The breaker lets a share of calls through while it learns (about 27 of
+        # these 200): enough requests that the median says what the rest do.
+        for _ in range(100):
+            began = time.monotonic()
+            response = client.get("/items", headers={"x-api-key": "good-key"})
+            took.append(time.monotonic() - began)
+            assert response.status_code == 200  # fails open
+    service.stop()
     # Before, every request waited both its checks' timeouts (0.2 s here, 0.5 s by default).
     assert sorted(took)[len(took) // 2] < 0.05
     logged = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -15,7 +14,7 @@ import kiban
 from kiban._config import ConfigError, Settings
 from kiban.security import NoSecurity
 from kiban.testing import capture_spans
-from tests.conftest import closed_port
+from tests.conftest import Silent, closed_port
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +82,7 @@ def test_redis_down_is_503_and_readiness_503_and_the_span_says_why() -> None:
     assert failed.attributes["error.type"] == "ConnectionError"
 
 
-def test_a_stalled_redis_is_503_in_its_timeout_then_at_once(silent: Any) -> None:
+def test_a_stalled_redis_is_503_in_its_timeout_then_at_once(silent: Silent) -> None:
     """Fault drill: the app's Redis takes connections and never answers. Without a
     timeout (redis-py has none by default) every request waited for its handler's 30 s;
     then, each one would still wait ``REDIS_TIMEOUT``."""

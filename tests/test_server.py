@@ -18,7 +18,7 @@ import uvicorn
 import uvloop
 
 from kiban._server import EXIT_ABANDONED, listen
-from tests.conftest import start_migrating
+from tests.conftest import Silent, start_migrating
 
 pytestmark = pytest.mark.process
 
@@ -651,7 +651,7 @@ def test_out_of_file_descriptors_the_server_keeps_serving_and_recovers(spawn: An
 
 
 @pytest.mark.parametrize("server", SERVERS)
-def test_a_signal_during_start_up_stops_it_at_once(spawn: Any, silent: Any, server: str) -> None:
+def test_a_signal_during_start_up_stops_it_at_once(spawn: Any, silent: Silent, server: str) -> None:
     """Fault drill: a replica migrating on start waits for a database host that takes
     connections and never answers, and is told to stop (a rollout superseded). The
     signal used to start a drain of nothing while the start-up went on waiting: the exit

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from starlette.testclient import TestClient
 import kiban
 from kiban._config import Settings
 from kiban.security import NoSecurity
-from tests.conftest import IN_CI, free_port
+from tests.conftest import IN_CI, Silent, free_port
 from tests.receivers import OTLPReceiver, SentryReceiver, running
 
 HELLO = "tests.apps.hello:app"
@@ -151,27 +150,25 @@ def test_the_spans_still_queued_at_sigterm_reach_the_collector(
 @pytest.mark.process
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_a_collector_that_does_not_answer_does_not_hold_the_shutdown(
-    spawn: Any, protocol: str
+    spawn: Any, silent: Silent, protocol: str
 ) -> None:
     """Fault drill: the collector accepts connections and never answers. The SDK's
     own exit handler used to wait for it, batch after batch: 10 to 34 s after SIGTERM,
     past the documented bound and a pod's grace period."""
-    with socket.create_server(("127.0.0.1", 0), backlog=64) as blackhole:
-        endpoint = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
-        service = spawn(
-            HELLO,
-            OTLP_ENDPOINT=endpoint,
-            OTLP_PROTOCOL=protocol,
-            TRACE_EXPORT_BATCH="16",
-            METRICS_EXPORT_INTERVAL="0.5",
-            SHUTDOWN_CLEANUP_TIMEOUT="1",
-        )
-        with httpx.Client(base_url=service.url) as client:
-            for number in range(200):
-                assert client.get(f"/hello/{number}").status_code == 200
-        began = time.monotonic()
-        code = service.stop()
-        took = time.monotonic() - began
+    service = spawn(
+        HELLO,
+        OTLP_ENDPOINT=f"http://127.0.0.1:{silent.port}",
+        OTLP_PROTOCOL=protocol,
+        TRACE_EXPORT_BATCH="16",
+        METRICS_EXPORT_INTERVAL="0.5",
+        SHUTDOWN_CLEANUP_TIMEOUT="1",
+    )
+    with httpx.Client(base_url=service.url) as client:
+        for number in range(200):
+            assert client.get(f"/hello/{number}").status_code == 200
+    began = time.monotonic()
+    code = service.stop()
+    took = time.monotonic() - began
     assert took < 1 + 2  # drain 0 + nothing in flight + the cleanup timeout + 2 s
     assert code == 3  # a cleanup was abandoned: the telemetry flush, and it says so
     stopped = next(line for line in service.lines() if line.get("msg") == "stopped")

@@ -134,9 +134,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Serve on the port ``bind`` took, health following HTTP readiness."""
-        if self.server is None:
-            self.bind()
-        assert self.server is not None
+        assert self.server is not None, "bind() first"
         await self.server.start()
         services = self.registry.services
         await self._set_all(services, await self._status())
